@@ -1,0 +1,41 @@
+"""Shared fixtures. Real-model fixtures are session-scoped: the default GGUF is joined once, and
+transformers (the oracle) loads it once per run, since that alone takes about a minute on 2 cores."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REFERENCE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def default_gguf() -> Path:
+    """The embedded Qwen2.5-Coder-0.5B-Instruct GGUF, joined from its PyPI parts."""
+    from qwen2.loading.default_model import default_model_path
+
+    return default_model_path(progress=False)
+
+
+@pytest.fixture(scope="session")
+def hf_gguf_model(default_gguf):
+    """transformers' own float32 load of the default GGUF: the reference for real-model parity."""
+    transformers = pytest.importorskip("transformers")
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(default_gguf.parent), gguf_file=default_gguf.name, dtype=torch.float32
+    )
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def hf_gguf_tokenizer(default_gguf):
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoTokenizer.from_pretrained(str(default_gguf.parent), gguf_file=default_gguf.name)
