@@ -28,7 +28,7 @@ def default_gguf() -> Path:
 @pytest.fixture(scope="session")
 def hf_gguf_model(default_gguf):
     """transformers' own float32 load of the default GGUF: the reference for real-model parity."""
-    transformers = pytest.importorskip("transformers")
+    import transformers
     model = transformers.AutoModelForCausalLM.from_pretrained(
         str(default_gguf.parent), gguf_file=default_gguf.name, dtype=torch.float32
     )
@@ -37,5 +37,5 @@ def hf_gguf_model(default_gguf):
 
 @pytest.fixture(scope="session")
 def hf_gguf_tokenizer(default_gguf):
-    transformers = pytest.importorskip("transformers")
+    import transformers
     return transformers.AutoTokenizer.from_pretrained(str(default_gguf.parent), gguf_file=default_gguf.name)
