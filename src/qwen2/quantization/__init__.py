@@ -1,0 +1,1 @@
+"""Weight-only quantisation (int8, int4)."""

@@ -1,0 +1,1 @@
+"""Qwen2 tokenizers (pure-Python and `tokenizers`-backed) and chat templates."""
