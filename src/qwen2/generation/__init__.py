@@ -1,5 +1,7 @@
-"""Text generation. STUB: the generation helper replaces this with the real GenerationMixin and friends."""
+"""Text generation with transformers' `generate()` API: greedy, sampling, beam search, stop strings, streaming."""
 
+from qwen2.generation.config import GenerationConfig
+from qwen2.generation.generate import GenerationMixin
+from qwen2.generation.streamers import BaseStreamer, TextIteratorStreamer, TextStreamer
 
-class GenerationMixin:
-    """Adds `generate()` to causal LMs."""
+__all__ = ["BaseStreamer", "GenerationConfig", "GenerationMixin", "TextIteratorStreamer", "TextStreamer"]

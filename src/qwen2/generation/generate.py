@@ -1,0 +1,5 @@
+"""`GenerationMixin.generate`: work in progress (the decode loop lands next)."""
+
+
+class GenerationMixin:
+    """Adds `generate()` to causal LMs."""
