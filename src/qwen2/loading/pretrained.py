@@ -1,18 +1,412 @@
-"""`PreTrainedModel`: from_pretrained / save_pretrained shared by every Qwen2 head.
+"""`PreTrainedModel`: transformers' `from_pretrained` / `save_pretrained` for every Qwen2 head.
 
-STUB: the loading helper fills this in (safetensors, sharding, hub, GGUF, dtype, device_map).
+Loading follows gpt-fast's recipe: build the model on the meta device (no memory, no random init), stream
+tensors from memory-mapped safetensors converting dtype and device one tensor at a time, then
+`load_state_dict(assign=True)` so the loaded tensors *become* the parameters. The model contract:
+
+- `init_buffers()` is called once every parameter is on its final device and dtype; it must (re)create each
+  non-persistent buffer (rope tables, ...) there, since the meta-device build left them empty.
+- `_init_weights(module)` initialises one module's parameters, as transformers does; it is called only for
+  modules with parameters the checkpoint did not provide (e.g. a fresh classification head).
+- `tie_weights()` ties `lm_head.weight` to the input embeddings when `config.tie_word_embeddings`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
 import torch
 from torch import nn
 
+from qwen2.config import CONFIG_NAME, Qwen2Config
+from qwen2.loading.hub import resolve_model_dir
+from qwen2.loading.safetensors import checkpoint_dtype, checkpoint_files, iter_tensors, save_state_dict
+
+logger = logging.getLogger(__name__)
+
+GENERATION_CONFIG_NAME = "generation_config.json"
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # old checkpoints saved this buffer; it is always recomputed
+_MODEL_PATTERNS = ["*.json", "*.safetensors"]
+_BIN_PATTERNS = ["*.json", "pytorch_model*.bin"]
+# Accepted for transformers compatibility; they change nothing here (single device, no remote code).
+_NO_OP_KWARGS = frozenset({"trust_remote_code", "low_cpu_mem_usage", "force_download", "resume_download", "proxies",
+                           "mirror", "_fast_init", "offload_folder", "offload_state_dict", "max_memory",
+                           "_from_auto", "_from_pipeline", "subfolder", "variant"})
+
 
 class PreTrainedModel(nn.Module):
-    config_class: type | None = None
+    """Base of the Qwen2 heads: loading, saving and the small helpers transformers models have."""
+
+    config_class: type = Qwen2Config
     base_model_prefix = "model"
 
-    def __init__(self, config) -> None:
+    def __init__(self, config: Qwen2Config, *args: Any, **kwargs: Any) -> None:
         super().__init__()
         self.config = config
+
+    # ------------------------------------------------------------------------------------------ model contract
+
+    def init_buffers(self) -> None:
+        """Recreate non-persistent buffers on the parameters' device; models with buffers override this."""
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """transformers' default initialisation: normal(0, initializer_range) weights, zero biases, unit norms."""
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.padding_idx is not None:
+                with torch.no_grad():
+                    module.weight[module.padding_idx].zero_()
+        elif getattr(module, "weight", None) is not None and "norm" in type(module).__name__.lower():
+            nn.init.ones_(module.weight)
+
+    def get_input_embeddings(self) -> nn.Module | None:
+        base = getattr(self, self.base_model_prefix, self)
+        return getattr(base, "embed_tokens", None)
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        return getattr(self, "lm_head", None)
+
+    def tie_weights(self) -> None:
+        """Share the input embedding matrix with the LM head when the config asks for it."""
+        output, inputs = self.get_output_embeddings(), self.get_input_embeddings()
+        if self.config.tie_word_embeddings and output is not None and inputs is not None:
+            output.weight = inputs.weight
+
+    def post_init(self) -> None:
+        """Initialise every module and tie weights; call at the end of a head's `__init__` (as transformers)."""
+        for module in self.modules():
+            self._init_weights(module)
+        self.tie_weights()
+
+    # ------------------------------------------------------------------------------------------------ helpers
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        for param in self.parameters():
+            if param.is_floating_point():
+                return param.dtype
+        return torch.get_default_dtype()
+
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        """Parameter count (shared tensors counted once), optionally only trainable / without embeddings."""
+        skip = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)} if exclude_embeddings else set()
+        return sum(p.numel() for p in self.parameters()
+                   if id(p) not in skip and (p.requires_grad or not only_trainable))
+
+    def can_generate(self) -> bool:
+        return hasattr(self, "generate") and hasattr(self, "lm_head")
+
+    @classmethod
+    def _from_config(cls, config: Qwen2Config, dtype: torch.dtype | str | None = None, **kwargs: Any) -> nn.Module:
+        """Build a randomly initialised model (transformers' `_from_config`, used by `Auto*.from_config`)."""
+        target = _resolve_dtype(dtype, None, [], config) if dtype is not None else None
+        with _default_dtype(target):
+            model = cls(config, **kwargs)
+        if target is not None:
+            model.config.dtype = target
+        return model
+
+    # ------------------------------------------------------------------------------------------------ loading
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *model_args: Any,
+                        config: Qwen2Config | str | os.PathLike | None = None, dtype: Any = None,
+                        torch_dtype: Any = None, device_map: Any = None, gguf_file: str | None = None,
+                        revision: str | None = None, cache_dir: str | os.PathLike | None = None,
+                        local_files_only: bool = False, token: str | bool | None = None,
+                        ignore_mismatched_sizes: bool = False, **kwargs: Any) -> nn.Module:
+        """Load a model from a directory, a .gguf file or a hub id; config-named kwargs override the config.
+
+        `dtype` (or the older `torch_dtype`) defaults to "auto", transformers 5's default: the checkpoint's own
+        dtype (config.json's `dtype`, else the first floating-point tensor's). `device_map` may be None/"cpu",
+        "auto" (first GPU if any, else CPU), a device, or {"": device} / {module_prefix: device}.
+        """
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        use_safetensors = kwargs.pop("use_safetensors", None)
+        for name in _NO_OP_KWARGS & kwargs.keys():
+            kwargs.pop(name)
+        hub_options = dict(gguf_file=gguf_file, revision=revision, cache_dir=cache_dir,
+                           local_files_only=local_files_only, token=token)
+        directory = resolve_model_dir(pretrained_model_name_or_path, allow_patterns=_MODEL_PATTERNS, **hub_options)
+        if gguf_file is None and use_safetensors is not True and not _has_safetensors(directory) \
+                and not Path(pretrained_model_name_or_path).expanduser().exists():
+            directory = resolve_model_dir(pretrained_model_name_or_path, allow_patterns=_BIN_PATTERNS, **hub_options)
+
+        config, model_kwargs = _load_config(cls, config, directory, pretrained_model_name_or_path, kwargs)
+        if model_kwargs:
+            raise TypeError(f"{cls.__name__}.from_pretrained got unexpected keyword argument(s) "
+                            f"{sorted(model_kwargs)}: they are neither loading options nor config fields")
+        files, index_metadata = checkpoint_files(directory, use_safetensors)
+        target_dtype = _resolve_dtype(dtype if dtype is not None else torch_dtype, index_metadata, files, config)
+        config.dtype = target_dtype
+        placement = _DevicePlacement(device_map)
+
+        with _default_dtype(target_dtype), torch.device("meta"):
+            model = cls(config, *model_args)
+        info = _load_weights(model, files, target_dtype, placement, ignore_mismatched_sizes)
+        if device_map is not None:
+            model.hf_device_map = placement.as_dict()
+        model.eval()
+        _load_generation_config(model, directory)
+        return (model, info) if output_loading_info else model
+
+    # ------------------------------------------------------------------------------------------------- saving
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *, max_shard_size: int | str = "50GB",
+                        safe_serialization: bool = True, state_dict: dict[str, torch.Tensor] | None = None,
+                        is_main_process: bool = True, **kwargs: Any) -> None:
+        """Write config.json (+ generation_config.json) and the weights as transformers does.
+
+        Tied weights are saved once (the LM head of a tied model is left out, as transformers does), so the
+        directory loads unchanged in transformers. `max_shard_size` is bytes or a string like "500MB".
+        """
+        directory = Path(save_directory)
+        if directory.is_file():
+            raise ValueError(f"save_pretrained needs a directory, but {directory} is a file")
+        if not is_main_process:
+            return
+        directory.mkdir(parents=True, exist_ok=True)
+        self.config.dtype = self.dtype
+        self.config.architectures = [type(self).__name__]
+        self.config.save_pretrained(directory)
+        generation_config = getattr(self, "generation_config", None)
+        if generation_config is not None and self.can_generate():
+            generation_config.save_pretrained(directory)
+        if state_dict is None:
+            state_dict = self.state_dict()
+        state_dict = {name: tensor for name, tensor in _without_aliases(state_dict)
+                      if not name.endswith(_IGNORED_SUFFIXES)}
+        save_state_dict(state_dict, directory, max_shard_size, safe_serialization, self.num_parameters())
+        logger.info("Model saved in %s", directory)
+
+
+# ----------------------------------------------------------------------------------------------- loading steps
+
+
+def _has_safetensors(directory: Path) -> bool:
+    return (directory / "model.safetensors").is_file() or (directory / "model.safetensors.index.json").is_file()
+
+
+def _load_config(cls: type, config: Any, directory: Path, name: Any,
+                 kwargs: dict[str, Any]) -> tuple[Qwen2Config, dict[str, Any]]:
+    """The model's config, with config-named kwargs applied; returns the kwargs that named no config field."""
+    if isinstance(config, Qwen2Config):
+        return Qwen2Config.from_dict(copy.deepcopy(config).to_dict(), return_unused_kwargs=True, **kwargs)
+    if config is not None and not isinstance(config, (str, os.PathLike)):
+        raise TypeError(f"config must be a Qwen2Config or a path, not {type(config).__name__}")
+    source = Path(config) if config is not None else directory
+    if source.is_dir():
+        source = source / CONFIG_NAME
+    if not source.is_file():
+        raise OSError(f"{directory} has no {CONFIG_NAME}: it is not a transformers-format model directory")
+    return cls.config_class.from_pretrained(source, name_or_path=str(name), return_unused_kwargs=True, **kwargs)
+
+
+def _resolve_dtype(dtype: Any, index_metadata: dict | None, files: list[Path], config: Qwen2Config) -> torch.dtype:
+    """transformers 5 semantics: None and "auto" mean the checkpoint's own dtype."""
+    if isinstance(dtype, dict):
+        dtype = dtype.get("", "auto")
+    if dtype is None or dtype == "auto":
+        if isinstance(config.dtype, torch.dtype):
+            return config.dtype
+        if index_metadata and index_metadata.get("dtype"):
+            return _resolve_dtype(index_metadata["dtype"], None, files, config)
+        found = checkpoint_dtype(files[0]) if files else None
+        return found if found is not None else torch.get_default_dtype()
+    if isinstance(dtype, str):
+        resolved = getattr(torch, dtype.removeprefix("torch."), None)
+        if not isinstance(resolved, torch.dtype):
+            raise ValueError(f"dtype={dtype!r} is not valid: use 'auto' or a torch dtype name such as 'bfloat16'")
+        dtype = resolved
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"dtype={dtype!r} is not valid: use 'auto', a torch.dtype or its name")
+    if not dtype.is_floating_point:
+        raise ValueError(f"dtype={dtype} is not a floating-point dtype; weights need one (e.g. torch.bfloat16)")
+    return dtype
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype | None) -> Iterator[None]:
+    """Build modules directly in `dtype` so parameters the checkpoint lacks come out right too."""
+    previous = torch.get_default_dtype()
+    if dtype is not None:
+        torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+class _DevicePlacement:
+    """Where each tensor goes under a `device_map`; everything lands on one device unless the map says otherwise."""
+
+    def __init__(self, device_map: Any) -> None:
+        if isinstance(device_map, dict):
+            self.by_prefix = {prefix: _device(d) for prefix, d in device_map.items()}
+            self.default = self.by_prefix.get("", torch.device("cpu"))
+        else:
+            self.by_prefix = {}
+            self.default = _device(device_map)
+
+    def __call__(self, name: str) -> torch.device:
+        best, device = -1, self.default
+        for prefix, candidate in self.by_prefix.items():
+            if prefix and (name == prefix or name.startswith(prefix + ".")) and len(prefix) > best:
+                best, device = len(prefix), candidate
+        return device
+
+    def as_dict(self) -> dict[str, str]:
+        return {prefix: str(d) for prefix, d in self.by_prefix.items()} or {"": str(self.default)}
+
+
+def _device(spec: Any) -> torch.device:
+    if spec is None or spec in ("auto", "balanced", "balanced_low_0", "sequential"):
+        return torch.device("cuda", 0) if spec is not None and torch.cuda.is_available() else torch.device("cpu")
+    if isinstance(spec, int) and not isinstance(spec, bool):
+        return torch.device("cuda", spec)
+    if spec == "disk":
+        raise ValueError("device_map='disk' offloading is not supported; load on 'cpu' instead")
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device_map={spec!r} is not a device: use 'auto', 'cpu', 'cuda', 'cuda:1', a "
+                         f"torch.device or a dict like {{'': 'cuda:0'}}") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device_map={spec!r} asks for CUDA, but torch sees no GPU; use 'cpu' or 'auto'")
+    return device
+
+
+def _load_weights(model: nn.Module, files: list[Path], dtype: torch.dtype, placement: _DevicePlacement,
+                  ignore_mismatched_sizes: bool) -> dict[str, list]:
+    """Stream the checkpoint into the meta-built `model`; returns transformers' loading-info dict."""
+    expected = model.state_dict()  # meta tensors: names and shapes only
+    rename = _key_renamer(set(expected), getattr(model, "base_model_prefix", "model"))
+    loaded: dict[str, torch.Tensor] = {}
+    unexpected, mismatched = [], []
+    for path in files:
+        for raw_name, tensor in iter_tensors(path):
+            if raw_name.endswith(_IGNORED_SUFFIXES):
+                continue
+            name = rename(raw_name)
+            if name not in expected:
+                unexpected.append(raw_name)
+                continue
+            if tensor.shape != expected[name].shape:
+                if not ignore_mismatched_sizes:
+                    raise ValueError(
+                        f"Tensor {name!r} in {path} has shape {tuple(tensor.shape)} but the model expects "
+                        f"{tuple(expected[name].shape)}: the checkpoint does not match the config. Pass "
+                        f"ignore_mismatched_sizes=True to re-initialise such tensors instead.")
+                mismatched.append((name, tuple(tensor.shape), tuple(expected[name].shape)))
+                continue
+            target = dtype if tensor.is_floating_point() else tensor.dtype
+            loaded[name] = tensor.to(device=placement(name), dtype=target)
+    model.load_state_dict(loaded, strict=False, assign=True)
+    model.tie_weights()
+    missing = _materialise_missing(model, set(loaded), placement)
+    model.tie_weights()
+    model.init_buffers()
+    _check_nothing_on_meta(model)
+
+    if missing:
+        logger.warning("Some weights of %s were not in the checkpoint and are newly initialised: %s. You should "
+                       "probably train this model before using it.", type(model).__name__, missing)
+    if unexpected:
+        logger.warning("Some weights of the checkpoint were not used by %s: %s", type(model).__name__, unexpected)
+    if mismatched:
+        details = ", ".join(f"{n} (checkpoint {a}, model {b})" for n, a, b in mismatched)
+        logger.warning("Some weights of %s had the wrong shape and are newly initialised: %s",
+                       type(model).__name__, details)
+    return {"missing_keys": missing, "unexpected_keys": unexpected, "mismatched_keys": mismatched,
+            "error_msgs": []}
+
+
+def _key_renamer(model_keys: set[str], prefix: str):
+    """Map checkpoint names onto the model's: a head loads a bare base model's checkpoint and vice versa."""
+    model_has_prefix = any(k.startswith(prefix + ".") for k in model_keys)
+
+    def rename(name: str) -> str:
+        if name in model_keys:
+            return name
+        if model_has_prefix and f"{prefix}.{name}" in model_keys:
+            return f"{prefix}.{name}"
+        if not model_has_prefix and name.startswith(prefix + ".") and name[len(prefix) + 1:] in model_keys:
+            return name[len(prefix) + 1:]
+        return name
+
+    return rename
+
+
+def _materialise_missing(model: nn.Module, loaded: set[str], placement: _DevicePlacement) -> list[str]:
+    """Give parameters/persistent buffers the checkpoint lacked real storage and the model's own init.
+
+    Only the missing tensors are replaced; loaded tensors of the same module are restored after
+    `_init_weights`, which initialises whole modules.
+    """
+    missing = []
+    for module_name, module in model.named_modules():
+        tensors = {**dict(module.named_parameters(recurse=False)), **dict(module.named_buffers(recurse=False))}
+        persistent = [n for n in tensors if n not in getattr(module, "_non_persistent_buffers_set", set())]
+        absent = [n for n in persistent if tensors[n].is_meta]
+        if not absent:
+            continue
+        keep = {n: tensors[n].detach().clone() for n in persistent if n not in absent}
+        for local in absent:
+            full = f"{module_name}.{local}" if module_name else local
+            old = tensors[local]
+            new = torch.empty_like(old, device=placement(full))
+            if isinstance(old, nn.Parameter):
+                setattr(module, local, nn.Parameter(new, requires_grad=old.requires_grad))
+            else:
+                module._buffers[local] = new
+            if full not in loaded:
+                missing.append(full)
+        model._init_weights(module)
+        with torch.no_grad():
+            for local, value in keep.items():
+                getattr(module, local).copy_(value)
+    return missing
+
+
+def _check_nothing_on_meta(model: nn.Module) -> None:
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"{type(model).__name__} still has tensors on the meta device after loading: {left}; "
+                           f"its init_buffers() must recreate every non-persistent buffer")
+
+
+def _load_generation_config(model: nn.Module, directory: Path) -> None:
+    if not hasattr(model, "generation_config") or not (directory / GENERATION_CONFIG_NAME).is_file():
+        return
+    try:
+        from qwen2.generation import GenerationConfig
+    except ImportError:
+        logger.info("qwen2.generation.GenerationConfig is unavailable; %s not loaded", GENERATION_CONFIG_NAME)
+        return
+    model.generation_config = GenerationConfig.from_pretrained(directory)
+
+
+def _without_aliases(state_dict: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Drop later names of tensors sharing storage (a tied LM head): safetensors cannot store aliases."""
+    seen: set[tuple] = set()
+    for name, tensor in state_dict.items():
+        key = (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if tensor.device.type != "meta" and key in seen:
+            continue
+        seen.add(key)
+        yield name, tensor
