@@ -1,0 +1,570 @@
+"""Qwen2 decoder in plain PyTorch, with transformers' module names, forward signatures and numerics.
+
+Reference: transformers' models/qwen2/modular_qwen2.py (the contract), masking_utils.py (mask semantics),
+gpt-fast and mlx-lm qwen2.py (shape). Numerics policy: RMSNorm, softmax and rope tables in float32, results cast
+back to the activation dtype; logits in the model dtype, as transformers returns them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from qwen2.cache import Cache, DynamicCache
+from qwen2.config import Qwen2Config
+from qwen2.generation import GenerationConfig, GenerationMixin
+from qwen2.loading.pretrained import PreTrainedModel
+from qwen2.outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from qwen2.rope import Qwen2RotaryEmbedding
+
+logger = logging.getLogger(__name__)
+
+# (bool mask (B|1, 1, q, kv) or None, is_causal): None+False attends everywhere, None+True is plain causal.
+AttentionMask = tuple[torch.Tensor | None, bool]
+
+
+def _tanh_gelu(x: torch.Tensor) -> torch.Tensor:
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": F.silu,
+    "swish": F.silu,
+    "gelu": F.gelu,
+    "gelu_new": _tanh_gelu,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_fast": lambda x: 0.5 * x * (1.0 + torch.tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x))),
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
+    "relu": F.relu,
+    "relu2": lambda x: torch.square(F.relu(x)),
+    "relu6": F.relu6,
+    "leaky_relu": F.leaky_relu,
+    "mish": F.mish,
+    "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid,
+    "linear": lambda x: x,
+}
+
+
+def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The activation function named by `config.hidden_act`."""
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(f"hidden_act={name!r} is not supported; use one of {sorted(ACTIVATIONS)}.") from None
+
+
+class Qwen2RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        dtype = hidden_states.dtype
+        x = hidden_states.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * x.to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary_pos_emb(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, D) broadcast over heads
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """(B, n_kv, T, D) -> (B, n_kv * n_rep, T, D), each kv head repeated for its query group."""
+    if n_rep == 1:
+        return x
+    batch, heads, length, dim = x.shape
+    return x[:, :, None].expand(batch, heads, n_rep, length, dim).reshape(batch, heads * n_rep, length, dim)
+
+
+class Qwen2MLP(nn.Module):
+    def __init__(self, config: Qwen2Config) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.act_fn = activation(config.hidden_act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Qwen2Attention(nn.Module):
+    """Grouped-query attention with q/k/v bias. SDPA by default; the eager path (softmax in float32) returns
+    the attention probabilities and is used when they are requested or `config._attn_implementation == "eager"`."""
+
+    def __init__(self, config: Qwen2Config, layer_idx: int) -> None:
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.num_heads = config.num_attention_heads
+        self.num_key_value_heads = config.num_key_value_heads
+        self.num_key_value_groups = self.num_heads // self.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_dropout
+        self.layer_type = config.layer_types[layer_idx]
+        self.sliding_window = config.sliding_window if self.layer_type == "sliding_attention" else None
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=True)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=True)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=True)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: AttentionMask,
+        past_key_values: Cache | None = None,
+        cache_position: torch.Tensor | None = None,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batch, length, _ = hidden_states.shape
+        q = self.q_proj(hidden_states).view(batch, length, -1, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(hidden_states).view(batch, length, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.v_proj(hidden_states).view(batch, length, -1, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, *position_embeddings)
+        if past_key_values is not None:
+            k, v = past_key_values.update(k, v, self.layer_idx, {"cache_position": cache_position})
+            k, v = k.to(q.dtype), v.to(q.dtype)
+        dropout = self.attention_dropout if self.training else 0.0
+        if output_attentions or getattr(self.config, "_attn_implementation", None) == "eager":
+            out, weights = self._eager(q, k, v, attention_mask, dropout)
+        else:
+            out, weights = self._sdpa(q, k, v, attention_mask, dropout), None
+        out = out.transpose(1, 2).reshape(batch, length, -1)
+        return self.o_proj(out), weights
+
+    def _eager(self, q, k, v, attention_mask: AttentionMask, dropout: float):
+        k, v = repeat_kv(k, self.num_key_value_groups), repeat_kv(v, self.num_key_value_groups)
+        scores = torch.matmul(q, k.transpose(2, 3)) * self.scaling  # (B, H, T, S)
+        mask, is_causal = attention_mask
+        if is_causal:
+            mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
+        if mask is not None:
+            if mask.dtype == torch.bool:
+                mask = torch.where(mask, 0.0, torch.finfo(scores.dtype).min).to(scores.dtype)
+            scores = scores + mask
+        weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        weights = F.dropout(weights, p=dropout, training=self.training)
+        return torch.matmul(weights, v), weights
+
+    def _sdpa(self, q, k, v, attention_mask: AttentionMask, dropout: float) -> torch.Tensor:
+        mask, is_causal = attention_mask
+        groups = self.num_key_value_groups
+        if groups > 1 and mask is None:
+            return F.scaled_dot_product_attention(
+                q, k, v, dropout_p=dropout, scale=self.scaling, is_causal=is_causal, enable_gqa=True
+            )
+        if groups > 1 and q.shape[2] == 1 and mask is not None and mask.shape[1] == 1:
+            # Decode: fold each query group into the length axis so keys/values are not repeated.
+            batch = q.shape[0]
+            packed = q.reshape(batch, self.num_key_value_heads, groups, self.head_dim)
+            out = F.scaled_dot_product_attention(packed, k, v, attn_mask=mask, dropout_p=dropout, scale=self.scaling)
+            return out.reshape(batch, self.num_heads, 1, self.head_dim)
+        k, v = repeat_kv(k, groups), repeat_kv(v, groups)
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=dropout, scale=self.scaling, is_causal=is_causal and mask is None
+        )
+
+
+class Qwen2DecoderLayer(nn.Module):
+    def __init__(self, config: Qwen2Config, layer_idx: int) -> None:
+        super().__init__()
+        self.hidden_size = config.hidden_size
+        self.self_attn = Qwen2Attention(config, layer_idx)
+        self.mlp = Qwen2MLP(config)
+        self.input_layernorm = Qwen2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = Qwen2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: AttentionMask,
+        past_key_values: Cache | None = None,
+        cache_position: torch.Tensor | None = None,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        attn_out, weights = self.self_attn(
+            self.input_layernorm(hidden_states),
+            position_embeddings,
+            attention_mask,
+            past_key_values,
+            cache_position,
+            output_attentions,
+        )
+        hidden_states = hidden_states + attn_out
+        hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+        return hidden_states, weights
+
+
+def _build_mask(
+    kv_positions: torch.Tensor,
+    is_prefix: bool,
+    query_positions: torch.Tensor,
+    padding_mask: torch.Tensor | None,
+    window: int | None,
+    segments: torch.Tensor | None,
+) -> AttentionMask:
+    """Boolean mask over the keys a layer sees, by absolute position (transformers' masking_utils semantics):
+    key j is visible to query i iff 0 <= pos_j <= pos_i, pos_j > pos_i - window (window includes the query),
+    the key is not padding, and (packed sequences) both belong to the same segment."""
+    q_len, kv_len = query_positions.shape[0], kv_positions.shape[0]
+    if padding_mask is None and segments is None and is_prefix and (window is None or kv_len <= window):
+        if q_len == 1:
+            return None, False
+        if q_len == kv_len:
+            return None, True
+    kv, q = kv_positions[None, :], query_positions[:, None]
+    allowed = (kv >= 0) & (kv <= q)  # (q, kv)
+    if window is not None:
+        allowed = allowed & (kv > q - window)
+    allowed = allowed[None, None]  # (1, 1, q, kv)
+    if padding_mask is not None:
+        padding = padding_mask.to(device=kv.device, dtype=torch.bool)
+        index = kv_positions.clamp(0, padding.shape[1] - 1)
+        allowed = allowed & padding[:, index][:, None, None, :]
+    if segments is not None:
+        allowed = allowed & (segments[:, None, :, None] == segments[:, None, None, :])
+    return allowed, False
+
+
+def _packed_segments(position_ids: torch.Tensor, batch: int) -> torch.Tensor | None:
+    """Sequence ids when several sequences are packed in one row (positions restart), else None."""
+    position_ids = position_ids.expand(batch, -1)
+    diff = torch.diff(position_ids, prepend=position_ids[:, :1] - 1, dim=-1)
+    segments = (diff != 1).cumsum(-1)
+    return segments if bool((segments[:, -1] != 0).any()) else None
+
+
+class Qwen2PreTrainedModel(PreTrainedModel):
+    config_class = Qwen2Config
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["Qwen2DecoderLayer"]
+
+    def post_init(self) -> None:
+        """Initialise weights as transformers does, then tie them."""
+        if not any(p.is_meta for p in self.parameters()):
+            self.apply(self._init_weights)
+        self.tie_weights()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.padding_idx is not None:
+                with torch.no_grad():
+                    module.weight[module.padding_idx].zero_()
+        elif isinstance(module, Qwen2RMSNorm):
+            nn.init.ones_(module.weight)
+        elif isinstance(module, Qwen2RotaryEmbedding):
+            module.reset_tables()
+
+    def init_buffers(self) -> None:
+        """Recompute non-persistent buffers (rope frequencies) on the device the parameters now live on."""
+        device = next(self.parameters()).device
+        for module in self.modules():
+            if isinstance(module, Qwen2RotaryEmbedding):
+                module.reset_tables(device)
+
+    def _base(self) -> Qwen2Model:
+        return getattr(self, self.base_model_prefix, self)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self._base().embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self._base().embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        return getattr(self, "lm_head", None)
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        if hasattr(self, "lm_head"):
+            self.lm_head = value
+
+    def tie_weights(self) -> None:
+        """Share lm_head.weight with embed_tokens.weight when `config.tie_word_embeddings`."""
+        output = self.get_output_embeddings()
+        if output is not None and getattr(self.config, "tie_word_embeddings", False):
+            output.weight = self.get_input_embeddings().weight
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict[str, Any] | None = None) -> None:
+        """Recompute each decoder layer in backward instead of storing its activations."""
+        kwargs = {"use_reentrant": True} if gradient_checkpointing_kwargs is None else dict(gradient_checkpointing_kwargs)
+        for module in self.modules():
+            if isinstance(module, Qwen2Model):
+                module.gradient_checkpointing = True
+                module._checkpoint_kwargs = kwargs
+
+    def gradient_checkpointing_disable(self) -> None:
+        for module in self.modules():
+            if isinstance(module, Qwen2Model):
+                module.gradient_checkpointing = False
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return any(getattr(m, "gradient_checkpointing", False) for m in self.modules())
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+
+def _flag(value: bool | None, config: Any, name: str, default: bool = False) -> bool:
+    return bool(getattr(config, name, default)) if value is None else bool(value)
+
+
+def _return_dict(value: bool | None, config: Any) -> bool:
+    if value is not None:
+        return value
+    return bool(getattr(config, "use_return_dict", getattr(config, "return_dict", True)))
+
+
+def _pick_cache(past_key_values: Cache | None, kwargs: dict[str, Any]) -> Cache | None:
+    """Accept transformers 5.x's `cache=` as well as `past_key_values=`."""
+    cache = kwargs.pop("cache", None)
+    if cache is not None and past_key_values is not None:
+        raise ValueError("Pass either `past_key_values` or `cache`, not both.")
+    return past_key_values if cache is None else cache
+
+
+class Qwen2Model(Qwen2PreTrainedModel):
+    def __init__(self, config: Qwen2Config) -> None:
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList(Qwen2DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = Qwen2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = Qwen2RotaryEmbedding(config)
+        self.gradient_checkpointing = False
+        self._checkpoint_kwargs: dict[str, Any] = {"use_reentrant": True}
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        cache_position: torch.LongTensor | None = None,
+        **kwargs: Any,
+    ) -> BaseModelOutputWithPast | tuple:
+        cache = _pick_cache(past_key_values, kwargs)
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds.")
+        output_attentions = _flag(output_attentions, self.config, "output_attentions")
+        output_hidden_states = _flag(output_hidden_states, self.config, "output_hidden_states")
+        use_cache = _flag(use_cache, self.config, "use_cache", True)
+        checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        if checkpointing and (use_cache or cache is not None):
+            logger.warning("Caching is incompatible with gradient checkpointing: running without a cache.")
+            use_cache, cache = False, None
+
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        batch, length = inputs_embeds.shape[:2]
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        elif isinstance(cache, DynamicCache):
+            cache._configure(self.config)
+        if cache_position is None:
+            past = cache.get_seq_length() if cache is not None else 0
+            cache_position = torch.arange(past, past + length, device=inputs_embeds.device)
+        detect_packing = position_ids is not None and attention_mask is None and cache is None
+        if position_ids is None:
+            position_ids = cache_position.unsqueeze(0)
+
+        masks = self._masks(attention_mask, cache, cache_position, position_ids if detect_packing else None, batch)
+        position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
+
+        hidden_states = inputs_embeds
+        all_hidden: list[torch.Tensor] = []
+        all_attentions: list[torch.Tensor | None] = []
+        for layer in self.layers:
+            if output_hidden_states:
+                all_hidden.append(hidden_states)
+            args = (position_embeddings, masks[layer.self_attn.layer_type], cache, cache_position, output_attentions)
+            if checkpointing:
+                hidden_states, weights = checkpoint(layer, hidden_states, *args, **self._checkpoint_kwargs)
+            else:
+                hidden_states, weights = layer(hidden_states, *args)
+            if output_attentions:
+                all_attentions.append(weights)
+        hidden_states = self.norm(hidden_states)
+        if output_hidden_states:
+            all_hidden.append(hidden_states)
+
+        output = BaseModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            cache=cache if use_cache else None,
+            hidden_states=tuple(all_hidden) if output_hidden_states else None,
+            attentions=tuple(all_attentions) if output_attentions else None,
+        )
+        return output if _return_dict(return_dict, self.config) else output.to_tuple()
+
+    def _masks(
+        self,
+        attention_mask: torch.Tensor | None,
+        cache: Cache | None,
+        cache_position: torch.Tensor,
+        packed_position_ids: torch.Tensor | None,
+        batch: int,
+    ) -> dict[str, AttentionMask]:
+        """One mask per layer type; all layers of a type see the same key positions."""
+        if attention_mask is not None and attention_mask.dim() == 4:
+            return {kind: (attention_mask, False) for kind in set(self.config.layer_types)}
+        segments = _packed_segments(packed_position_ids, batch) if packed_position_ids is not None else None
+        masks: dict[str, AttentionMask] = {}
+        for index, kind in enumerate(self.config.layer_types):
+            if kind in masks:
+                continue
+            window = self.config.sliding_window if kind == "sliding_attention" else None
+            if cache is None:
+                kv_positions, is_prefix = cache_position, True
+            else:
+                kv_positions, is_prefix = cache.kv_positions(index, cache_position)
+            masks[kind] = _build_mask(kv_positions, is_prefix, cache_position, attention_mask, window, segments)
+        return masks
+
+
+def _slice_to_keep(hidden_states: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
+    if isinstance(logits_to_keep, torch.Tensor) and logits_to_keep.dim() == 2:
+        if logits_to_keep.dtype == torch.bool:
+            return hidden_states[logits_to_keep]
+        return torch.take_along_dim(hidden_states, logits_to_keep[..., None], dim=1)
+    if isinstance(logits_to_keep, int):
+        return hidden_states[:, -logits_to_keep:, :] if logits_to_keep else hidden_states
+    return hidden_states[:, logits_to_keep, :]
+
+
+def cross_entropy(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    num_items_in_batch: torch.Tensor | int | None = None,
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """Mean cross entropy, or sum / num_items_in_batch for gradient accumulation across micro-batches."""
+    if num_items_in_batch is None:
+        return F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="mean")
+    loss = F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="sum")
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(loss.device)
+    return loss / num_items_in_batch
+
+
+def causal_lm_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    vocab_size: int,
+    num_items_in_batch: torch.Tensor | int | None = None,
+    ignore_index: int = -100,
+    shift_labels: torch.Tensor | None = None,
+    **kwargs: Any,
+) -> torch.Tensor:
+    """Next-token loss: position t predicts label t+1 (labels are shifted here), computed in float32."""
+    logits = logits.float()
+    if shift_labels is None:
+        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    shift_labels = shift_labels.reshape(-1).to(logits.device)
+    return cross_entropy(logits.view(-1, vocab_size), shift_labels, num_items_in_batch, ignore_index)
+
+
+class Qwen2ForCausalLM(Qwen2PreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: Qwen2Config) -> None:
+        super().__init__(config)
+        self.model = Qwen2Model(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.generation_config = GenerationConfig.from_model_config(config)
+        self.post_init()
+
+    def get_decoder(self) -> Qwen2Model:
+        return self.model
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        cache_position: torch.LongTensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs: Any,
+    ) -> CausalLMOutputWithPast | tuple:
+        cache = _pick_cache(past_key_values, kwargs)
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+            cache_position=cache_position,
+        )
+        logits = self.lm_head(_slice_to_keep(outputs.last_hidden_state, logits_to_keep))
+        loss = None
+        if labels is not None:
+            loss = causal_lm_loss(logits, labels, self.config.vocab_size, **kwargs)
+        output = CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+        return output if _return_dict(return_dict, self.config) else output.to_tuple()
+
+
+def __getattr__(name: str) -> Any:
+    # The classification/QA heads live in qwen2.heads (which imports this module); re-export them lazily.
+    if name in ("Qwen2ForSequenceClassification", "Qwen2ForTokenClassification", "Qwen2ForQuestionAnswering"):
+        from qwen2 import heads
+
+        return getattr(heads, name)
+    raise AttributeError(f"module 'qwen2.model' has no attribute {name!r}")
