@@ -95,6 +95,7 @@ class GenerationConfig:
     extra_output_flags = EXTRA_OUTPUT_FLAGS
 
     def __init__(self, **kwargs: Any) -> None:
+        user_set = set(kwargs)
         for name in FIELDS:
             setattr(self, name, kwargs.pop(name, None))
         kwargs.pop("_commit_hash", None)
@@ -104,11 +105,14 @@ class GenerationConfig:
         if not self._from_model_config:
             for key, value in kwargs.items():
                 setattr(self, key, value)
-        self.validate()
+        self.validate(user_set_attributes=user_set)
 
     # ------------------------------------------------------------------ checks
-    def validate(self, strict: bool = False) -> None:
-        """Raise ValueError for values that can never work; log (or raise, if `strict`) contradictory flags."""
+    def validate(self, strict: bool = False, user_set_attributes: set[str] | None = None) -> None:
+        """Raise ValueError for values that can never work; log (or raise, if `strict`) contradictory flags.
+
+        With `user_set_attributes`, contradictions are only reported for flags the caller set (not for
+        values inherited from a checkpoint's generation_config.json), as in the reference."""
         if self.early_stopping not in (None, True, False, "never"):
             raise ValueError(f"`early_stopping` must be a boolean or 'never', but is {self.early_stopping!r}.")
         if self.max_new_tokens is not None and self.max_new_tokens <= 0:
@@ -131,6 +135,8 @@ class GenerationConfig:
                     f"`num_beams` ({self.num_beams})."
                 )
         issues = self._minor_issues()
+        if user_set_attributes is not None:
+            issues = {name: text for name, text in issues.items() if name in user_set_attributes}
         if issues:
             message = "\n".join(f"- `{name}`: {text}" for name, text in issues.items())
             if strict:
@@ -207,7 +213,7 @@ class GenerationConfig:
         used = [key for key in kwargs if hasattr(self, key)]
         for key in used:
             setattr(self, key, kwargs[key])
-        self.validate()
+        self.validate(user_set_attributes=set(used))
         return {key: value for key, value in kwargs.items() if key not in used}
 
     # ------------------------------------------------------------- files

@@ -1,5 +1,382 @@
-"""`GenerationMixin.generate`: work in progress (the decode loop lands next)."""
+"""`GenerationMixin.generate`: transformers' `generate()` for decoder-only Qwen2 models.
+
+Follows transformers 5.24 (`generation/utils.py`): arguments are merged as call kwargs > `generation_config`
+argument > the model's `generation_config` > library defaults; prompts are left-padded with an attention
+mask and positions come from the mask; logits processors and stopping criteria are those of
+`logits.py`/`stopping.py`; finished rows are padded with `pad_token_id` (or the first eos id).
+
+The greedy/sampling loop is a generator (`_decode_steps`) yielding one token per row per step, so streaming
+is the primitive: `generate()` collects it, `generate_stream()` exposes it. All model calls go through
+`_prefill` and `_decode_step` (one token per row, static-shape cache), the seam where a compiled decode
+step plugs in.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from qwen2.generation.config import DEFAULT_GENERATION_PARAMS, GenerationConfig
+from qwen2.generation.logits import LogitsProcessor, apply_processors, build_logits_processors, check_supported
+from qwen2.generation.outputs import GenerateDecoderOnlyOutput
+from qwen2.generation.stopping import EosToken, MaxLength, MaxTime, StoppingCriterion, StopStrings, any_done
+
+logger = logging.getLogger(__name__)
+
+# generate() arguments of the reference that this implementation does not provide.
+_UNSUPPORTED_ARGUMENTS = (
+    "prefix_allowed_tokens_fn", "synced_gpus", "assistant_model", "negative_prompt_ids",
+    "negative_prompt_attention_mask", "custom_generate", "assistant_tokenizer", "inputs_embeds",
+)
+
+
+@dataclass
+class GenerationPlan:
+    """Everything the decode loops need, resolved and validated once per generate() call."""
+
+    config: GenerationConfig
+    input_ids: torch.Tensor  # (N, L), already expanded for beams / return sequences
+    attention_mask: torch.Tensor | None  # (N, L); None when nothing is padded
+    position_ids: torch.Tensor  # (N, L)
+    processors: list[LogitsProcessor]
+    criteria: list[StoppingCriterion]
+    eos_token_id: torch.Tensor | None  # (E,)
+    pad_token_id: torch.Tensor | None  # ()
+    generator: torch.Generator | None
+
+
+@dataclass
+class DecodeStep:
+    tokens: torch.Tensor  # (N,) the token each row got this step (pad for finished rows)
+    scores: torch.Tensor  # (N, V) processed scores the token was chosen from
+    logits: torch.Tensor  # (N, V) raw float32 logits
+    cache: Any
 
 
 class GenerationMixin:
-    """Adds `generate()` to causal LMs."""
+    """Adds transformers' `generate()` to a causal LM whose forward takes transformers' arguments."""
+
+    # ------------------------------------------------------------------ public API
+    @torch.no_grad()
+    def generate(
+        self,
+        inputs: torch.Tensor | None = None,
+        generation_config: GenerationConfig | None = None,
+        logits_processor: Sequence[LogitsProcessor] | None = None,
+        stopping_criteria: Sequence[StoppingCriterion] | None = None,
+        streamer: Any = None,
+        *,
+        tokenizer: Any = None,
+        generator: torch.Generator | None = None,
+        seed: int | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor | GenerateDecoderOnlyOutput:
+        """Prompt + new tokens, shape (batch * num_return_sequences, length), as transformers returns them.
+
+        Extra arguments: `tokenizer` (needed for `stop_strings`), and `generator` (a torch.Generator) or
+        `seed` for sampling that does not touch (or depend on) the global RNG.
+        """
+        plan = self._plan_generation(inputs, generation_config, logits_processor, stopping_criteria,
+                                     tokenizer, generator, seed, kwargs)
+        config = plan.config
+        if config.num_beams > 1:
+            if streamer is not None:
+                raise ValueError("`streamer` cannot be used with beam search. Set `num_beams=1` to stream.")
+            from qwen2.generation.beam import beam_search
+
+            return beam_search(self, plan)
+
+        record_scores = bool(config.return_dict_in_generate and config.output_scores)
+        record_logits = bool(config.return_dict_in_generate and config.output_logits)
+        tokens: list[torch.Tensor] = []
+        scores: list[torch.Tensor] = []
+        raw_logits: list[torch.Tensor] = []
+        cache = None
+        if streamer is not None:
+            streamer.put(plan.input_ids.cpu())
+        try:
+            for step in self._decode_steps(plan):
+                tokens.append(step.tokens)
+                cache = step.cache
+                if record_scores:
+                    scores.append(step.scores)
+                if record_logits:
+                    raw_logits.append(step.logits)
+                if streamer is not None:
+                    streamer.put(step.tokens.cpu())
+        finally:
+            if streamer is not None:
+                streamer.end()
+        sequences = torch.cat([plan.input_ids, torch.stack(tokens, dim=1)], dim=1)
+        if not config.return_dict_in_generate:
+            return sequences
+        return GenerateDecoderOnlyOutput(
+            sequences=sequences,
+            scores=tuple(scores) if record_scores else None,
+            logits=tuple(raw_logits) if record_logits else None,
+            cache=cache,
+        )
+
+    @torch.no_grad()
+    def generate_stream(self, inputs: torch.Tensor | None = None, **kwargs: Any) -> Iterator[torch.Tensor]:
+        """Yield the (batch,) new tokens of each step as they are decoded (greedy or sampling).
+
+        Takes the same arguments as `generate()`; the concatenation of what it yields is exactly the
+        new-token part of `generate()`'s output.
+        """
+        plan = self._plan_generation(
+            inputs, kwargs.pop("generation_config", None), kwargs.pop("logits_processor", None),
+            kwargs.pop("stopping_criteria", None), kwargs.pop("tokenizer", None), kwargs.pop("generator", None),
+            kwargs.pop("seed", None), kwargs,
+        )
+        if plan.config.num_beams > 1:
+            raise ValueError("generate_stream() does not do beam search; set `num_beams=1`.")
+        for step in self._decode_steps(plan):
+            yield step.tokens
+
+    # ------------------------------------------------------------------ model calls
+    def _forward_last_logits(self, input_ids, attention_mask, position_ids, cache, cache_position) -> torch.Tensor:
+        """Float32 logits of the last position, (N, V)."""
+        output = self(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+            cache_position=cache_position,
+            logits_to_keep=1,
+        )
+        return output.logits[:, -1, :].to(dtype=torch.float32)
+
+    def _prefill(self, plan: GenerationPlan, cache: Any) -> torch.Tensor:
+        length = plan.input_ids.shape[1]
+        cache_position = torch.arange(length, device=plan.input_ids.device)
+        return self._forward_last_logits(plan.input_ids, plan.attention_mask, plan.position_ids, cache, cache_position)
+
+    def _decode_step(self, tokens, position_ids, cache_position, attention_mask, cache) -> torch.Tensor:
+        """One new token per row: tokens/position_ids (N, 1), cache_position (1,), attention_mask None or
+        (N, max_length) over all cache slots. Shapes never change between steps. Returns (N, V) float32."""
+        return self._forward_last_logits(tokens, attention_mask, position_ids, cache, cache_position)
+
+    def _make_cache(self, batch_size: int, max_length: int) -> Any:
+        from qwen2.cache import StaticCache
+
+        parameter = next(self.parameters())
+        return StaticCache(self.config, max_batch_size=batch_size, max_cache_len=max_length,
+                           device=parameter.device, dtype=parameter.dtype)
+
+    # ------------------------------------------------------------------ the decode loop
+    def _decode_steps(self, plan: GenerationPlan) -> Iterator[DecodeStep]:
+        """Greedy / multinomial sampling, one step per yield, until every row is finished."""
+        config = plan.config
+        input_ids = plan.input_ids
+        batch_size, prompt_length = input_ids.shape
+        cache = self._make_cache(batch_size, config.max_length)
+        logits = self._prefill(plan, cache)
+        # The mask covers every cache slot up front (ones past the prompt): one static shape for all steps.
+        attention_mask = plan.attention_mask
+        if attention_mask is not None:
+            attention_mask = torch.cat(
+                [attention_mask, attention_mask.new_ones(batch_size, config.max_length - prompt_length)], dim=-1
+            )
+        position_ids = plan.position_ids[:, -1:] + 1  # (N, 1)
+        cache_position = torch.tensor([prompt_length], device=input_ids.device)
+        unfinished = torch.ones(batch_size, dtype=torch.bool, device=input_ids.device)
+        while True:
+            scores = apply_processors(plan.processors, input_ids, logits)
+            if config.do_sample:
+                probs = torch.softmax(scores, dim=-1)
+                tokens = torch.multinomial(probs, num_samples=1, generator=plan.generator).squeeze(1)
+            else:
+                tokens = torch.argmax(scores, dim=-1)
+            if plan.eos_token_id is not None:  # as the reference: only pad when an eos can finish a row
+                tokens = torch.where(unfinished, tokens, plan.pad_token_id)
+            input_ids = torch.cat([input_ids, tokens[:, None]], dim=-1)
+            unfinished = unfinished & ~any_done(plan.criteria, input_ids, scores)
+            yield DecodeStep(tokens=tokens, scores=scores, logits=logits, cache=cache)
+            if not bool(unfinished.any()):
+                return
+            logits = self._decode_step(tokens[:, None], position_ids, cache_position, attention_mask, cache)
+            position_ids = position_ids + 1
+            cache_position = cache_position + 1
+
+    # ------------------------------------------------------------------ preparation
+    def _resolve_generation_config(
+        self, generation_config: GenerationConfig | None, kwargs: dict[str, Any]
+    ) -> tuple[GenerationConfig, dict[str, Any], bool]:
+        """Merge call kwargs > the given config > the model's config > library defaults."""
+        model_defaults = getattr(self, "generation_config", None)
+        if model_defaults is None:
+            model_defaults = GenerationConfig.from_model_config(self.config)
+        has_default_max_length = (
+            kwargs.get("max_length") is None
+            and (generation_config is None or generation_config.max_length is None)
+            and model_defaults.max_length is None
+        )
+        config = copy.deepcopy(generation_config) if generation_config is not None else GenerationConfig()
+        for key, value in model_defaults.to_dict().items():
+            if getattr(config, key, None) is None:
+                setattr(config, key, copy.deepcopy(value))
+        for key, value in DEFAULT_GENERATION_PARAMS.items():
+            if getattr(config, key, None) is None:
+                setattr(config, key, value)
+        model_kwargs = config.update(**kwargs)
+        return config, model_kwargs, has_default_max_length
+
+    def _plan_generation(
+        self,
+        inputs: torch.Tensor | None,
+        generation_config: GenerationConfig | None,
+        logits_processor: Sequence[LogitsProcessor] | None,
+        stopping_criteria: Sequence[StoppingCriterion] | None,
+        tokenizer: Any,
+        generator: torch.Generator | None,
+        seed: int | None,
+        kwargs: dict[str, Any],
+    ) -> GenerationPlan:
+        config, model_kwargs, has_default_max_length = self._resolve_generation_config(generation_config, kwargs)
+        check_supported(config)
+        input_ids = _take_input_ids(inputs, model_kwargs)
+        attention_mask = model_kwargs.pop("attention_mask", None)
+        model_kwargs.pop("use_cache", None)  # the cache is always used; the tokens are the same either way
+        for name in model_kwargs:
+            if name in _UNSUPPORTED_ARGUMENTS:
+                raise ValueError(f"`{name}` is not supported by qwen2's generate().")
+        if model_kwargs:
+            raise ValueError(
+                f"generate() got arguments that are neither generation options nor model inputs: "
+                f"{sorted(model_kwargs)}. Check their spelling against GenerationConfig's fields."
+            )
+        device = input_ids.device
+        batch_size = input_ids.shape[0]
+        eos, pad = self._special_tokens(config, device, attention_mask is not None, batch_size)
+        attention_mask = _prepare_attention_mask(input_ids, attention_mask, pad, eos)
+        if batch_size > 1 and bool((attention_mask[:, -1] == 0).any()):
+            logger.warning(
+                "Right padding was detected in a batch for a decoder-only model: the padded rows will continue "
+                "after their pad tokens. Pad on the left (tokenizer padding_side='left')."
+            )
+        position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+        padding_lengths = None
+        if bool((attention_mask == 1).all()):
+            attention_mask = None
+        else:
+            padding_lengths = (attention_mask != 0).int().argmax(dim=1)
+
+        expand = max(config.num_beams, config.num_return_sequences)
+        if expand > 1:
+            input_ids = input_ids.repeat_interleave(expand, dim=0)
+            position_ids = position_ids.repeat_interleave(expand, dim=0)
+            if attention_mask is not None:
+                attention_mask = attention_mask.repeat_interleave(expand, dim=0)
+                padding_lengths = padding_lengths.repeat_interleave(expand, dim=0)
+
+        prompt_length = input_ids.shape[1]
+        self._resolve_lengths(config, prompt_length, has_default_max_length)
+        if seed is not None and generator is None:
+            generator = torch.Generator(device=device).manual_seed(seed)
+
+        processors = build_logits_processors(config, prompt_length, eos, padding_lengths, logits_processor or ())
+        criteria: list[StoppingCriterion] = [MaxLength(config.max_length)]
+        if config.max_time is not None:
+            criteria.append(MaxTime(config.max_time))
+        if config.stop_strings is not None:
+            criteria.append(StopStrings(config.stop_strings, tokenizer))
+        if eos is not None:
+            criteria.append(EosToken(eos))
+        criteria.extend(stopping_criteria or ())
+        return GenerationPlan(config, input_ids, attention_mask, position_ids, processors, criteria, eos, pad,
+                              generator)
+
+    def _special_tokens(
+        self, config: GenerationConfig, device: torch.device, has_mask: bool, batch_size: int
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        eos = None
+        if config.eos_token_id is not None:
+            eos = torch.tensor(config.eos_token_id, dtype=torch.long, device=device).reshape(-1)
+            if bool((eos < 0).any()):
+                raise ValueError(f"`eos_token_id` must be non-negative token ids, got {config.eos_token_id!r}.")
+        pad = None
+        if config.pad_token_id is not None:
+            pad = torch.tensor(config.pad_token_id, dtype=torch.long, device=device)
+        elif eos is not None:
+            if not has_mask and batch_size > 1:
+                logger.warning(
+                    "The attention mask and the pad token id were not set, with a batched input: pass the "
+                    "tokenizer's `attention_mask` to get reliable results."
+                )
+            logger.info("Setting `pad_token_id` to `eos_token_id`:%d for open-end generation.", int(eos[0]))
+            pad = eos[0]
+        return eos, pad
+
+    def _resolve_lengths(self, config: GenerationConfig, prompt_length: int, has_default_max_length: bool) -> None:
+        context = getattr(self.config, "max_position_embeddings", None)
+        if context is not None and prompt_length > context:
+            raise ValueError(
+                f"The prompt is {prompt_length} tokens long, longer than the model's context of {context} tokens "
+                "(config.max_position_embeddings). Shorten the prompt."
+            )
+        if config.max_new_tokens is not None:
+            if not has_default_max_length:
+                logger.warning(
+                    "Both `max_new_tokens` (=%d) and `max_length` (=%d) are set; `max_new_tokens` takes precedence.",
+                    config.max_new_tokens, config.max_length,
+                )
+            config.max_length = config.max_new_tokens + prompt_length
+        elif has_default_max_length:
+            config.max_length = config.max_length + prompt_length
+            if context is not None:
+                config.max_length = min(config.max_length, context)
+        if config.min_new_tokens is not None:
+            config.min_length = config.min_new_tokens + prompt_length
+        if prompt_length >= config.max_length:
+            raise ValueError(
+                f"Input length of input_ids is {prompt_length}, but `max_length` is set to {config.max_length}. "
+                "Increase `max_length` or, better, set `max_new_tokens`."
+            )
+        if context is not None and config.max_length > context:
+            logger.warning(
+                "max_length=%d exceeds the model's context of %d tokens; generation stops at the context length.",
+                config.max_length, context,
+            )
+            config.max_length = context
+
+
+def _take_input_ids(inputs: torch.Tensor | None, model_kwargs: dict[str, Any]) -> torch.Tensor:
+    passed = model_kwargs.pop("input_ids", None)
+    if inputs is not None and passed is not None:
+        raise ValueError("Pass the prompt either as `inputs` or as `input_ids`, not both.")
+    input_ids = inputs if inputs is not None else passed
+    if input_ids is None:
+        raise ValueError("generate() needs the prompt token ids (`input_ids`, shape (batch, length)).")
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int):
+        shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise ValueError(f"`input_ids` must be an integer tensor of shape (batch, length), got {shape}.")
+    if input_ids.shape[1] == 0:
+        raise ValueError("`input_ids` is empty: generate() needs at least one prompt token.")
+    return input_ids.long()
+
+
+def _prepare_attention_mask(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor | None, pad: torch.Tensor | None, eos: torch.Tensor | None
+) -> torch.Tensor:
+    """The given 2D mask, or one inferred from pad tokens when pad is not also an eos token (as the reference)."""
+    if attention_mask is not None:
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"`attention_mask` must have the shape of input_ids {tuple(input_ids.shape)}, "
+                f"got {tuple(attention_mask.shape)}."
+            )
+        return attention_mask.to(input_ids.device).long()
+    ones = torch.ones_like(input_ids)
+    if pad is None:
+        return ones
+    pad_is_eos = eos is not None and bool(torch.isin(eos, pad).any())
+    if bool((input_ids == pad).any()) and not pad_is_eos:
+        return input_ids.ne(pad).long()
+    return ones
