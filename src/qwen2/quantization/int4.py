@@ -1,0 +1,205 @@
+"""Weight-only int4: asymmetric, one (scale, zero) pair per group of 32/64/128/256 input columns.
+
+Modelled on gpt-fast's `WeightOnlyInt4Linear` (tinygemm semantics): a code q in 0..15 stands for
+`(q - 8) * scale + zero`, with `scales_and_zeros` laid out (in_features // group_size, out_features, 2).
+
+Two layouts of the same 4-bit codes:
+- plain: uint8 (out, in // 2), column 2j in the low nibble and 2j+1 in the high one. This is what state dicts
+  and checkpoints hold, because it is the same on every machine.
+- cpu: what `torch._convert_weight_to_int4pack_for_cpu` produces for `torch._weight_int4pack_mm_for_cpu`.
+  It depends on the CPU's vector width (AVX-512 and AVX2 interleave differently), so it is never saved: a
+  module on CPU packs on load and unpacks when its state dict is taken or when it is moved off the CPU.
+Off the CPU the module dequantises and calls `F.linear`: slower, but the same arithmetic everywhere.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+GROUP_SIZES = (32, 64, 128, 256)
+# The CPU packing works on independent blocks of 16, 32 or 64 rows (by vector width); 64 is a multiple of each.
+_CPU_BLOCK_ROWS = 64
+_ROW_CHUNK = 4096  # a multiple of _CPU_BLOCK_ROWS: bounds the float32/int32 temporaries for the 151936-row lm_head
+_KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def check_shape(out_features: int, in_features: int, group_size: int) -> str | None:
+    """Why a (out, in) weight cannot be int4-quantised with `group_size`, or None if it can."""
+    if group_size not in GROUP_SIZES:
+        return f"group_size={group_size} is not one of {GROUP_SIZES}"
+    if in_features % group_size:
+        return f"in_features={in_features} is not a multiple of group_size={group_size}"
+    if out_features % 16:
+        return f"out_features={out_features} is not a multiple of 16 (the packed CPU kernel's requirement)"
+    return None
+
+
+def quantize_int4(weight: Tensor, group_size: int, scale_dtype: torch.dtype = torch.bfloat16) -> tuple[Tensor, Tensor]:
+    """(codes uint8 (out, in) in 0..15, scales_and_zeros (in // group_size, out, 2)) for a 2-D float weight.
+
+    Each group maps [min, max] onto 0..15. Codes are rounded against the scale and zero as stored in
+    `scale_dtype`, so keeping them in that dtype adds no error of its own.
+    """
+    n, k = weight.shape
+    problem = check_shape(n, k, group_size)
+    if problem:
+        raise ValueError(f"Cannot quantise a ({n}, {k}) weight to int4: {problem}")
+    groups = k // group_size
+    codes = torch.empty(n, k, dtype=torch.uint8, device=weight.device)
+    scales_and_zeros = torch.empty(groups, n, 2, dtype=scale_dtype, device=weight.device)
+    for lo in range(0, n, _ROW_CHUNK):
+        hi = min(lo + _ROW_CHUNK, n)
+        w = weight[lo:hi].detach().float().view(hi - lo, groups, group_size)
+        wmin, wmax = w.amin(dim=-1), w.amax(dim=-1)
+        scale = ((wmax - wmin) / 15).clamp(min=1e-6).to(scale_dtype)
+        zero = (wmin + 8 * scale.float()).to(scale_dtype)
+        lowest = zero.float() - 8 * scale.float()  # the value code 0 stands for
+        q = ((w - lowest[..., None]) / scale.float()[..., None]).round_().clamp_(0, 15)
+        codes[lo:hi] = q.view(hi - lo, k).to(torch.uint8)
+        scales_and_zeros[:, lo:hi, 0] = scale.t()
+        scales_and_zeros[:, lo:hi, 1] = zero.t()
+    return codes, scales_and_zeros
+
+
+def dequantize_int4(codes: Tensor, scales_and_zeros: Tensor, group_size: int,
+                    dtype: torch.dtype = torch.float32) -> Tensor:
+    """The float weight that codes (out, in) stand for: the reference the fast kernel must match."""
+    n, k = codes.shape
+    sz = scales_and_zeros.to(torch.float32)
+    scale = sz[..., 0].t()[..., None]  # (out, groups, 1)
+    zero = sz[..., 1].t()[..., None]
+    w = (codes.view(n, k // group_size, group_size).to(torch.float32) - 8) * scale + zero
+    return w.view(n, k).to(dtype)
+
+
+def pack_nibbles(codes: Tensor) -> Tensor:
+    """uint8 (out, in) codes -> plain uint8 (out, in // 2): even columns in the low nibble."""
+    return (codes[:, 0::2] & 15) | ((codes[:, 1::2] & 15) << 4)
+
+
+def unpack_nibbles(packed: Tensor) -> Tensor:
+    """Plain uint8 (out, in // 2) -> uint8 codes (out, in)."""
+    return torch.stack([packed & 15, packed >> 4], dim=-1).view(packed.shape[0], -1)
+
+
+@functools.lru_cache(maxsize=32)
+def _cpu_layout_source(rows: int, k: int) -> Tensor:
+    """For each nibble of the CPU-packed (rows, k) block (plain nibble order), the flat row * k + col it holds.
+
+    Found by asking the packing op itself: pack the base-16 digits of every element's index, one digit per call,
+    and read the digits back. This stays right whatever interleaving this build of torch uses.
+    """
+    count = rows * k
+    index = torch.arange(count, dtype=torch.int64)
+    source = torch.zeros(count, dtype=torch.int64)
+    for shift in range(0, max(count - 1, 1).bit_length(), 4):
+        digit = ((index >> shift) & 15).to(torch.int32).view(rows, k)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(digit, 1)
+        source |= unpack_nibbles(packed).reshape(-1).to(torch.int64) << shift
+    return source
+
+
+def to_cpu_layout(plain: Tensor) -> Tensor:
+    """Plain (out, in // 2) -> the layout `torch._weight_int4pack_mm_for_cpu` reads."""
+    out = torch.empty_like(plain)
+    for lo in range(0, plain.shape[0], _ROW_CHUNK):  # row blocks are packed independently
+        hi = min(lo + _ROW_CHUNK, plain.shape[0])
+        codes = unpack_nibbles(plain[lo:hi]).to(torch.int32)
+        out[lo:hi] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+    return out
+
+
+def from_cpu_layout(packed: Tensor) -> Tensor:
+    """Inverse of `to_cpu_layout`; plain indexing, so it also runs after the tensor moved to another device."""
+    n, half_k = packed.shape
+    k = 2 * half_k
+    codes = torch.empty(n, k, dtype=torch.uint8, device=packed.device)
+    full = n - n % _CPU_BLOCK_ROWS
+    for lo, hi in ((0, full), (full, n)):
+        if hi == lo:
+            continue
+        rows = min(hi - lo, _CPU_BLOCK_ROWS)
+        source = _cpu_layout_source(rows, k).to(packed.device)
+        nibbles = unpack_nibbles(packed[lo:hi].reshape(-1, rows * half_k))  # (blocks, rows * k)
+        block_codes = torch.empty_like(nibbles)
+        block_codes[:, source] = nibbles
+        codes[lo:hi] = block_codes.view(hi - lo, k)
+    return pack_nibbles(codes)
+
+
+class Int4WeightOnlyLinear(nn.Module):
+    """Drop-in for `nn.Linear` holding 4-bit `weight` codes and per-group `scales_and_zeros`."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, group_size: int = 32,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        problem = check_shape(out_features, in_features, group_size)
+        if problem:
+            raise ValueError(f"Int4WeightOnlyLinear({in_features}, {out_features}): {problem}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.group_size = group_size
+        dtype = dtype or torch.get_default_dtype()
+        self.register_buffer("weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
+        self.register_buffer("scales_and_zeros", torch.empty(in_features // group_size, out_features, 2,
+                                                             dtype=dtype, device=device))
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device),
+                                 requires_grad=False) if bias else None
+        self._layout = "plain"
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group_size: int = 32) -> Int4WeightOnlyLinear:
+        dtype = linear.weight.dtype
+        module = cls(linear.in_features, linear.out_features, linear.bias is not None, group_size,
+                     device="meta", dtype=dtype)
+        codes, module.scales_and_zeros = quantize_int4(linear.weight, group_size, scale_dtype=dtype)
+        module.weight = pack_nibbles(codes)
+        if linear.bias is not None:
+            module.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
+        module._pack_for_cpu()
+        return module
+
+    def plain_weight(self) -> Tensor:
+        """The codes in the portable layout, whatever layout the module runs with."""
+        return from_cpu_layout(self.weight) if self._layout == "cpu" else self.weight
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        return dequantize_int4(unpack_nibbles(self.plain_weight()), self.scales_and_zeros, self.group_size, dtype)
+
+    def _pack_for_cpu(self) -> None:
+        if self._layout == "plain" and self.weight.device.type == "cpu":
+            self.weight = to_cpu_layout(self.weight)
+            self._layout = "cpu"
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self._layout == "cpu" and self.weight.device.type != "cpu":  # moved off the CPU since it was packed
+            self.weight = from_cpu_layout(self.weight)
+            self._layout = "plain"
+        dtype = self.scales_and_zeros.dtype
+        x2 = x.reshape(-1, self.in_features).to(dtype)
+        if self._layout == "cpu" and x2.device.type == "cpu" and dtype in _KERNEL_DTYPES:
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), self.weight, self.group_size,
+                                                            self.scales_and_zeros)
+        else:
+            out = F.linear(x2, self.dequantize(dtype))
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "weight"] = self.plain_weight()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if prefix + "weight" in state_dict:  # checkpoints always hold the plain layout
+            self._layout = "plain"
+            self._pack_for_cpu()
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, group_size={self.group_size}")

@@ -1,0 +1,104 @@
+"""Weight-only int8: one symmetric scale per output channel, activations stay in floating point.
+
+Modelled on gpt-fast's `WeightOnlyInt8Linear`. On CPU the matmul is PyTorch's fused
+`torch._weight_int8pack_mm` (reads the int8 weight once, scales in registers); anywhere else it is the
+portable `F.linear(x, w.to(dtype)) * scales`, which computes the same thing and which inductor fuses on GPU.
+
+`torch._weight_int8pack_mm` needs care: its AVX-512/AVX2 kernels use aligned vector loads, so the input rows
+and the weight must start on a 32-byte boundary and `in_features` must be a multiple of 16. Unaligned
+memory crashes the process (measured on torch 2.13), it does not raise. The weight is therefore re-allocated
+when a load leaves it unaligned (an mmap'd checkpoint can), and unaligned inputs are copied.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+QMAX = 127
+# Alignment of the CPU kernel's vector loads, in bytes (AVX-512 loads 32 bytes of bf16 input at a time).
+_ALIGN = 32
+_K_MULTIPLE = 16
+_KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_ROW_CHUNK = 8192
+
+
+def quantize_int8(weight: Tensor, scale_dtype: torch.dtype = torch.bfloat16) -> tuple[Tensor, Tensor]:
+    """(int8 weight, scales) with `weight ~= q * scales[:, None]`, one scale per output row.
+
+    The codes are rounded against the scales as stored (`scale_dtype`), so storing them loses nothing more.
+    """
+    q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+    scales = torch.empty(weight.shape[0], dtype=scale_dtype, device=weight.device)
+    for lo in range(0, weight.shape[0], _ROW_CHUNK):  # chunks bound the float32 temporaries
+        hi = min(lo + _ROW_CHUNK, weight.shape[0])
+        w = weight[lo:hi].detach().float()
+        s = (w.abs().amax(dim=1) / QMAX).clamp(min=torch.finfo(torch.float32).tiny).to(scale_dtype)
+        q[lo:hi] = torch.round(w / s.float()[:, None]).clamp_(-QMAX - 1, QMAX).to(torch.int8)
+        scales[lo:hi] = s
+    return q, scales
+
+
+def dequantize_int8(q: Tensor, scales: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """The float weight the int8 codes stand for (the reference the fast kernel must match)."""
+    return (q.to(torch.float32) * scales.to(torch.float32)[:, None]).to(dtype)
+
+
+def _is_aligned(t: Tensor) -> bool:
+    return t.data_ptr() % _ALIGN == 0
+
+
+class Int8WeightOnlyLinear(nn.Module):
+    """Drop-in for `nn.Linear` holding an int8 `weight` (out, in) and per-row `scales` in the compute dtype."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        dtype = dtype or torch.get_default_dtype()
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.empty(out_features, dtype=dtype, device=device))
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device),
+                                 requires_grad=False) if bias else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Int8WeightOnlyLinear:
+        dtype = linear.weight.dtype
+        module = cls(linear.in_features, linear.out_features, linear.bias is not None, device="meta", dtype=dtype)
+        module.weight, module.scales = quantize_int8(linear.weight, scale_dtype=dtype)
+        if linear.bias is not None:
+            module.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
+        return module
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        return dequantize_int8(self.weight, self.scales, dtype)
+
+    def _use_cpu_kernel(self, x: Tensor) -> bool:
+        return (x.device.type == "cpu" and self.weight.device.type == "cpu"
+                and self.scales.dtype in _KERNEL_DTYPES and self.in_features % _K_MULTIPLE == 0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        dtype = self.scales.dtype
+        x2 = x.reshape(-1, self.in_features).to(dtype)
+        if self._use_cpu_kernel(x2):
+            x2 = x2.contiguous()
+            if not torch.compiler.is_compiling() and not _is_aligned(x2):
+                x2 = x2.clone()
+            out = torch._weight_int8pack_mm(x2, self.weight, self.scales)
+        else:
+            out = F.linear(x2, self.weight.to(dtype)) * self.scales
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        # `load_state_dict(assign=True)` may hand us an mmap'd, unaligned tensor: the CPU kernel would crash on it.
+        w = self.weight
+        if w.device.type == "cpu" and w.numel() and (not w.is_contiguous() or not _is_aligned(w)):
+            self.weight = w.contiguous().clone()
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

@@ -1,0 +1,263 @@
+"""Weight-only int8/int4: the packed CPU kernels compute exactly the matmul with the dequantised weight (random
+and real GGUF weights), quantisation error stays within half a step, the model-level swap and the
+save -> load round trip keep every output bit, and a reload never re-quantises."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from qwen2.quantization import (
+    QUANT_METHOD,
+    Int4WeightOnlyLinear,
+    Int8WeightOnlyLinear,
+    convert_for_runtime,
+    get_handler,
+    is_quantized,
+    quantize_model,
+)
+from qwen2.quantization import int4 as int4_mod
+from qwen2.quantization import int8 as int8_mod
+from qwen2.quantization.int4 import (
+    dequantize_int4,
+    from_cpu_layout,
+    pack_nibbles,
+    quantize_int4,
+    to_cpu_layout,
+    unpack_nibbles,
+)
+from qwen2.quantization.int8 import dequantize_int8, quantize_int8
+
+
+def _linear(out_features: int, in_features: int, bias: bool = True, dtype=torch.float32) -> nn.Linear:
+    lin = nn.Linear(in_features, out_features, bias=bias)
+    with torch.no_grad():
+        lin.weight.mul_(torch.exp(torch.randn(out_features, 1)))  # rows of very different scale
+    return lin.to(dtype).requires_grad_(False)
+
+
+def _reference(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """x @ dequantised(W).T (+ bias), in float64: what the fused kernel must compute."""
+    out = x.double() @ module.dequantize(torch.float64).t()
+    return out if module.bias is None else out + module.bias.double()
+
+
+def _assert_matches(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
+    # float32: summation order only. bf16/fp16: the output's own rounding (inputs are already in that dtype).
+    rtol = {torch.float32: 1e-5, torch.bfloat16: 2 ** -7, torch.float16: 2 ** -9}[dtype]
+    scale = ref.abs().amax().item()
+    torch.testing.assert_close(out.double(), ref, rtol=rtol, atol=rtol * scale)
+
+
+# ------------------------------------------------------------------------------------------------- int8
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("shape", [(256, 896), (96, 48), (64, 40)])  # (64, 40): in % 16 != 0 -> portable path
+def test_int8_kernel_equals_dequantized_matmul(shape, batch, dtype):
+    lin = _linear(*shape, dtype=dtype)
+    q = Int8WeightOnlyLinear.from_linear(lin)
+    x = torch.randn(batch, 3, shape[1]).to(dtype)
+    out = q(x)
+    assert out.shape == (batch, 3, shape[0]) and out.dtype == dtype
+    _assert_matches(out.reshape(-1, shape[0]), _reference(q, x.reshape(-1, shape[1])), dtype)
+
+
+def test_int8_error_is_at_most_half_a_step():
+    w = torch.randn(300, 128) * torch.exp(torch.randn(300, 1))
+    q, scales = quantize_int8(w, scale_dtype=torch.float32)
+    err = (dequantize_int8(q, scales) - w).abs()
+    assert (err <= scales[:, None] / 2 * (1 + 1e-6)).all()
+    assert q.abs().amax(dim=1).min() == 127  # each row uses the full range
+
+
+def test_int8_survives_unaligned_input_and_weight():
+    # torch._weight_int8pack_mm's vector loads crash the process on unaligned memory; the module must copy.
+    lin = _linear(64, 896, dtype=torch.bfloat16)
+    q = Int8WeightOnlyLinear.from_linear(lin)
+    storage = torch.randn(4 * 896 + 8).to(torch.bfloat16)
+    x = storage[1:1 + 896].view(1, 896)
+    assert x.data_ptr() % 32 != 0
+    _assert_matches(q(x), _reference(q, x), torch.bfloat16)
+
+    state = q.state_dict()
+    raw = torch.empty(state["weight"].numel() + 1, dtype=torch.int8)
+    raw[1:] = state["weight"].reshape(-1)
+    state["weight"] = raw[1:].view(64, 896)  # as an mmap'd checkpoint may be
+    fresh = Int8WeightOnlyLinear(896, 64, dtype=torch.bfloat16)
+    fresh.load_state_dict(state, assign=True)
+    assert fresh.weight.data_ptr() % 32 == 0
+    torch.testing.assert_close(fresh(x), q(x), rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------------------- int4
+
+
+@pytest.mark.parametrize("n, k", [(128, 896), (80, 64), (176, 256), (4864, 128)])
+def test_cpu_layout_is_the_ops_and_inverts(n, k):
+    codes = torch.randint(0, 16, (n, k), dtype=torch.uint8)
+    plain = pack_nibbles(codes)
+    assert torch.equal(unpack_nibbles(plain), codes)
+    cpu = to_cpu_layout(plain)
+    assert torch.equal(cpu, torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1))
+    assert torch.equal(from_cpu_layout(cpu), plain)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_int4_kernel_equals_dequantized_matmul(group_size, batch, dtype):
+    lin = _linear(4864 // 19, 1024, dtype=dtype)  # 256 x 1024
+    q = Int4WeightOnlyLinear.from_linear(lin, group_size)
+    assert q._layout == "cpu"
+    x = torch.randn(batch, 1024).to(dtype)
+    _assert_matches(q(x), _reference(q, x), dtype)
+
+
+def test_int4_portable_path_equals_kernel():
+    # Off the CPU the module dequantises and calls F.linear; on CPU that path is reachable with the plain layout.
+    q = Int4WeightOnlyLinear.from_linear(_linear(128, 256), 32)
+    x = torch.randn(5, 256)
+    fast = q(x)
+    q.weight, q._layout = q.plain_weight(), "plain"
+    torch.testing.assert_close(q(x), fast, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("group_size", [32, 128])
+def test_int4_error_is_about_half_a_step(group_size):
+    w = torch.randn(64, 512) * torch.exp(torch.randn(64, 1))
+    codes, sz = quantize_int4(w, group_size, scale_dtype=torch.bfloat16)
+    err = (dequantize_int4(codes, sz, group_size) - w).abs().view(64, -1, group_size)
+    scale = sz[..., 0].float().t()[..., None]
+    zero = sz[..., 1].float().t()[..., None]
+    # half a step, plus what rounding scale and zero to bf16 can push an extreme value past the grid
+    assert (err <= 0.55 * scale + zero.abs() * 2 ** -8).all()
+    assert codes.min() == 0 and codes.max() == 15
+
+
+def test_int4_rejects_shapes_the_kernel_cannot_take():
+    with pytest.raises(ValueError, match="multiple of group_size"):
+        quantize_int4(torch.randn(32, 96), 64)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        Int4WeightOnlyLinear(64, 8)
+    with pytest.raises(ValueError, match="group_size"):
+        get_handler("int4", group_size=48)
+    with pytest.raises(ValueError, match="Unknown quantisation scheme"):
+        get_handler("int3")
+
+
+# ------------------------------------------------------------------------------------------ real weights
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["blk.0.attn_k.weight", "blk.0.ffn_down.weight", "output.weight"])
+def test_kernels_on_real_gguf_weights(default_gguf, name):
+    from qwen2.loading.gguf import GGUFFile
+
+    w = GGUFFile(default_gguf).dequantize(name, torch.bfloat16)[:8192]  # lm_head: its first 8192 rows
+    lin = nn.Linear(w.shape[1], w.shape[0], bias=False, dtype=torch.bfloat16).requires_grad_(False)
+    lin.weight.copy_(w)
+    x = torch.randn(4, w.shape[1]).to(torch.bfloat16)
+    exact = x.double() @ w.double().t()
+    for q, max_error in [(Int8WeightOnlyLinear.from_linear(lin), 0.03), (Int4WeightOnlyLinear.from_linear(lin, 32), 0.15)]:
+        out = q(x)
+        _assert_matches(out, _reference(q, x), torch.bfloat16)
+        # and the quantised layer is still the same layer: relative error of its output
+        assert (out.double() - exact).norm() / exact.norm() < max_error
+
+
+# ------------------------------------------------------------------------------------------ whole model
+
+
+def _tiny_model(tie: bool = False):
+    from qwen2 import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=tie)
+    return Qwen2ForCausalLM(config).eval()
+
+
+def _dequantized_twin(model: nn.Module) -> nn.Module:
+    """The float model with each quantised layer replaced by an nn.Linear holding its dequantised weight."""
+    import copy
+
+    twin = copy.deepcopy(model)
+    for name, module in list(twin.named_modules()):
+        if isinstance(module, (Int8WeightOnlyLinear, Int4WeightOnlyLinear)):
+            lin = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+            lin.weight = nn.Parameter(module.dequantize(torch.float32), requires_grad=False)
+            if module.bias is not None:
+                lin.bias = nn.Parameter(module.bias.float(), requires_grad=False)
+            parent, _, child = name.rpartition(".")
+            setattr(twin.get_submodule(parent) if parent else twin, child, lin)
+    return twin
+
+
+@pytest.mark.parametrize("scheme, group_size", [("int8", None), ("int4", 32)])
+def test_quantize_model_swaps_every_linear(scheme, group_size):
+    model = _tiny_model()
+    ids = torch.randint(0, 128, (2, 10))
+    with torch.no_grad():
+        float_logits = model(ids).logits
+        quantize_model(model, scheme, group_size=group_size)
+        logits = model(ids).logits
+        twin_logits = _dequantized_twin(model)(ids).logits
+    assert not any(type(m) is nn.Linear for m in model.modules())
+    assert sum(isinstance(m, (Int8WeightOnlyLinear, Int4WeightOnlyLinear)) for m in model.modules()) == 2 * 7 + 1
+    config = model.config.quantization_config
+    assert config["quant_method"] == QUANT_METHOD and config["scheme"] == scheme
+    assert config.get("group_size") == group_size
+    torch.testing.assert_close(logits, twin_logits, rtol=1e-5, atol=1e-5)
+    # and quantisation changed the model only a little
+    assert (logits - float_logits).abs().max() < (0.05 if scheme == "int8" else 0.3) * float_logits.abs().max()
+
+
+def test_int4_keeps_and_records_layers_it_cannot_take():
+    model = _tiny_model()
+    quantize_model(model, "int4", group_size=128)  # hidden 64 is not a multiple of 128: only down_proj converts
+    skipped = model.config.quantization_config["modules_to_not_convert"]
+    assert "lm_head" in skipped and "model.layers.0.self_attn.q_proj" in skipped
+    assert isinstance(model.model.layers[1].mlp.down_proj, Int4WeightOnlyLinear)
+    assert type(model.lm_head) is nn.Linear
+
+
+@pytest.mark.parametrize("scheme, group_size", [("int8", None), ("int4", 32), ("int4", 64)])
+def test_save_and_reload_without_requantising(tmp_path, monkeypatch, scheme, group_size):
+    from safetensors.torch import load_file
+
+    from qwen2 import Qwen2Config, Qwen2ForCausalLM
+
+    model = _tiny_model()
+    quantize_model(model, scheme, group_size=group_size, modules_to_not_convert=["model.layers.1.mlp.up_proj"])
+    ids = torch.randint(0, 128, (1, 12))
+    with torch.no_grad():
+        expected = model(ids).logits
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert saved == model.config.quantization_config
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a quantised checkpoint was quantised again on load")
+
+    monkeypatch.setattr(int8_mod, "quantize_int8", refuse)
+    monkeypatch.setattr(int4_mod, "quantize_int4", refuse)
+    # What the loader does: skeleton on meta, swap from the recorded config, load the tensors as they are.
+    config = Qwen2Config.from_pretrained(tmp_path)
+    with torch.device("meta"):
+        reloaded = Qwen2ForCausalLM(config)
+    convert_for_runtime(reloaded, config.quantization_config)
+    tensors = load_file(tmp_path / "model.safetensors")
+    reloaded.load_state_dict(tensors, strict=True, assign=True)
+    reloaded.eval()
+    reloaded.init_buffers()  # the non-persistent rope tables were left on meta
+    assert type(reloaded.model.layers[1].mlp.up_proj) is nn.Linear
+    assert is_quantized(reloaded)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, expected, rtol=0, atol=0)
+    for key, value in reloaded.state_dict().items():
+        assert torch.equal(value, tensors[key]), key
