@@ -159,9 +159,11 @@ class Qwen2Attention(nn.Module):
         mask, is_causal = attention_mask
         if is_causal:
             mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
-        if mask is not None:
-            if mask.dtype == torch.bool:
-                mask = torch.where(mask, 0.0, torch.finfo(scores.dtype).min).to(scores.dtype)
+        if mask is not None and mask.dtype == torch.bool:
+            # Fill rather than add the dtype's minimum: adding it to a negative float16 score overflows to -inf,
+            # and a fully masked (padding) row of -inf turns into NaN that then spreads through the keys.
+            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        elif mask is not None:
             scores = scores + mask
         weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
         weights = F.dropout(weights, p=dropout, training=self.training)
