@@ -329,6 +329,10 @@ class GenerationMixin:
                 )
             config.max_length = config.max_new_tokens + prompt_length
         elif has_default_max_length:
+            logger.warning(
+                "Using the default `max_length` (%d new tokens) to bound generation; set `max_new_tokens`.",
+                config.max_length,
+            )
             config.max_length = config.max_length + prompt_length
             if context is not None:
                 config.max_length = min(config.max_length, context)

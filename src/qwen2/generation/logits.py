@@ -308,6 +308,8 @@ def build_warpers(config: GenerationConfig, eos_token_id: torch.Tensor | None) -
     if config.num_beams is not None and config.num_beams > 1:
         keep = (eos_token_id.shape[0] if eos_token_id is not None else 1) + 1
     warpers: list[LogitsProcessor] = []
+    if config.top_p is not None and not 0 <= config.top_p <= 1:  # the reference skips (not refuses) top_p > 1
+        raise ValueError(f"`top_p` has to be a float in [0, 1], but is {config.top_p!r}.")
     if config.temperature is not None and config.temperature != 1.0:
         warpers.append(Temperature(config.temperature))
     if config.top_k is not None and config.top_k != 0:
