@@ -39,3 +39,11 @@ def hf_gguf_model(default_gguf):
 def hf_gguf_tokenizer(default_gguf):
     import transformers
     return transformers.AutoTokenizer.from_pretrained(str(default_gguf.parent), gguf_file=default_gguf.name)
+
+
+@pytest.fixture(scope="session")
+def our_gguf_model(default_gguf):
+    """Our own float32 load of the default GGUF, loaded once and shared by the real-model tests."""
+    import qwen2
+
+    return qwen2.Qwen2ForCausalLM.from_pretrained(str(default_gguf), dtype=torch.float32).eval()
