@@ -180,6 +180,11 @@ class GGUFFile:
         return self.require("general.architecture", str)
 
     @property
+    def data_offset(self) -> int:
+        """Where the tensor data section starts."""
+        return int(self._reader.data_offset)
+
+    @property
     def version(self) -> int:
         return self.get("GGUF.version")
 
@@ -317,10 +322,10 @@ def gguf_config(gguf: str | os.PathLike | GGUFFile) -> "Qwen2Config":  # noqa: F
 
 # ----------------------------------------------------------------------------------------------- weights
 
-def _expected_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
-    """GGUF name -> torch shape, for every tensor a Qwen2 model with this config holds."""
-    hidden, ffn, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
-    kv = config["num_key_value_heads"] * (hidden // config["num_attention_heads"])
+def _expected_shapes(config: Any) -> dict[str, tuple[int, ...]]:
+    """GGUF name -> torch shape, for every tensor a Qwen2 model with this `Qwen2Config` holds."""
+    hidden, ffn, vocab = config.hidden_size, config.intermediate_size, config.vocab_size
+    kv = config.num_key_value_heads * config.head_dim
     per_layer = {
         "attn_norm.weight": (hidden,), "ffn_norm.weight": (hidden,),
         "attn_q.weight": (hidden, hidden), "attn_q.bias": (hidden,),
@@ -330,16 +335,16 @@ def _expected_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
         "ffn_gate.weight": (ffn, hidden), "ffn_up.weight": (ffn, hidden), "ffn_down.weight": (hidden, ffn),
     }
     shapes = {"token_embd.weight": (vocab, hidden), "output_norm.weight": (hidden,)}
-    if not config["tie_word_embeddings"]:
+    if not config.tie_word_embeddings:
         shapes["output.weight"] = (vocab, hidden)
-    for i in range(config["num_hidden_layers"]):
+    for i in range(config.num_hidden_layers):
         shapes.update({f"blk.{i}.{suffix}": shape for suffix, shape in per_layer.items()})
     return shapes
 
 
-def _checked_tensors(gf: GGUFFile, config: dict[str, Any]) -> list[tuple[str, str, tuple[int, ...]]]:
-    """`[(gguf_name, hf_name, shape)]` in model order, after checking names, shapes and types."""
-    expected = _expected_shapes(config)
+def _checked_tensors(gf: GGUFFile) -> list[tuple[str, str, tuple[int, ...]]]:
+    """`[(gguf_name, hf_name, shape)]` in model order, after checking the config, names, shapes and types."""
+    expected = _expected_shapes(gguf_config(gf))
     missing = [name for name in expected if name not in gf.tensors]
     if missing:
         raise GGUFError(f"{gf.path} lacks {len(missing)} tensor(s) a Qwen2 model with its metadata needs, "
@@ -359,7 +364,7 @@ def iter_gguf_tensors(gguf: str | os.PathLike | GGUFFile,
                       dtype: torch.dtype = torch.float32) -> Iterator[tuple[str, torch.Tensor]]:
     """`(our_name, tensor)` for every weight, dequantised one at a time to keep peak memory to one tensor."""
     gf = _open(gguf)
-    for gguf_name, hf_name, _ in _checked_tensors(gf, config_dict_from_gguf(gf)):
+    for gguf_name, hf_name, _ in _checked_tensors(gf):
         yield hf_name, gf.dequantize(gguf_name, dtype)
 
 
@@ -399,7 +404,7 @@ def _write_model_dir(gf: GGUFFile, out_dir: Path, dtype: torch.dtype, progress: 
     from qwen2.tokenizer.gguf import write_tokenizer_files
 
     config = gguf_config(gf)
-    tensors = _checked_tensors(gf, config_dict_from_gguf(gf))
+    tensors = _checked_tensors(gf)
     config.dtype = dtype
     config.save_pretrained(out_dir)
     generation = {key: getattr(config, key) for key in ("bos_token_id", "eos_token_id", "pad_token_id")
