@@ -240,7 +240,10 @@ def test_shard_missing_from_index_is_named(tmp_path):
         Qwen2ForCausalLM.from_pretrained(tmp_path)
 
 
-def test_no_weights_is_a_clear_error(tmp_path):
+def test_no_weights_or_config_is_a_clear_error(tmp_path):
+    (tmp_path / "model.gguf").write_bytes(b"GGUF")
+    with pytest.raises(OSError, match="config.json.*gguf_file='model.gguf'"):
+        Qwen2ForCausalLM.from_pretrained(tmp_path)
     Qwen2Config(**TINY).save_pretrained(tmp_path)
     with pytest.raises(CheckpointError, match="model.safetensors"):
         Qwen2ForCausalLM.from_pretrained(tmp_path)

@@ -37,7 +37,7 @@ _BIN_PATTERNS = ["*.json", "pytorch_model*.bin"]
 # Accepted for transformers compatibility; they change nothing here (single device, no remote code).
 _NO_OP_KWARGS = frozenset({"trust_remote_code", "low_cpu_mem_usage", "force_download", "resume_download", "proxies",
                            "mirror", "_fast_init", "offload_folder", "offload_state_dict", "max_memory",
-                           "_from_auto", "_from_pipeline", "subfolder", "variant"})
+                           "_from_auto", "_from_pipeline"})
 
 
 class PreTrainedModel(nn.Module):
@@ -92,6 +92,10 @@ class PreTrainedModel(nn.Module):
     # ------------------------------------------------------------------------------------------------ helpers
 
     @property
+    def name_or_path(self) -> str:
+        return self.config.name_or_path
+
+    @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
@@ -138,6 +142,10 @@ class PreTrainedModel(nn.Module):
         """
         output_loading_info = kwargs.pop("output_loading_info", False)
         use_safetensors = kwargs.pop("use_safetensors", None)
+        subfolder = kwargs.pop("subfolder", "") or ""
+        if kwargs.pop("variant", None) is not None:
+            raise ValueError("variant= checkpoints (model.<variant>.safetensors) are not supported; pass a "
+                             "directory holding model.safetensors")
         for name in _NO_OP_KWARGS & kwargs.keys():
             kwargs.pop(name)
         hub_options = dict(gguf_file=gguf_file, revision=revision, cache_dir=cache_dir,
@@ -146,6 +154,7 @@ class PreTrainedModel(nn.Module):
         if gguf_file is None and use_safetensors is not True and not _has_safetensors(directory) \
                 and not Path(pretrained_model_name_or_path).expanduser().exists():
             directory = resolve_model_dir(pretrained_model_name_or_path, allow_patterns=_BIN_PATTERNS, **hub_options)
+        directory = directory / subfolder
 
         config, model_kwargs = _load_config(cls, config, directory, pretrained_model_name_or_path, kwargs)
         if model_kwargs:
@@ -178,6 +187,9 @@ class PreTrainedModel(nn.Module):
         directory = Path(save_directory)
         if directory.is_file():
             raise ValueError(f"save_pretrained needs a directory, but {directory} is a file")
+        if kwargs.get("push_to_hub") or kwargs.get("variant"):
+            raise ValueError("push_to_hub and variant are not supported: save to a directory, then upload it with "
+                             "huggingface_hub (`hf upload`)")
         if not is_main_process:
             return
         directory.mkdir(parents=True, exist_ok=True)
@@ -213,7 +225,9 @@ def _load_config(cls: type, config: Any, directory: Path, name: Any,
     if source.is_dir():
         source = source / CONFIG_NAME
     if not source.is_file():
-        raise OSError(f"{directory} has no {CONFIG_NAME}: it is not a transformers-format model directory")
+        ggufs = sorted(p.name for p in directory.glob("*.gguf"))
+        hint = f"; to load a GGUF from it pass gguf_file={ggufs[0]!r}" if ggufs else ""
+        raise OSError(f"{directory} has no {CONFIG_NAME}: it is not a transformers-format model directory{hint}")
     return cls.config_class.from_pretrained(source, name_or_path=str(name), return_unused_kwargs=True, **kwargs)
 
 
