@@ -7,11 +7,12 @@ import pytest
 import torch
 import transformers
 
+from qwen2.activations import ACTIVATIONS, activation
 from qwen2.cache import DynamicCache
 from qwen2.config import Qwen2Config
 from qwen2.generation import GenerationConfig
 from qwen2.heads import Qwen2ForSequenceClassification, Qwen2ForTokenClassification
-from qwen2.model import ACTIVATIONS, Qwen2ForCausalLM, Qwen2Model, activation
+from qwen2.model import Qwen2ForCausalLM, Qwen2Model
 from qwen2.outputs import CausalLMOutputWithPast
 
 

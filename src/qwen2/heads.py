@@ -11,40 +11,14 @@ import logging
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from qwen2.cache import Cache
-from qwen2.model import Qwen2Model, Qwen2PreTrainedModel, _pick_cache, _return_dict, cross_entropy
+from qwen2.losses import cross_entropy, question_answering_loss, sequence_classification_loss
+from qwen2.model import Qwen2Model, Qwen2PreTrainedModel, _pick_cache, _return_dict
 from qwen2.outputs import QuestionAnsweringModelOutput, SequenceClassifierOutputWithPast, TokenClassifierOutput
 
 logger = logging.getLogger(__name__)
-
-
-def sequence_classification_loss(pooled_logits: torch.Tensor, labels: torch.Tensor, config: Any) -> torch.Tensor:
-    """Regression (1 label), single-label (integer labels) or multi-label (float labels), inferred once and
-    recorded in `config.problem_type`, as transformers does."""
-    num_labels = config.num_labels
-    if config.problem_type is None:
-        if num_labels == 1:
-            config.problem_type = "regression"
-        elif labels.dtype in (torch.long, torch.int):
-            config.problem_type = "single_label_classification"
-        else:
-            config.problem_type = "multi_label_classification"
-    labels = labels.to(pooled_logits.device)
-    if config.problem_type == "regression":
-        if num_labels == 1:
-            return F.mse_loss(pooled_logits.squeeze(), labels.squeeze())
-        return F.mse_loss(pooled_logits, labels)
-    if config.problem_type == "single_label_classification":
-        return cross_entropy(pooled_logits.view(-1, num_labels), labels.view(-1))
-    if config.problem_type == "multi_label_classification":
-        return F.binary_cross_entropy_with_logits(pooled_logits, labels)
-    raise ValueError(
-        f"config.problem_type={config.problem_type!r} is not one of 'regression', "
-        "'single_label_classification', 'multi_label_classification'."
-    )
 
 
 class Qwen2ForSequenceClassification(Qwen2PreTrainedModel):
@@ -163,26 +137,6 @@ class Qwen2ForTokenClassification(Qwen2PreTrainedModel):
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
         )
         return output if _return_dict(return_dict, self.config) else output.to_tuple()
-
-
-def question_answering_loss(
-    start_logits: torch.Tensor,
-    end_logits: torch.Tensor,
-    start_positions: torch.Tensor,
-    end_positions: torch.Tensor,
-    num_items_in_batch: torch.Tensor | int | None = None,
-) -> torch.Tensor:
-    """Mean of start and end cross entropies; positions outside the sequence are clamped and ignored."""
-    if start_positions.dim() > 1:
-        start_positions = start_positions.squeeze(-1)
-    if end_positions.dim() > 1:
-        end_positions = end_positions.squeeze(-1)
-    ignored = start_logits.size(1)
-    start_positions = start_positions.to(start_logits.device).clamp(0, ignored)
-    end_positions = end_positions.to(end_logits.device).clamp(0, ignored)
-    start_loss = cross_entropy(start_logits, start_positions, num_items_in_batch, ignore_index=ignored)
-    end_loss = cross_entropy(end_logits, end_positions, num_items_in_batch, ignore_index=ignored)
-    return (start_loss + end_loss) / 2
 
 
 class Qwen2ForQuestionAnswering(Qwen2PreTrainedModel):

@@ -8,8 +8,6 @@ back to the activation dtype; logits in the model dtype, as transformers returns
 from __future__ import annotations
 
 import logging
-import math
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -17,48 +15,17 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from qwen2.activations import activation
 from qwen2.cache import Cache, DynamicCache
 from qwen2.config import Qwen2Config
 from qwen2.generation import GenerationConfig, GenerationMixin
 from qwen2.loading.pretrained import PreTrainedModel
+from qwen2.losses import causal_lm_loss
+from qwen2.masking import AttentionMask, build_mask, packed_segments
 from qwen2.outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from qwen2.rope import Qwen2RotaryEmbedding
 
 logger = logging.getLogger(__name__)
-
-# (bool mask (B|1, 1, q, kv) or None, is_causal): None+False attends everywhere, None+True is plain causal.
-AttentionMask = tuple[torch.Tensor | None, bool]
-
-
-def _tanh_gelu(x: torch.Tensor) -> torch.Tensor:
-    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
-
-
-ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "silu": F.silu,
-    "swish": F.silu,
-    "gelu": F.gelu,
-    "gelu_new": _tanh_gelu,
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_fast": lambda x: 0.5 * x * (1.0 + torch.tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x))),
-    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
-    "relu": F.relu,
-    "relu2": lambda x: torch.square(F.relu(x)),
-    "relu6": F.relu6,
-    "leaky_relu": F.leaky_relu,
-    "mish": F.mish,
-    "tanh": torch.tanh,
-    "sigmoid": torch.sigmoid,
-    "linear": lambda x: x,
-}
-
-
-def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The activation function named by `config.hidden_act`."""
-    try:
-        return ACTIVATIONS[name]
-    except KeyError:
-        raise ValueError(f"hidden_act={name!r} is not supported; use one of {sorted(ACTIVATIONS)}.") from None
 
 
 class Qwen2RMSNorm(nn.Module):
@@ -217,45 +184,6 @@ class Qwen2DecoderLayer(nn.Module):
         hidden_states = hidden_states + attn_out
         hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
         return hidden_states, weights
-
-
-def _build_mask(
-    kv_positions: torch.Tensor,
-    is_prefix: bool,
-    query_positions: torch.Tensor,
-    padding_mask: torch.Tensor | None,
-    window: int | None,
-    segments: torch.Tensor | None,
-) -> AttentionMask:
-    """Boolean mask over the keys a layer sees, by absolute position (transformers' masking_utils semantics):
-    key j is visible to query i iff 0 <= pos_j <= pos_i, pos_j > pos_i - window (window includes the query),
-    the key is not padding, and (packed sequences) both belong to the same segment."""
-    q_len, kv_len = query_positions.shape[0], kv_positions.shape[0]
-    if padding_mask is None and segments is None and is_prefix and (window is None or kv_len <= window):
-        if q_len == 1:
-            return None, False
-        if q_len == kv_len:
-            return None, True
-    kv, q = kv_positions[None, :], query_positions[:, None]
-    allowed = (kv >= 0) & (kv <= q)  # (q, kv)
-    if window is not None:
-        allowed = allowed & (kv > q - window)
-    allowed = allowed[None, None]  # (1, 1, q, kv)
-    if padding_mask is not None:
-        padding = padding_mask.to(device=kv.device, dtype=torch.bool)
-        index = kv_positions.clamp(0, padding.shape[1] - 1)
-        allowed = allowed & padding[:, index][:, None, None, :]
-    if segments is not None:
-        allowed = allowed & (segments[:, None, :, None] == segments[:, None, None, :])
-    return allowed, False
-
-
-def _packed_segments(position_ids: torch.Tensor, batch: int) -> torch.Tensor | None:
-    """Sequence ids when several sequences are packed in one row (positions restart), else None."""
-    position_ids = position_ids.expand(batch, -1)
-    diff = torch.diff(position_ids, prepend=position_ids[:, :1] - 1, dim=-1)
-    segments = (diff != 1).cumsum(-1)
-    return segments if bool((segments[:, -1] != 0).any()) else None
 
 
 class Qwen2PreTrainedModel(PreTrainedModel):
@@ -450,7 +378,7 @@ class Qwen2Model(Qwen2PreTrainedModel):
         """One mask per layer type; all layers of a type see the same key positions."""
         if attention_mask is not None and attention_mask.dim() == 4:
             return {kind: (attention_mask, False) for kind in set(self.config.layer_types)}
-        segments = _packed_segments(packed_position_ids, batch) if packed_position_ids is not None else None
+        segments = packed_segments(packed_position_ids, batch) if packed_position_ids is not None else None
         masks: dict[str, AttentionMask] = {}
         for index, kind in enumerate(self.config.layer_types):
             if kind in masks:
@@ -460,7 +388,7 @@ class Qwen2Model(Qwen2PreTrainedModel):
                 kv_positions, is_prefix = cache_position, True
             else:
                 kv_positions, is_prefix = cache.kv_positions(index, cache_position)
-            masks[kind] = _build_mask(kv_positions, is_prefix, cache_position, attention_mask, window, segments)
+            masks[kind] = build_mask(kv_positions, is_prefix, cache_position, attention_mask, window, segments)
         return masks
 
 
@@ -472,38 +400,6 @@ def _slice_to_keep(hidden_states: torch.Tensor, logits_to_keep: int | torch.Tens
     if isinstance(logits_to_keep, int):
         return hidden_states[:, -logits_to_keep:, :] if logits_to_keep else hidden_states
     return hidden_states[:, logits_to_keep, :]
-
-
-def cross_entropy(
-    logits: torch.Tensor,
-    targets: torch.Tensor,
-    num_items_in_batch: torch.Tensor | int | None = None,
-    ignore_index: int = -100,
-) -> torch.Tensor:
-    """Mean cross entropy, or sum / num_items_in_batch for gradient accumulation across micro-batches."""
-    if num_items_in_batch is None:
-        return F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="mean")
-    loss = F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="sum")
-    if torch.is_tensor(num_items_in_batch):
-        num_items_in_batch = num_items_in_batch.to(loss.device)
-    return loss / num_items_in_batch
-
-
-def causal_lm_loss(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    vocab_size: int,
-    num_items_in_batch: torch.Tensor | int | None = None,
-    ignore_index: int = -100,
-    shift_labels: torch.Tensor | None = None,
-    **kwargs: Any,
-) -> torch.Tensor:
-    """Next-token loss: position t predicts label t+1 (labels are shifted here), computed in float32."""
-    logits = logits.float()
-    if shift_labels is None:
-        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
-    shift_labels = shift_labels.reshape(-1).to(logits.device)
-    return cross_entropy(logits.view(-1, vocab_size), shift_labels, num_items_in_batch, ignore_index)
 
 
 class Qwen2ForCausalLM(Qwen2PreTrainedModel, GenerationMixin):
