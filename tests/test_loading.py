@@ -276,3 +276,17 @@ def test_local_paths_are_not_sent_to_the_hub(tmp_path, hf_dir):
         resolve_model_dir(directory / "config.json")
     with pytest.raises(ModelNotFoundError, match="missing.gguf"):
         resolve_model_dir(directory, gguf_file="missing.gguf")
+
+
+def test_hub_id_served_from_the_hugging_face_cache_offline(tmp_path, hf_dir, monkeypatch):
+    directory, hf = hf_dir
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "cache" / "models--someone--tiny-qwen2"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "snapshots").mkdir()
+    directory.rename(repo / "snapshots" / commit)  # the layout huggingface_hub writes
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    ours = Qwen2ForCausalLM.from_pretrained("someone/tiny-qwen2", cache_dir=tmp_path / "cache")
+    torch.testing.assert_close(_logits(ours), _logits(hf), rtol=0, atol=1e-5)
+    assert ours.config.name_or_path == "someone/tiny-qwen2"
