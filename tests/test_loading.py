@@ -290,3 +290,9 @@ def test_hub_id_served_from_the_hugging_face_cache_offline(tmp_path, hf_dir, mon
     ours = Qwen2ForCausalLM.from_pretrained("someone/tiny-qwen2", cache_dir=tmp_path / "cache")
     torch.testing.assert_close(_logits(ours), _logits(hf), rtol=0, atol=1e-5)
     assert ours.config.name_or_path == "someone/tiny-qwen2"
+
+
+def test_device_map_over_several_devices_is_refused(hf_dir):
+    directory, _ = hf_dir
+    with pytest.raises(ValueError, match="one device"):
+        Qwen2ForCausalLM.from_pretrained(directory, device_map={"model": "cpu", "lm_head": "meta"})

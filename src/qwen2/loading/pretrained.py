@@ -138,7 +138,7 @@ class PreTrainedModel(nn.Module):
 
         `dtype` (or the older `torch_dtype`) defaults to "auto", transformers 5's default: the checkpoint's own
         dtype (config.json's `dtype`, else the first floating-point tensor's). `device_map` may be None/"cpu",
-        "auto" (first GPU if any, else CPU), a device, or {"": device} / {module_prefix: device}.
+        "auto" (first GPU if any, else CPU), a device, or {"": device}; the model lives on one device.
         """
         output_loading_info = kwargs.pop("output_loading_info", False)
         use_safetensors = kwargs.pop("use_safetensors", None)
@@ -163,13 +163,13 @@ class PreTrainedModel(nn.Module):
         files, index_metadata = checkpoint_files(directory, use_safetensors)
         target_dtype = _resolve_dtype(dtype if dtype is not None else torch_dtype, index_metadata, files, config)
         config.dtype = target_dtype
-        placement = _DevicePlacement(device_map)
+        device = _target_device(device_map)
 
         with _default_dtype(target_dtype), torch.device("meta"):
             model = cls(config, *model_args)
-        info = _load_weights(model, files, target_dtype, placement, ignore_mismatched_sizes)
+        info = _load_weights(model, files, target_dtype, device, ignore_mismatched_sizes)
         if device_map is not None:
-            model.hf_device_map = placement.as_dict()
+            model.hf_device_map = {"": str(device)}
         model.eval()
         _load_generation_config(model, directory)
         return (model, info) if output_loading_info else model
@@ -266,26 +266,15 @@ def _default_dtype(dtype: torch.dtype | None) -> Iterator[None]:
         torch.set_default_dtype(previous)
 
 
-class _DevicePlacement:
-    """Where each tensor goes under a `device_map`; everything lands on one device unless the map says otherwise."""
-
-    def __init__(self, device_map: Any) -> None:
-        if isinstance(device_map, dict):
-            self.by_prefix = {prefix: _device(d) for prefix, d in device_map.items()}
-            self.default = self.by_prefix.get("", torch.device("cpu"))
-        else:
-            self.by_prefix = {}
-            self.default = _device(device_map)
-
-    def __call__(self, name: str) -> torch.device:
-        best, device = -1, self.default
-        for prefix, candidate in self.by_prefix.items():
-            if prefix and (name == prefix or name.startswith(prefix + ".")) and len(prefix) > best:
-                best, device = len(prefix), candidate
-        return device
-
-    def as_dict(self) -> dict[str, str]:
-        return {prefix: str(d) for prefix, d in self.by_prefix.items()} or {"": str(self.default)}
+def _target_device(device_map: Any) -> torch.device:
+    """The one device a `device_map` names; maps that split the model over devices are refused."""
+    if isinstance(device_map, dict):
+        devices = {_device(d) for d in device_map.values()}
+        if len(devices) != 1:
+            raise ValueError(f"device_map={device_map!r} spreads the model over {len(devices) or 'no'} devices; "
+                             f"qwen2 runs a model on one device: use 'auto', 'cpu', 'cuda:0' or {{'': device}}")
+        return devices.pop()
+    return _device(device_map)
 
 
 def _device(spec: Any) -> torch.device:
@@ -305,7 +294,7 @@ def _device(spec: Any) -> torch.device:
     return device
 
 
-def _load_weights(model: nn.Module, files: list[Path], dtype: torch.dtype, placement: _DevicePlacement,
+def _load_weights(model: nn.Module, files: list[Path], dtype: torch.dtype, device: torch.device,
                   ignore_mismatched_sizes: bool) -> dict[str, list]:
     """Stream the checkpoint into the meta-built `model`; returns transformers' loading-info dict."""
     expected = model.state_dict()  # meta tensors: names and shapes only
@@ -329,10 +318,10 @@ def _load_weights(model: nn.Module, files: list[Path], dtype: torch.dtype, place
                 mismatched.append((name, tuple(tensor.shape), tuple(expected[name].shape)))
                 continue
             target = dtype if tensor.is_floating_point() else tensor.dtype
-            loaded[name] = tensor.to(device=placement(name), dtype=target)
+            loaded[name] = tensor.to(device=device, dtype=target)
     model.load_state_dict(loaded, strict=False, assign=True)
     model.tie_weights()
-    missing = _materialise_missing(model, set(loaded), placement)
+    missing = _materialise_missing(model, set(loaded), device)
     model.tie_weights()
     model.init_buffers()
     _check_nothing_on_meta(model)
@@ -366,7 +355,7 @@ def _key_renamer(model_keys: set[str], prefix: str):
     return rename
 
 
-def _materialise_missing(model: nn.Module, loaded: set[str], placement: _DevicePlacement) -> list[str]:
+def _materialise_missing(model: nn.Module, loaded: set[str], device: torch.device) -> list[str]:
     """Give parameters/persistent buffers the checkpoint lacked real storage and the model's own init.
 
     Only the missing tensors are replaced; loaded tensors of the same module are restored after
@@ -383,7 +372,7 @@ def _materialise_missing(model: nn.Module, loaded: set[str], placement: _DeviceP
         for local in absent:
             full = f"{module_name}.{local}" if module_name else local
             old = tensors[local]
-            new = torch.empty_like(old, device=placement(full))
+            new = torch.empty_like(old, device=device)
             if isinstance(old, nn.Parameter):
                 setattr(module, local, nn.Parameter(new, requires_grad=old.requires_grad))
             else:
