@@ -296,3 +296,14 @@ def test_device_map_over_several_devices_is_refused(hf_dir):
     directory, _ = hf_dir
     with pytest.raises(ValueError, match="one device"):
         Qwen2ForCausalLM.from_pretrained(directory, device_map={"model": "cpu", "lm_head": "meta"})
+
+
+def test_quantized_checkpoint_reloads_without_requantising(tmp_path, hf_dir):
+    from qwen2.quantization import is_quantized, quantize_model
+
+    directory, _ = hf_dir
+    model = quantize_model(Qwen2ForCausalLM.from_pretrained(directory), "int8")
+    model.save_pretrained(tmp_path / "int8")
+    reloaded = Qwen2ForCausalLM.from_pretrained(tmp_path / "int8")
+    assert is_quantized(reloaded) and reloaded.config.quantization_config == model.config.quantization_config
+    assert torch.equal(_logits(reloaded), _logits(model))

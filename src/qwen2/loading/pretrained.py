@@ -167,7 +167,11 @@ class PreTrainedModel(nn.Module):
 
         with _default_dtype(target_dtype), torch.device("meta"):
             model = cls(config, *model_args)
-        info = _load_weights(model, files, target_dtype, device, ignore_mismatched_sizes)
+            if getattr(config, "quantization_config", None):
+                from qwen2.quantization import convert_for_runtime
+
+                convert_for_runtime(model, config.quantization_config)  # same module swap as when it was saved
+        info = _load_weights(model, files, device, ignore_mismatched_sizes)
         if device_map is not None:
             model.hf_device_map = {"": str(device)}
         model.eval()
@@ -294,7 +298,7 @@ def _device(spec: Any) -> torch.device:
     return device
 
 
-def _load_weights(model: nn.Module, files: list[Path], dtype: torch.dtype, device: torch.device,
+def _load_weights(model: nn.Module, files: list[Path], device: torch.device,
                   ignore_mismatched_sizes: bool) -> dict[str, list]:
     """Stream the checkpoint into the meta-built `model`; returns transformers' loading-info dict."""
     expected = model.state_dict()  # meta tensors: names and shapes only
@@ -317,7 +321,8 @@ def _load_weights(model: nn.Module, files: list[Path], dtype: torch.dtype, devic
                         f"ignore_mismatched_sizes=True to re-initialise such tensors instead.")
                 mismatched.append((name, tuple(tensor.shape), tuple(expected[name].shape)))
                 continue
-            target = dtype if tensor.is_floating_point() else tensor.dtype
+            # Floats take the dtype the model built for them (quantisation scales may differ from `dtype`).
+            target = expected[name].dtype if tensor.is_floating_point() else tensor.dtype
             loaded[name] = tensor.to(device=device, dtype=target)
     model.load_state_dict(loaded, strict=False, assign=True)
     model.tie_weights()
