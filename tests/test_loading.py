@@ -57,6 +57,7 @@ def test_load_transformers_checkpoint_and_save_back(tmp_path, tied):
         assert set(f.keys()) == set(hf.state_dict()) - ({"lm_head.weight"} if tied else set())
     saved = json.loads((tmp_path / "ours" / "config.json").read_text())
     assert saved["architectures"] == ["Qwen2ForCausalLM"] and saved["dtype"] == "float32"
+    assert transformers.GenerationConfig.from_pretrained(tmp_path / "ours") == hf.generation_config
     back = transformers.Qwen2ForCausalLM.from_pretrained(tmp_path / "ours").eval()
     torch.testing.assert_close(_logits(back), _logits(hf), rtol=0, atol=1e-5)
 
