@@ -210,6 +210,7 @@ def test_num_labels_setter_and_problem_type():
     (dict(num_labels=1, problem_type="single_label_classification"), ["num_labels"]),
     (dict(hidden_size=64.0), ["hidden_size=64.0"]),
     (dict(torch_dtype="float99"), ["float99"]),
+    (dict(rope_parameters=[1.0]), ["rope_parameters=[1.0]"]),
 ])
 def test_invalid_configs_name_the_field(kwargs, words):
     with pytest.raises(ValueError) as info:

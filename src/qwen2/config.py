@@ -182,7 +182,8 @@ class Qwen2Config:
         rope_scaling = kwargs.pop("rope_scaling", None)
         rope_theta = kwargs.pop("rope_theta", None)
         if rope_theta is None:
-            rope_theta = (rope_parameters or {}).get("rope_theta", DEFAULT_ROPE_THETA)
+            rope_theta = rope_parameters.get("rope_theta", DEFAULT_ROPE_THETA) if isinstance(rope_parameters, dict) \
+                else DEFAULT_ROPE_THETA
         self.rope_parameters = _standardise_rope(rope_scaling or rope_parameters, rope_theta,
                                                  kwargs.pop("partial_rotary_factor", None), max_position_embeddings)
 
