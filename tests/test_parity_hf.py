@@ -250,3 +250,33 @@ def test_question_answering_matches():
     assert _max_diff(mine.start_logits, theirs.start_logits) <= ATOL
     assert _max_diff(mine.end_logits, theirs.end_logits) <= ATOL
     assert _max_diff(mine.loss, theirs.loss) <= ATOL
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_real_default_model_matches_transformers(our_gguf_model, hf_gguf_model, hf_gguf_tokenizer):
+    """The embedded Qwen2.5-Coder-0.5B: a left-padded batch, then decoding with a StaticCache."""
+    tokenizer = copy.copy(hf_gguf_tokenizer)
+    tokenizer.padding_side = "left"
+    prompts = ["Give me a short introduction to large language model.", "def fib(n):"]
+    batch = tokenizer(prompts, return_tensors="pt", padding=True)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    theirs = hf_gguf_model(ids, attention_mask=mask, output_hidden_states=True)
+    mine = our_gguf_model(ids, attention_mask=mask, output_hidden_states=True)
+    valid = mask.bool()
+    assert _max_diff(mine.logits[valid], theirs.logits[valid]) <= 1e-3
+    for a, b in zip(mine.hidden_states, theirs.hidden_states):
+        assert _max_diff(a[valid], b[valid]) <= 1e-3
+
+    from qwen2.cache import StaticCache
+
+    steps = 4
+    cache = StaticCache(our_gguf_model.config, max_batch_size=2, max_cache_len=ids.shape[1] + steps)
+    logits = our_gguf_model(ids, attention_mask=mask, past_key_values=cache).logits[:, -1]
+    generated = ids
+    for _ in range(steps):
+        generated = torch.cat([generated, logits.argmax(-1, keepdim=True)], 1)
+        mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
+        logits = our_gguf_model(generated[:, -1:], attention_mask=mask, past_key_values=cache).logits[:, -1]
+    reference = hf_gguf_model(generated, attention_mask=mask).logits[:, -1]
+    assert _max_diff(logits, reference) <= 1e-3
