@@ -71,6 +71,8 @@ def test_from_config_builds_random_models():
     assert torch.get_default_dtype() == torch.float32  # restored
     assert not any(p.is_meta for p in model.parameters())
     assert type(AutoModelForSequenceClassification.from_config(config)).__name__ == "Qwen2ForSequenceClassification"
+    from_theirs = AutoModelForCausalLM.from_config(transformers.Qwen2Config(**TINY))
+    assert isinstance(from_theirs.config, Qwen2Config) and from_theirs.config.to_dict()["vocab_size"] == 96
     with pytest.raises(ValueError, match="'llama'"):
         AutoModelForCausalLM.from_config(transformers.LlamaConfig())
 

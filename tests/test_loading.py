@@ -165,6 +165,8 @@ def test_config_overrides_and_head_initialisation(hf_dir, caplog):
     assert "score.weight" in caplog.text and "lm_head.weight" in caplog.text  # missing, then unexpected
     assert ours.score.weight.abs().sum() > 0 and not ours.score.weight.is_meta
     torch.testing.assert_close(ours.model.embed_tokens.weight, hf.model.embed_tokens.weight)
+    with_their_config = Qwen2ForCausalLM.from_pretrained(directory, config=transformers.Qwen2Config(**TINY))
+    assert isinstance(with_their_config.config, Qwen2Config)
     with pytest.raises(TypeError, match="not_an_option"):
         Qwen2ForCausalLM.from_pretrained(directory, not_an_option=1)
 

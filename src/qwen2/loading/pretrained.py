@@ -118,6 +118,7 @@ class PreTrainedModel(nn.Module):
     @classmethod
     def _from_config(cls, config: Qwen2Config, dtype: torch.dtype | str | None = None, **kwargs: Any) -> nn.Module:
         """Build a randomly initialised model (transformers' `_from_config`, used by `Auto*.from_config`)."""
+        config = _as_qwen2_config(config)
         target = _resolve_dtype(dtype, None, [], config) if dtype is not None else None
         with _default_dtype(target):
             model = cls(config, **kwargs)
@@ -221,10 +222,8 @@ def _has_safetensors(directory: Path) -> bool:
 def _load_config(cls: type, config: Any, directory: Path, name: Any,
                  kwargs: dict[str, Any]) -> tuple[Qwen2Config, dict[str, Any]]:
     """The model's config, with config-named kwargs applied; returns the kwargs that named no config field."""
-    if isinstance(config, Qwen2Config):
-        return Qwen2Config.from_dict(copy.deepcopy(config).to_dict(), return_unused_kwargs=True, **kwargs)
     if config is not None and not isinstance(config, (str, os.PathLike)):
-        raise TypeError(f"config must be a Qwen2Config or a path, not {type(config).__name__}")
+        return Qwen2Config.from_dict(_as_qwen2_config(config).to_dict(), return_unused_kwargs=True, **kwargs)
     source = Path(config) if config is not None else directory
     if source.is_dir():
         source = source / CONFIG_NAME
@@ -233,6 +232,15 @@ def _load_config(cls: type, config: Any, directory: Path, name: Any,
         hint = f"; to load a GGUF from it pass gguf_file={ggufs[0]!r}" if ggufs else ""
         raise OSError(f"{directory} has no {CONFIG_NAME}: it is not a transformers-format model directory{hint}")
     return cls.config_class.from_pretrained(source, name_or_path=str(name), return_unused_kwargs=True, **kwargs)
+
+
+def _as_qwen2_config(config: Any) -> Qwen2Config:
+    """Our config, also from a transformers `Qwen2Config` (same field names) so mixed code keeps working."""
+    if isinstance(config, Qwen2Config):
+        return config
+    if hasattr(config, "to_dict"):
+        return Qwen2Config.from_dict(copy.deepcopy(config.to_dict()))
+    raise TypeError(f"config must be a Qwen2Config or a path, not {type(config).__name__}")
 
 
 def _resolve_dtype(dtype: Any, index_metadata: dict | None, files: list[Path], config: Qwen2Config) -> torch.dtype:
