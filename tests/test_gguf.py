@@ -477,11 +477,12 @@ def test_converted_tiny_directory_loads_in_transformers(tiny, cache):
 def test_real_config_matches_transformers(default_gguf, hf_gguf_model):
     ours, theirs = gguf_config(default_gguf), hf_gguf_model.config
     for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                  "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps",
+                  "num_key_value_heads", "max_position_embeddings", "rms_norm_eps",
                   "tie_word_embeddings", "hidden_act", "use_sliding_window", "sliding_window",
                   "max_window_layers", "layer_types", "bos_token_id", "eos_token_id", "pad_token_id"):
         assert getattr(ours, field) == getattr(theirs, field), field
     assert ours.rope_parameters == theirs.rope_parameters
+    assert ours.head_dim == theirs.hidden_size // theirs.num_attention_heads
 
 
 @pytest.mark.slow
@@ -533,3 +534,12 @@ def test_real_converted_directory_loads_in_transformers(converted_default, hf_gg
     tokenizer = transformers.AutoTokenizer.from_pretrained(converted_default)
     assert tokenizer(["héllo wörld\n  <|im_start|>user"]).input_ids == \
         hf_gguf_tokenizer(["héllo wörld\n  <|im_start|>user"]).input_ids
+
+
+@pytest.mark.slow
+def test_our_model_from_the_gguf_matches_transformers(our_gguf_model, hf_gguf_model, hf_gguf_tokenizer):
+    ids = _prompt_ids(hf_gguf_tokenizer)
+    with torch.no_grad():
+        expected = hf_gguf_model(ids).logits[0, -1]
+        got = our_gguf_model(ids).logits[0, -1]
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-3)

@@ -67,7 +67,7 @@ def unpack_q4_0(blocks: Tensor) -> Q4_0Blocks:
 
 def dequantize_q4_0(blocks: Tensor) -> Tensor:
     d, q = unpack_q4_0(blocks)
-    return d * (q.float() - 8)
+    return q.float().sub_(8).mul_(d)
 
 
 class Q4_1Blocks(NamedTuple):
@@ -83,7 +83,7 @@ def unpack_q4_1(blocks: Tensor) -> Q4_1Blocks:
 
 def dequantize_q4_1(blocks: Tensor) -> Tensor:
     d, m, q = unpack_q4_1(blocks)
-    return d * q.float() + m
+    return q.float().mul_(d).add_(m)
 
 
 class Q5_0Blocks(NamedTuple):
@@ -99,7 +99,7 @@ def unpack_q5_0(blocks: Tensor) -> Q5_0Blocks:
 
 def dequantize_q5_0(blocks: Tensor) -> Tensor:
     d, q = unpack_q5_0(blocks)
-    return d * (q.float() - 16)
+    return q.float().sub_(16).mul_(d)
 
 
 class Q5_1Blocks(NamedTuple):
@@ -116,7 +116,7 @@ def unpack_q5_1(blocks: Tensor) -> Q5_1Blocks:
 
 def dequantize_q5_1(blocks: Tensor) -> Tensor:
     d, m, q = unpack_q5_1(blocks)
-    return d * q.float() + m
+    return q.float().mul_(d).add_(m)
 
 
 class Q8_0Blocks(NamedTuple):
@@ -131,7 +131,7 @@ def unpack_q8_0(blocks: Tensor) -> Q8_0Blocks:
 
 def dequantize_q8_0(blocks: Tensor) -> Tensor:
     d, q = unpack_q8_0(blocks)
-    return q.float() * d
+    return q.float().mul_(d)
 
 
 class IQ4_NLBlocks(NamedTuple):
@@ -184,7 +184,7 @@ def dequantize_q2_k(blocks: Tensor) -> Tensor:
     d, dmin, scales, mins, q = unpack_q2_k(blocks)
     dl = (d * scales.float()).unsqueeze(-1)
     ml = (dmin * mins.float()).unsqueeze(-1)
-    return (dl * q.float() - ml).reshape(-1, QK_K)
+    return q.float().mul_(dl).sub_(ml).reshape(-1, QK_K)
 
 
 class Q3_KBlocks(NamedTuple):
@@ -209,7 +209,7 @@ def unpack_q3_k(blocks: Tensor) -> Q3_KBlocks:
 
 def dequantize_q3_k(blocks: Tensor) -> Tensor:
     d, scales, q = unpack_q3_k(blocks)
-    return ((d * scales.float()).unsqueeze(-1) * q.float()).reshape(-1, QK_K)
+    return q.float().mul_((d * scales.float()).unsqueeze(-1)).reshape(-1, QK_K)
 
 
 class Q4_KBlocks(NamedTuple):
@@ -232,7 +232,7 @@ def dequantize_q4_k(blocks: Tensor) -> Tensor:
     d, dmin, scales, mins, q = unpack_q4_k(blocks)
     dl = (d * scales.float()).unsqueeze(-1)
     ml = (dmin * mins.float()).unsqueeze(-1)
-    return (dl * q.float() - ml).reshape(-1, QK_K)
+    return q.float().mul_(dl).sub_(ml).reshape(-1, QK_K)
 
 
 class Q5_KBlocks(NamedTuple):
@@ -256,7 +256,7 @@ def dequantize_q5_k(blocks: Tensor) -> Tensor:
     d, dmin, scales, mins, q = unpack_q5_k(blocks)
     dl = (d * scales.float()).unsqueeze(-1)
     ml = (dmin * mins.float()).unsqueeze(-1)
-    return (dl * q.float() - ml).reshape(-1, QK_K)
+    return q.float().mul_(dl).sub_(ml).reshape(-1, QK_K)
 
 
 class Q6_KBlocks(NamedTuple):
@@ -276,7 +276,7 @@ def unpack_q6_k(blocks: Tensor) -> Q6_KBlocks:
 
 def dequantize_q6_k(blocks: Tensor) -> Tensor:
     d, scales, q = unpack_q6_k(blocks)
-    return ((d * scales.float()).unsqueeze(-1) * q.float()).reshape(-1, QK_K)
+    return q.float().mul_((d * scales.float()).unsqueeze(-1)).reshape(-1, QK_K)
 
 
 class IQ4_XSBlocks(NamedTuple):
@@ -337,8 +337,10 @@ def dequantize(blocks: Tensor, ggml_type: GGMLQuantizationType, shape: tuple[int
                                   f"{', '.join(sorted(t.name for t in SUPPORTED_TYPES))}")
     block_size, type_size = GGML_QUANT_SIZES[ggml_type]
     blocks = blocks.reshape(-1, type_size)
-    out = torch.empty(blocks.shape[0], block_size, dtype=dtype)
     step = max(1, _CHUNK_ELEMENTS // block_size)
+    if blocks.shape[0] <= step:
+        return fn(blocks).reshape(shape).to(dtype)
+    out = torch.empty(blocks.shape[0], block_size, dtype=dtype)
     for start in range(0, blocks.shape[0], step):
         out[start:start + step] = fn(blocks[start:start + step]).reshape(-1, block_size)
     return out.reshape(shape)
