@@ -230,7 +230,7 @@ def test_int4_keeps_and_records_layers_it_cannot_take():
 def test_save_and_reload_without_requantising(tmp_path, monkeypatch, scheme, group_size):
     from safetensors.torch import load_file
 
-    from qwen2 import Qwen2Config, Qwen2ForCausalLM
+    from qwen2 import Qwen2ForCausalLM
 
     model = _tiny_model()
     quantize_model(model, scheme, group_size=group_size, modules_to_not_convert=["model.layers.1.mlp.up_proj"])
@@ -246,18 +246,30 @@ def test_save_and_reload_without_requantising(tmp_path, monkeypatch, scheme, gro
 
     monkeypatch.setattr(int8_mod, "quantize_int8", refuse)
     monkeypatch.setattr(int4_mod, "quantize_int4", refuse)
-    # What the loader does: skeleton on meta, swap from the recorded config, load the tensors as they are.
-    config = Qwen2Config.from_pretrained(tmp_path)
-    with torch.device("meta"):
-        reloaded = Qwen2ForCausalLM(config)
-    convert_for_runtime(reloaded, config.quantization_config)
-    tensors = load_file(tmp_path / "model.safetensors")
-    reloaded.load_state_dict(tensors, strict=True, assign=True)
-    reloaded.eval()
-    reloaded.init_buffers()  # the non-persistent rope tables were left on meta
+    reloaded = Qwen2ForCausalLM.from_pretrained(tmp_path)
     assert type(reloaded.model.layers[1].mlp.up_proj) is nn.Linear
-    assert is_quantized(reloaded)
+    assert isinstance(reloaded.lm_head, Int8WeightOnlyLinear if scheme == "int8" else Int4WeightOnlyLinear)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, expected, rtol=0, atol=0)
+    tensors = load_file(tmp_path / "model.safetensors")
     for key, value in reloaded.state_dict().items():
         assert torch.equal(value, tensors[key]), key
+
+
+def test_convert_for_runtime_rebuilds_the_saved_modules():
+    model = _tiny_model()
+    quantize_model(model, "int4", group_size=64)
+    state = model.state_dict()
+    with torch.device("meta"):
+        skeleton = type(model)(model.config)
+    convert_for_runtime(skeleton, model.config.quantization_config)
+    assert {k: (v.shape, v.dtype) for k, v in skeleton.state_dict().items()} == \
+        {k: (v.shape, v.dtype) for k, v in state.items()}
+
+
+def test_tied_lm_head_stays_float():
+    # Quantising a tied head would leave tie_weights() to overwrite it with the float embedding on reload.
+    model = _tiny_model(tie=True)
+    quantize_model(model, "int8")
+    assert type(model.lm_head) is nn.Linear and model.lm_head.weight is model.model.embed_tokens.weight
+    assert "lm_head" in model.config.quantization_config["modules_to_not_convert"]

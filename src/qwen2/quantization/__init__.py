@@ -12,8 +12,9 @@ The shape of gpt-fast's quantize.py: a handler turns a float model's weights int
     model.load_state_dict(quantised_state_dict, assign=True)
 
 Every `nn.Linear` is converted (the attention and MLP projections and `lm_head`) except the names in
-`modules_to_not_convert` and the weights int4 cannot take (see `int4.check_shape`); those are recorded in
-`modules_to_not_convert` too, so a reload converts exactly the same modules.
+`modules_to_not_convert`, an `lm_head` tied to the input embeddings, and the weights int4 cannot take (see
+`int4.check_shape`); all of them are recorded in `modules_to_not_convert`, so a reload converts exactly the
+same modules.
 """
 
 from __future__ import annotations
@@ -188,7 +189,12 @@ def quantize_model(model: nn.Module, scheme: str, group_size: int | None = None,
     if getattr(getattr(model, "config", None), "quantization_config", None):
         raise ValueError(f"This model is already quantised ({model.config.quantization_config}); "
                          "load the float checkpoint to quantise it with another scheme")
-    handler = get_handler(scheme, group_size, modules_to_not_convert)
+    skip = tuple(modules_to_not_convert)
+    if getattr(getattr(model, "config", None), "tie_word_embeddings", False) and "lm_head" not in skip:
+        # The head shares the embedding matrix; tie_weights() on reload would overwrite a quantised head with it.
+        logger.info("Keeping the tied lm_head in floating point (it shares the input embedding matrix)")
+        skip += ("lm_head",)
+    handler = get_handler(scheme, group_size, skip)
     handler.quantize(model)
     if hasattr(model, "config"):
         model.config.quantization_config = handler.quantization_config()
