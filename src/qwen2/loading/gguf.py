@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueType
 
+from qwen2.config import Qwen2Config
 from qwen2.loading import names
 from qwen2.loading.default_model import cache_dir
 from qwen2.loading.dequant import SUPPORTED_TYPES, dequantize
@@ -236,8 +237,7 @@ class GGUFFile:
         ggml_type, shape, blocks = self.tensor_blocks(name)
         if ggml_type not in SUPPORTED_TYPES:
             raise _unsupported(self, name, ggml_type)
-        out = dequantize(blocks, ggml_type, shape)
-        return out if out.dtype == dtype else out.to(dtype)
+        return dequantize(blocks, ggml_type, shape, dtype)
 
     def check_supported(self) -> None:
         """Refuse, by tensor and type name, a file holding a tensor type we cannot dequantise."""
@@ -309,10 +309,8 @@ def config_dict_from_gguf(gguf: str | os.PathLike | GGUFFile) -> dict[str, Any]:
     return config
 
 
-def gguf_config(gguf: str | os.PathLike | GGUFFile) -> "Qwen2Config":  # noqa: F821
+def gguf_config(gguf: str | os.PathLike | GGUFFile) -> Qwen2Config:
     """A `Qwen2Config` from a Qwen2 GGUF's metadata."""
-    from qwen2.config import Qwen2Config
-
     gf = _open(gguf)
     try:
         return Qwen2Config.from_dict(config_dict_from_gguf(gf))

@@ -59,9 +59,3 @@ def hf_to_gguf(name: str) -> str | None:
     """The GGUF name of one of our parameters, or None if GGUF has no such tensor."""
     return _translate(name, HF_TO_GGUF, _HF_LAYER, "model.layers")
 
-
-def gguf_names(num_layers: int, tied: bool) -> list[str]:
-    """Every tensor a Qwen2 GGUF with `num_layers` blocks holds; `output.weight` only when untied."""
-    names = [t for t in GGUF_TO_HF if "{}" not in t and not (tied and t == "output.weight")]
-    names += [t.format(i) for i in range(num_layers) for t in GGUF_TO_HF if "{}" in t]
-    return names
