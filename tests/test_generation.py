@@ -57,10 +57,11 @@ def _both(pair, inputs, seed=None, **kwargs):
     return outputs
 
 
-def _eos_ids_hit_midway(pair, prompts):
+@pytest.fixture(scope="module")
+def eos(tiny_pair, prompts):
     """Two token ids that greedy decoding emits at different steps in different rows: real eos events."""
     ids, mask = prompts
-    greedy = pair[1].generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    greedy = tiny_pair[1].generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
     new = greedy[:, ids.shape[1]:]
     return [int(new[0, 3]), int(new[2, 6])]
 
@@ -132,9 +133,8 @@ def test_sampling_with_a_generator_or_seed_is_reproducible(tiny_pair, prompts):
     ],
     ids=["beams4", "return2_lp0.5", "early_stop", "never_ngram", "beam_sample"],
 )
-def test_beam_search_matches_transformers(tiny_pair, prompts, options):
+def test_beam_search_matches_transformers(tiny_pair, prompts, eos, options):
     ids, mask = prompts
-    eos = _eos_ids_hit_midway(tiny_pair, prompts)
     ours, theirs = _both(tiny_pair, ids, seed=5, attention_mask=mask, max_new_tokens=12, pad_token_id=0,
                          eos_token_id=eos, return_dict_in_generate=True, output_scores=True, **options)
     assert torch.equal(ours.sequences, theirs.sequences)
@@ -144,9 +144,8 @@ def test_beam_search_matches_transformers(tiny_pair, prompts, options):
     torch.testing.assert_close(ours.scores[-1], theirs.scores[-1], rtol=1e-4, atol=1e-4)
 
 
-def test_multiple_eos_ids_and_padding_match_transformers(tiny_pair, prompts):
+def test_multiple_eos_ids_and_padding_match_transformers(tiny_pair, prompts, eos):
     ids, mask = prompts
-    eos = _eos_ids_hit_midway(tiny_pair, prompts)
     ours, theirs = _both(tiny_pair, ids, attention_mask=mask, max_new_tokens=12, eos_token_id=eos, pad_token_id=0)
     assert torch.equal(ours, theirs)
     row = ours[0, ids.shape[1]:].tolist()
@@ -154,9 +153,8 @@ def test_multiple_eos_ids_and_padding_match_transformers(tiny_pair, prompts):
     assert stop <= 3 and row[stop + 1 :] == [0] * (len(row) - stop - 1)  # row 0 stopped at an eos, then padding
 
 
-def test_pad_falls_back_to_the_first_eos_id(tiny_pair, prompts):
+def test_pad_falls_back_to_the_first_eos_id(tiny_pair, prompts, eos):
     ids, mask = prompts
-    eos = _eos_ids_hit_midway(tiny_pair, prompts)
     ours, theirs = _both(tiny_pair, ids, attention_mask=mask, max_new_tokens=12, eos_token_id=eos)
     assert torch.equal(ours, theirs)
     row = ours[0, ids.shape[1]:].tolist()
@@ -164,9 +162,8 @@ def test_pad_falls_back_to_the_first_eos_id(tiny_pair, prompts):
     assert row[stop + 1 :] == [eos[0]] * (len(row) - stop - 1)
 
 
-def test_min_new_tokens_matches_transformers(tiny_pair, prompts):
+def test_min_new_tokens_matches_transformers(tiny_pair, prompts, eos):
     ids, mask = prompts
-    eos = _eos_ids_hit_midway(tiny_pair, prompts)
     ours, theirs = _both(tiny_pair, ids, attention_mask=mask, max_new_tokens=12, eos_token_id=eos,
                          pad_token_id=0, min_new_tokens=8)
     assert torch.equal(ours, theirs)
@@ -280,20 +277,20 @@ def test_real_model_greedy_seed_prompt_matches_reference(our_gguf_model, hf_gguf
 def test_real_model_batch_with_left_padding_equals_each_prompt_alone(our_gguf_model, hf_gguf_tokenizer):
     texts = ["def fibonacci(n):", "The capital of France is", "Hi", "List three prime numbers bigger than ten:"]
     alone = [
-        our_gguf_model.generate(hf_gguf_tokenizer(text, return_tensors="pt")["input_ids"], max_new_tokens=10)
+        our_gguf_model.generate(hf_gguf_tokenizer(text, return_tensors="pt")["input_ids"], max_new_tokens=8)
         for text in texts
     ]
     hf_gguf_tokenizer.padding_side = "left"
     batch = hf_gguf_tokenizer(texts, return_tensors="pt", padding=True)
-    together = our_gguf_model.generate(**batch, max_new_tokens=10)
+    together = our_gguf_model.generate(**batch, max_new_tokens=8)
     width = batch["input_ids"].shape[1]
     for row, single in enumerate(alone):
-        assert together[row, width:].tolist() == single[0, single.shape[1] - 10 :].tolist(), texts[row]
+        assert together[row, width:].tolist() == single[0, single.shape[1] - 8 :].tolist(), texts[row]
 
 
 @pytest.mark.slow
 def test_real_model_seeded_sampling_is_reproducible(our_gguf_model, seed_ids):
-    kwargs = dict(max_new_tokens=12, do_sample=True, temperature=0.9, top_p=0.9)
+    kwargs = dict(max_new_tokens=8, do_sample=True, temperature=0.9, top_p=0.9)
     first = our_gguf_model.generate(seed_ids, seed=1, **kwargs)
     again = our_gguf_model.generate(seed_ids, seed=1, **kwargs)
     assert torch.equal(first, again)
@@ -316,7 +313,7 @@ def test_real_model_streamer_text_equals_decoded_output(our_gguf_model, hf_gguf_
     result = {}
 
     def run():
-        result["ids"] = our_gguf_model.generate(seed_ids, max_new_tokens=24, streamer=streamer)
+        result["ids"] = our_gguf_model.generate(seed_ids, max_new_tokens=16, streamer=streamer)
 
     thread = threading.Thread(target=run)
     thread.start()

@@ -166,9 +166,9 @@ class GenerationMixin:
     def _make_cache(self, batch_size: int, max_length: int) -> Any:
         from qwen2.cache import StaticCache
 
-        parameter = next(self.parameters())
-        return StaticCache(self.config, max_batch_size=batch_size, max_cache_len=max_length,
-                           device=parameter.device, dtype=parameter.dtype)
+        # No dtype/device: the buffers are allocated at prefill in the dtype of the keys the model computes,
+        # which stays right for quantised or mixed-precision weights.
+        return StaticCache(self.config, max_batch_size=batch_size, max_cache_len=max_length)
 
     # ------------------------------------------------------------------ the decode loop
     def _decode_steps(self, plan: GenerationPlan) -> Iterator[DecodeStep]:
@@ -244,6 +244,7 @@ class GenerationMixin:
         input_ids = _take_input_ids(inputs, model_kwargs)
         attention_mask = model_kwargs.pop("attention_mask", None)
         model_kwargs.pop("use_cache", None)  # the cache is always used; the tokens are the same either way
+        model_kwargs.pop("token_type_ids", None)  # some tokenizers return it; Qwen2 has no token types
         for name in model_kwargs:
             if name in _UNSUPPORTED_ARGUMENTS:
                 raise ValueError(f"`{name}` is not supported by qwen2's generate().")
