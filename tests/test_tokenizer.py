@@ -30,8 +30,8 @@ def gguf_metadata(default_gguf) -> dict:
 
 
 @pytest.fixture(scope="session")
-def tok_dir(gguf_metadata, tmp_path_factory) -> Path:
-    return write_real_tokenizer_files(gguf_metadata, tmp_path_factory.getbasetemp() / "qwen2_tokenizer_files")
+def tok_dir(default_gguf, tmp_path_factory) -> Path:
+    return write_real_tokenizer_files(default_gguf, tmp_path_factory.getbasetemp() / "qwen2_tokenizer_files")
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,218 @@
+"""apply_chat_template against transformers on the real Qwen2.5 template (from the default GGUF), and
+the sandbox: templates are untrusted code and must not reach Python internals or files."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import jinja2
+import pytest
+
+from qwen2.tokenizer import Qwen2Tokenizer, Qwen2TokenizerFast
+from tokenizer_corpus import write_real_tokenizer_files
+
+transformers = pytest.importorskip("transformers")
+REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "README.md"
+
+
+@pytest.fixture(scope="session")
+def tok_dir(default_gguf, tmp_path_factory) -> Path:
+    return write_real_tokenizer_files(default_gguf, tmp_path_factory.getbasetemp() / "qwen2_tokenizer_files")
+
+
+@pytest.fixture(scope="session")
+def hf(tok_dir):
+    return transformers.AutoTokenizer.from_pretrained(str(tok_dir))
+
+
+@pytest.fixture(scope="session")
+def both(tok_dir):
+    return Qwen2Tokenizer.from_pretrained(tok_dir), Qwen2TokenizerFast.from_pretrained(tok_dir)
+
+
+@pytest.fixture(params=[0, 1], ids=["slow", "fast"])
+def ours(request, both):
+    return both[request.param]
+
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string", "description": "名字"}},
+                       "required": ["city"]},
+    },
+}
+SYSTEM_USER_ASSISTANT = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "Hi! <tool_call> is just text here."},
+    {"role": "assistant", "content": "Hello."},
+]
+MULTI_TURN = [
+    {"role": "user", "content": "What is 2+2?"},
+    {"role": "assistant", "content": "4"},
+    {"role": "user", "content": "And times 10?\n\nExplain  briefly."},
+    {"role": "assistant", "content": "40, because 4 × 10 = 40."},
+    {"role": "user", "content": "日本語で?"},
+]
+TOOL_CALLS = [
+    {"role": "user", "content": "Weather in Paris and Tokyo?"},
+    {"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}},
+        {"type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Tokyo"}'}},
+    ]},
+    {"role": "tool", "content": '{"temp": 18, "sky": "clear"}'},
+    {"role": "tool", "content": '{"temp": 22}'},
+    {"role": "assistant", "content": "Paris 18°C, Tokyo 22°C."},
+    {"role": "user", "content": "Thanks"},
+]
+CASES = {
+    "system_user_assistant": (SYSTEM_USER_ASSISTANT, {}),
+    "no_system": (SYSTEM_USER_ASSISTANT[1:], {}),
+    "multi_turn_prompt": (MULTI_TURN, {"add_generation_prompt": True}),
+    "multi_turn_no_prompt": (MULTI_TURN, {"add_generation_prompt": False}),
+    "tools": (MULTI_TURN[:1], {"tools": [WEATHER_TOOL], "add_generation_prompt": True}),
+    "tools_with_system": (SYSTEM_USER_ASSISTANT, {"tools": [WEATHER_TOOL]}),
+    "tool_calls_and_responses": (TOOL_CALLS, {"tools": [WEATHER_TOOL], "add_generation_prompt": True}),
+    "continue_final_message": (SYSTEM_USER_ASSISTANT, {"continue_final_message": True}),
+    "extra_variables": (MULTI_TURN, {"documents": [{"title": "t", "text": "x"}], "custom_flag": True}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_rendering_and_ids_match_transformers(ours, hf, name):
+    messages, kwargs = CASES[name]
+    text = hf.apply_chat_template(messages, tokenize=False, **kwargs)
+    assert ours.apply_chat_template(messages, tokenize=False, **kwargs) == text
+    expected = hf.apply_chat_template(messages, **kwargs)
+    got = ours.apply_chat_template(messages, **kwargs)
+    assert dict(got) == dict(expected)  # return_dict=True is transformers 5's default
+    assert ours.apply_chat_template(messages, return_dict=False, **kwargs) == expected["input_ids"]
+
+
+def test_seed_prompt_renders_as_documented(ours):
+    messages = [{"role": "system", "content": "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."},
+                {"role": "user", "content": "Give me a short introduction to large language model."}]
+    documented = REFERENCE.read_text(encoding="utf-8").split("renders as\n`", 1)[1].split("`\n", 1)[0]
+    assert ours.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == documented.replace("\\n", "\n")
+
+
+def test_batched_with_tensors_matches_transformers(ours, hf):
+    batch = [MULTI_TURN, SYSTEM_USER_ASSISTANT[1:2]]
+    kwargs = {"add_generation_prompt": True, "padding": True, "return_tensors": "pt"}
+    expected, got = hf.apply_chat_template(batch, **kwargs), ours.apply_chat_template(batch, **kwargs)
+    for key in ("input_ids", "attention_mask"):
+        assert got[key].tolist() == expected[key].tolist() and got[key].dtype == expected[key].dtype
+    texts = ours.apply_chat_template(batch, tokenize=False)
+    assert texts == hf.apply_chat_template(batch, tokenize=False) and len(texts) == 2
+
+
+def test_message_objects_and_none_values(ours, hf):
+    @dataclasses.dataclass
+    class Message:
+        role: str
+        content: str | None
+        tool_calls: list | None = None
+
+    messages = [Message("user", "hi"), Message("assistant", "hello", None)]
+    plain = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    assert ours.apply_chat_template(messages, tokenize=False) == hf.apply_chat_template(plain, tokenize=False)
+
+
+def test_template_helpers(ours):
+    template = (
+        "{% for m in messages %}{% if loop.first %}[{% endif %}{{ loop.index }}:{{ m | tojson }}"
+        "{% if m.role == 'skip' %}{% continue %}{% endif %}{% if not loop.last %},{% endif %}{% endfor %}]"
+        "{% set ns = namespace(n=0) %}{% for m in messages %}{% set ns.n = ns.n + 1 %}{% endfor %} n={{ ns.n }}"
+        " {{ strftime_now('%Y') | length }} {{ dict(a=1) | tojson }} {{ eos_token }}"
+        "{% generation %}<gen>{% endgeneration %}"
+    )
+    messages = [{"role": "user", "content": "é<ö>"}, {"role": "user", "content": "x"}]
+    out = ours.apply_chat_template(messages, chat_template=template, tokenize=False)
+    assert out == '[1:{"role": "user", "content": "é<ö>"},2:{"role": "user", "content": "x"}] n=2 4 {"a": 1} <|im_end|><gen>'
+
+
+def test_named_templates(tok_dir, tmp_path):
+    config = json.loads((tok_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
+    tokenizer = Qwen2Tokenizer.from_pretrained(tok_dir, chat_template={"default": "D{{ messages|length }}", "tool_use": "T"})
+    messages = [{"role": "user", "content": "x"}]
+    assert tokenizer.apply_chat_template(messages, tokenize=False) == "D1"
+    assert tokenizer.apply_chat_template(messages, tools=[WEATHER_TOOL], tokenize=False) == "T"
+    assert tokenizer.apply_chat_template(messages, chat_template="tool_use", tokenize=False) == "T"
+    tokenizer.save_pretrained(tmp_path)
+    reloaded = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    assert reloaded.chat_template == {"default": "D{{ messages|length }}", "tool_use": "T"}
+    assert config["chat_template"].startswith("{%- if tools %}")
+
+
+# ---- the sandbox and errors ----------------------------------------------------------------------
+ESCAPES = [
+    "{{ ''.__class__.__mro__ }}",
+    "{{ ''.__class__.__mro__[1].__subclasses__() }}",
+    "{{ cycler.__init__.__globals__.os.popen('id').read() }}",
+    "{{ messages.append({'role': 'x'}) }}",
+    "{{ messages[0].update({'role': 'x'}) }}",
+    "{% set ns = namespace(_secret=1) %}",
+    "{{ dict.__call__.__globals__ }}",
+]
+
+
+@pytest.mark.parametrize("template", ESCAPES)
+def test_sandbox_refuses_python_internals(ours, hf, template):
+    messages = [{"role": "user", "content": "hi"}]
+    with pytest.raises(jinja2.exceptions.SecurityError):
+        hf.apply_chat_template(messages, chat_template=template, tokenize=False)
+    with pytest.raises(jinja2.exceptions.SecurityError):
+        ours.apply_chat_template(messages, chat_template=template, tokenize=False)
+
+
+@pytest.mark.parametrize("template", ["{{ messages.__class__ }}", "{{ raise_exception.__globals__ }}",
+                                      "{{ strftime_now.__code__ }}", "{{ namespace.__init__ }}"])
+def test_sandbox_prints_nothing_for_unsafe_attributes(ours, hf, template):
+    messages = [{"role": "user", "content": "hi"}]
+    assert hf.apply_chat_template(messages, chat_template=template, tokenize=False) == ""
+    assert ours.apply_chat_template(messages, chat_template=template, tokenize=False) == ""
+
+
+@pytest.mark.parametrize("template", ["{% include '/etc/passwd' %}", "{% import '/etc/hosts' as h %}",
+                                      "{% extends '../../etc/passwd' %}"])
+def test_sandbox_has_no_file_access(ours, template):
+    with pytest.raises(TypeError, match="no loader"):
+        ours.apply_chat_template([{"role": "user", "content": "hi"}], chat_template=template, tokenize=False)
+
+
+def test_inputs_are_plain_data(ours):
+    class Sneaky(str):
+        def evil(self):
+            return "escaped"
+
+    template = "{{ messages[0].content.evil() if messages[0].content.evil is defined else 'plain' }}"
+    out = ours.apply_chat_template([{"role": "user", "content": Sneaky("x")}], chat_template=template, tokenize=False)
+    assert out == "plain"
+
+
+def test_template_that_raises(ours):
+    template = "{% if messages[0]['role'] != 'system' %}{{ raise_exception('System message required, got ' + messages[0]['role']) }}{% endif %}"
+    with pytest.raises(jinja2.exceptions.TemplateError, match="System message required, got user"):
+        ours.apply_chat_template([{"role": "user", "content": "hi"}], chat_template=template)
+
+
+def test_no_template_is_a_clear_error(tok_dir):
+    tokenizer = Qwen2Tokenizer.from_pretrained(tok_dir, chat_template=None)
+    with pytest.raises(ValueError, match="chat_template is not set"):
+        tokenizer.apply_chat_template([{"role": "user", "content": "hi"}])
+
+
+def test_argument_errors(ours):
+    messages = [{"role": "user", "content": "hi"}]
+    with pytest.raises(ValueError, match="not compatible"):
+        ours.apply_chat_template(messages, add_generation_prompt=True, continue_final_message=True)
+    with pytest.raises(ValueError, match="empty conversation"):
+        ours.apply_chat_template([])
+    with pytest.raises(TypeError, match="JSON schemas"):
+        ours.apply_chat_template(messages, tools=[lambda city: city])
+    with pytest.raises(jinja2.exceptions.TemplateSyntaxError):
+        ours.apply_chat_template(messages, chat_template="{% for %}")
