@@ -139,16 +139,17 @@ class Qwen2Attention(nn.Module):
     def _sdpa(self, q, k, v, attention_mask: AttentionMask, dropout: float) -> torch.Tensor:
         mask, is_causal = attention_mask
         groups = self.num_key_value_groups
-        if groups > 1 and mask is None:
-            return F.scaled_dot_product_attention(
-                q, k, v, dropout_p=dropout, scale=self.scaling, is_causal=is_causal, enable_gqa=True
-            )
-        if groups > 1 and q.shape[2] == 1 and mask is not None and mask.shape[1] == 1:
-            # Decode: fold each query group into the length axis so keys/values are not repeated.
+        if groups > 1 and q.shape[2] == 1 and (mask is None or mask.shape[1] == 1):
+            # Decode: fold each query group into the length axis, so keys/values are neither repeated nor sent
+            # through SDPA's slow strided GQA path (the cache returns views of larger buffers).
             batch = q.shape[0]
             packed = q.reshape(batch, self.num_key_value_heads, groups, self.head_dim)
             out = F.scaled_dot_product_attention(packed, k, v, attn_mask=mask, dropout_p=dropout, scale=self.scaling)
             return out.reshape(batch, self.num_heads, 1, self.head_dim)
+        if groups > 1 and mask is None:
+            return F.scaled_dot_product_attention(
+                q, k, v, dropout_p=dropout, scale=self.scaling, is_causal=is_causal, enable_gqa=True
+            )
         k, v = repeat_kv(k, groups), repeat_kv(v, groups)
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=dropout, scale=self.scaling, is_causal=is_causal and mask is None
