@@ -1,0 +1,142 @@
+"""The `qwen2` command as a user runs it: a subprocess, and a pseudo-terminal for `chat`.
+
+Expected text comes from transformers' greedy run on the same GGUF (shared/reference) decoded by transformers'
+tokenizer, and from gguf-py's own reading of the file, never from our output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from conftest import REFERENCE_DIR
+
+pytestmark = pytest.mark.slow
+
+QWEN2 = [sys.executable, "-m", "qwen2.cli"]
+GREEDY = ["--greedy", "--dtype", "float32", "--threads", "2"]
+
+
+def run(*args: str, stdin: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([*QWEN2, *args], input=stdin, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+@pytest.fixture(scope="module")
+def reference() -> dict:
+    return json.loads((REFERENCE_DIR / "seed_prompt_greedy.json").read_text())
+
+
+def reference_text(hf_gguf_tokenizer, reference: dict, n: int) -> str:
+    return hf_gguf_tokenizer.decode(reference["new_token_ids"][:n], skip_special_tokens=True)
+
+
+def test_generate_streams_transformers_greedy_answer(hf_gguf_tokenizer, reference):
+    prompt = reference["prompt_messages"][0]["content"]
+    result = run("generate", prompt, "--max-new-tokens", "24", *GREEDY)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == reference_text(hf_gguf_tokenizer, reference, 24).strip()
+
+
+def test_generate_reads_prompt_from_stdin(hf_gguf_tokenizer, reference):
+    result = run("generate", "-", "--max-new-tokens", "8", *GREEDY, stdin=reference["prompt_messages"][0]["content"])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == reference_text(hf_gguf_tokenizer, reference, 8).strip()
+
+
+def test_info_reports_what_gguf_py_reads(default_gguf):
+    import gguf
+
+    reader = gguf.GGUFReader(default_gguf)
+    types = Counter(t.tensor_type.name for t in reader.tensors)
+    result = run("info")
+    assert result.returncode == 0, result.stderr
+    line = next(line for line in result.stdout.splitlines() if "tensor types" in line)
+    for name, count in types.items():
+        assert f"{count} {name}" in line
+    assert f"layers: {reader.fields['qwen2.block_count'].contents()}" in result.stdout
+
+
+def test_convert_writes_a_directory_transformers_loads(default_gguf, tmp_path):
+    import transformers
+
+    out = tmp_path / "converted"
+    result = run("convert", str(default_gguf), str(out), "--dtype", "bfloat16")
+    assert result.returncode == 0, result.stderr
+    config = transformers.AutoConfig.from_pretrained(out)
+    assert (config.model_type, config.num_hidden_layers, config.hidden_size) == ("qwen2", 24, 896)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    assert tokenizer.eos_token == "<|im_end|>"
+    again = run("convert", str(default_gguf), str(out))
+    assert again.returncode == 1 and "convert: error:" in again.stderr
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["generate", "hi", "--model", "/no/such/model"], "/no/such/model"),
+        (["info", "/no/such/file.gguf"], "/no/such/file.gguf"),
+        (["generate", "hi", "--max-new-tokens", "0"], "--max-new-tokens"),
+        (["generate", "hi", "--threads", "0"], "--threads"),
+    ],
+)
+def test_bad_input_gives_one_line_error(args, message):
+    result = run(*args)
+    assert result.returncode == 1
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_truncated_gguf_is_refused(default_gguf, tmp_path):
+    broken = tmp_path / "broken.gguf"
+    with open(default_gguf, "rb") as src, open(broken, "wb") as dst:
+        dst.write(src.read(4_000_000))
+    result = run("generate", "hi", "--model", str(broken))
+    assert result.returncode == 1
+    assert "broken.gguf" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_unknown_option_and_dtype_are_usage_errors():
+    assert run("generate", "hi", "--no-such-flag").returncode == 2
+    result = run("generate", "hi", "--dtype", "float8")
+    assert result.returncode == 2 and "float8" in result.stderr
+
+
+def test_chat_repl_multi_turn_reset_interrupt_and_exit(hf_gguf_tokenizer, reference):
+    pexpect = pytest.importorskip("pexpect")
+    child = pexpect.spawn(QWEN2[0], [*QWEN2[1:], "chat", *GREEDY, "--max-new-tokens", "40"],
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "TERM": "dumb"}, encoding="utf-8", timeout=240)
+    try:
+        child.expect(">>> ")
+        child.sendline(reference["prompt_messages"][0]["content"])
+        child.expect(">>> ")
+        assert reference_text(hf_gguf_tokenizer, reference, 12).strip() in child.before
+        # The second turn sees the first: the model is asked about its own previous answer.
+        child.sendline("Repeat your first word only.")
+        child.expect(">>> ")
+        assert child.before.strip()
+        child.sendline("/reset")
+        child.expect(r"\(history cleared\)")
+        child.expect(">>> ")
+        # Ctrl-C while an answer streams stops that answer, and the session goes on.
+        child.sendline("Count from 1 to 500, one number per line.")
+        child.expect(r"\d")
+        child.sendintr()
+        child.expect(r"\(stopped\)")
+        child.expect(">>> ")
+        child.sendline("/exit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0
+
+
+def test_console_script_is_installed():
+    assert shutil.which("qwen2", path=str(Path(sys.executable).parent)) is not None
