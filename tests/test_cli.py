@@ -110,7 +110,7 @@ def test_unknown_option_and_dtype_are_usage_errors():
 
 
 def test_chat_repl_multi_turn_reset_interrupt_and_exit(hf_gguf_tokenizer, reference):
-    pexpect = pytest.importorskip("pexpect")
+    import pexpect
     child = pexpect.spawn(QWEN2[0], [*QWEN2[1:], "chat", *GREEDY, "--max-new-tokens", "40"],
                           env={**os.environ, "HF_HUB_OFFLINE": "1", "TERM": "dumb"}, encoding="utf-8", timeout=240)
     try:
