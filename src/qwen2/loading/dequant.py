@@ -21,15 +21,17 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 Tensor = torch.Tensor
 QK_K = 256  # elements per K-quant super-block
 
-_SHIFT_NIBBLES = torch.tensor([0, 4], dtype=torch.uint8)
-_SHIFT_CRUMBS = torch.tensor([0, 2, 4, 6], dtype=torch.uint8)
-_SHIFT_BITS = torch.arange(8, dtype=torch.uint8)
 # IQ4_NL / IQ4_XS: the non-linear 4-bit code book (kvalues_iq4nl in ggml-common.h).
 IQ4_VALUES = torch.tensor([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113],
                           dtype=torch.float32)
 
 
 # ------------------------------------------------------------------------------------------- shared pieces
+
+def _shifts(like: Tensor, *amounts: int) -> Tensor:
+    """Shift amounts on `like`'s device, so the same code runs on CPU and CUDA."""
+    return torch.tensor(amounts, dtype=like.dtype, device=like.device)
+
 
 def _f16(blocks: Tensor, start: int) -> Tensor:
     """The float16 stored at byte `start` of every block, as float32 `(n, 1)`."""
@@ -39,18 +41,18 @@ def _f16(blocks: Tensor, start: int) -> Tensor:
 def _split_nibbles(packed: Tensor, group: int) -> Tensor:
     """`(n, k)` bytes -> `(n, k // group, 2, group)`: per group of bytes, the low nibbles then the high ones."""
     n = packed.shape[0]
-    return (packed.reshape(n, -1, 1, group) >> _SHIFT_NIBBLES.view(1, 1, 2, 1)) & 0x0F
+    return (packed.reshape(n, -1, 1, group) >> _shifts(packed, 0, 4).view(1, 1, 2, 1)) & 0x0F
 
 
 def _split_bits(packed: Tensor, group: int) -> Tensor:
     """`(n, k)` bytes -> `(n, 8, group...)`: bit b of each byte becomes plane b (ggml's qh/hmask layouts)."""
     n = packed.shape[0]
-    return (packed.reshape(n, -1, 1, group) >> _SHIFT_BITS.view(1, 1, 8, 1)) & 1
+    return (packed.reshape(n, -1, 1, group) >> _shifts(packed, *range(8)).view(1, 1, 8, 1)) & 1
 
 
 def _bits32(packed: Tensor) -> Tensor:
     """A little-endian uint32 bitfield stored as `(n, 4)` bytes -> `(n, 32)` bits, bit j at column j."""
-    return ((packed.unsqueeze(-1) >> _SHIFT_BITS) & 1).reshape(packed.shape[0], 32)
+    return ((packed.unsqueeze(-1) >> _shifts(packed, *range(8))) & 1).reshape(packed.shape[0], 32)
 
 
 # ------------------------------------------------------------------------------------ 32-element blocks
@@ -146,7 +148,7 @@ def unpack_iq4_nl(blocks: Tensor) -> IQ4_NLBlocks:
 
 def dequantize_iq4_nl(blocks: Tensor) -> Tensor:
     d, q = unpack_iq4_nl(blocks)
-    return d * IQ4_VALUES[q.long()]
+    return d * IQ4_VALUES.to(q.device)[q.long()]
 
 
 # ------------------------------------------------------------------------- 256-element K-quant super-blocks
@@ -176,7 +178,7 @@ def unpack_q2_k(blocks: Tensor) -> Q2_KBlocks:
     # block_q2_K: 16 bytes scales (low nibble scale, high nibble min) | 64 bytes of 2-bit quants | f16 d | f16 dmin
     n = blocks.shape[0]
     packed = blocks[:, :16]
-    q = (blocks[:, 16:80].reshape(n, 2, 1, 32) >> _SHIFT_CRUMBS.view(1, 1, 4, 1)) & 3
+    q = (blocks[:, 16:80].reshape(n, 2, 1, 32) >> _shifts(blocks, 0, 2, 4, 6).view(1, 1, 4, 1)) & 3
     return Q2_KBlocks(_f16(blocks, 80), _f16(blocks, 82), packed & 0x0F, packed >> 4, q.reshape(n, 16, 16))
 
 
@@ -197,10 +199,11 @@ def unpack_q3_k(blocks: Tensor) -> Q3_KBlocks:
     # block_q3_K: 32 bytes hmask | 64 bytes of low 2 bits | 12 bytes of 6-bit scales | f16 d
     n = blocks.shape[0]
     packed = blocks[:, 96:108]
-    low = (packed[:, :8].reshape(n, 1, 8) >> _SHIFT_NIBBLES.view(1, 2, 1)).reshape(n, 16) & 0x0F
-    high = (packed[:, 8:12].reshape(n, 1, 4) >> _SHIFT_CRUMBS.view(1, 4, 1)).reshape(n, 16) & 3
+    low = (packed[:, :8].reshape(n, 1, 8) >> _shifts(packed, 0, 4).view(1, 2, 1)).reshape(n, 16) & 0x0F
+    high = (packed[:, 8:12].reshape(n, 1, 4) >> _shifts(packed, 0, 2, 4, 6).view(1, 4, 1)).reshape(n, 16) & 3
     scales = (low | (high << 4)).view(torch.int8) - 32
-    q_low = ((blocks[:, 32:96].reshape(n, 2, 1, 32) >> _SHIFT_CRUMBS.view(1, 1, 4, 1)) & 3).reshape(n, 16, 16)
+    crumbs = _shifts(blocks, 0, 2, 4, 6).view(1, 1, 4, 1)
+    q_low = ((blocks[:, 32:96].reshape(n, 2, 1, 32) >> crumbs) & 3).reshape(n, 16, 16)
     # A set hmask bit means "no offset"; a clear one subtracts 4.
     q_high = _split_bits(blocks[:, :32], 32).reshape(n, 16, 16) ^ 1
     q = q_low.view(torch.int8) - (q_high << 2).view(torch.int8)
@@ -269,7 +272,8 @@ def unpack_q6_k(blocks: Tensor) -> Q6_KBlocks:
     # block_q6_K: 128 bytes low nibbles | 64 bytes of high 2 bits | 16 int8 scales | f16 d
     n = blocks.shape[0]
     low = _split_nibbles(blocks[:, :128], 64).reshape(n, 8, 32)
-    high = ((blocks[:, 128:192].reshape(n, 2, 1, 32) >> _SHIFT_CRUMBS.view(1, 1, 4, 1)) & 3).reshape(n, 8, 32)
+    crumbs = _shifts(blocks, 0, 2, 4, 6).view(1, 1, 4, 1)
+    high = ((blocks[:, 128:192].reshape(n, 2, 1, 32) >> crumbs) & 3).reshape(n, 8, 32)
     q = (low | (high << 4)).view(torch.int8) - 32
     return Q6_KBlocks(_f16(blocks, 208), blocks[:, 192:208].view(torch.int8), q.reshape(n, 16, 16))
 
@@ -289,8 +293,8 @@ def unpack_iq4_xs(blocks: Tensor) -> IQ4_XSBlocks:
     # block_iq4_xs: f16 d | u16 scales_h (2 bits per sub-block) | 4 bytes scales_l (nibbles) | 128 bytes of nibbles
     n = blocks.shape[0]
     scales_h = blocks[:, 2].int() | (blocks[:, 3].int() << 8)
-    high = (scales_h.unsqueeze(-1) >> torch.arange(0, 16, 2, dtype=torch.int32)) & 3
-    low = (blocks[:, 4:8].reshape(n, 4, 1) >> _SHIFT_NIBBLES.view(1, 1, 2)).reshape(n, 8) & 0x0F
+    high = (scales_h.unsqueeze(-1) >> torch.arange(0, 16, 2, dtype=torch.int32, device=blocks.device)) & 3
+    low = (blocks[:, 4:8].reshape(n, 4, 1) >> _shifts(blocks, 0, 4).view(1, 1, 2)).reshape(n, 8) & 0x0F
     scales = (low | (high.to(torch.uint8) << 4)).view(torch.int8) - 32
     q = _split_nibbles(blocks[:, 8:136], 16).reshape(n, 8, 32)
     return IQ4_XSBlocks(_f16(blocks, 0), scales, q)
@@ -298,7 +302,7 @@ def unpack_iq4_xs(blocks: Tensor) -> IQ4_XSBlocks:
 
 def dequantize_iq4_xs(blocks: Tensor) -> Tensor:
     d, scales, q = unpack_iq4_xs(blocks)
-    return ((d * scales.float()).unsqueeze(-1) * IQ4_VALUES[q.long()]).reshape(-1, QK_K)
+    return ((d * scales.float()).unsqueeze(-1) * IQ4_VALUES.to(q.device)[q.long()]).reshape(-1, QK_K)
 
 
 # ----------------------------------------------------------------------------------------- float types
@@ -340,7 +344,7 @@ def dequantize(blocks: Tensor, ggml_type: GGMLQuantizationType, shape: tuple[int
     step = max(1, _CHUNK_ELEMENTS // block_size)
     if blocks.shape[0] <= step:
         return fn(blocks).reshape(shape).to(dtype)
-    out = torch.empty(blocks.shape[0], block_size, dtype=dtype)
+    out = torch.empty(blocks.shape[0], block_size, dtype=dtype, device=blocks.device)
     for start in range(0, blocks.shape[0], step):
         out[start:start + step] = fn(blocks[start:start + step]).reshape(-1, block_size)
     return out.reshape(shape)
