@@ -212,3 +212,14 @@ def test_update_api_directly():
     assert keys.shape == (1, 2, 4, 4) and torch.equal(keys[:, :, 3], k[:, :, 0])
     assert cache.get_seq_length(0) == 4 and cache.get_seq_length(5) == 0
     assert cache.get_max_cache_shape() == -1
+
+
+@torch.no_grad()
+def test_static_cache_allocates_lazily_without_batch_or_dtype(model):
+    cache = StaticCache(config=model.config, max_cache_len=8)  # transformers 5.x call shape
+    assert cache.layers[0].keys is None
+    model(torch.randint(3, 96, (3, 2)), past_key_values=cache)
+    assert cache.layers[0].keys.shape == (3, 2, 8, 8) and cache.layers[-1].keys.shape == (3, 2, WINDOW, 8)
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="positive integer max_cache_len"):
+            StaticCache(model.config, 1, bad)

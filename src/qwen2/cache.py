@@ -277,7 +277,7 @@ class StaticCache(Cache):
     def __init__(
         self,
         config: Any,
-        max_batch_size: int,
+        max_batch_size: int | None = None,
         max_cache_len: int | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -286,24 +286,20 @@ class StaticCache(Cache):
         super().__init__()
         if max_cache_len is None:
             max_cache_len = config.max_position_embeddings
-        if max_cache_len <= 0 or max_batch_size <= 0:
-            raise ValueError(
-                f"StaticCache needs max_batch_size > 0 and max_cache_len > 0, got {max_batch_size}, {max_cache_len}."
-            )
+        for name, value in (("max_batch_size", max_batch_size), ("max_cache_len", max_cache_len)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+                raise ValueError(f"StaticCache needs a positive integer {name}, got {value!r}.")
         self.max_batch_size = max_batch_size
         self.max_cache_len = max_cache_len
-        if dtype is None:  # allocated on the first update, in the dtype/device of the model's keys
-            self.layers = [_Layer(max_cache_len, window) for window in _layer_windows(config)]
-            return
+        self.layers = [_Layer(max_cache_len, window) for window in _layer_windows(config)]
+        if dtype is None or max_batch_size is None:
+            return  # allocated on the first update, with the batch, dtype and device of the model's keys
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         num_kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        for window in _layer_windows(config):
-            layer = _Layer(max_cache_len, window)
-            capacity = layer._target_capacity(max_cache_len)
-            shape = (max_batch_size, num_kv, capacity, head_dim)
+        for layer in self.layers:
+            shape = (max_batch_size, num_kv, layer._target_capacity(max_cache_len), head_dim)
             layer.keys = torch.zeros(shape, dtype=dtype, device=device)
             layer.values = torch.zeros(shape, dtype=dtype, device=device)
-            self.layers.append(layer)
 
     def get_max_cache_shape(self, layer_idx: int = 0) -> int:
         return self.max_cache_len

@@ -194,9 +194,13 @@ class Qwen2PreTrainedModel(PreTrainedModel):
     _no_split_modules = ["Qwen2DecoderLayer"]
 
     def post_init(self) -> None:
-        """Initialise weights as transformers does, then tie them."""
+        """Initialise weights as transformers does (each module once, though heads nest a base model that ran
+        its own post_init), then tie them. Skipped on the meta device, where the loader fills weights in."""
         if not any(p.is_meta for p in self.parameters()):
-            self.apply(self._init_weights)
+            for module in self.modules():
+                if not getattr(module, "_weights_initialised", False):
+                    self._init_weights(module)
+                    module._weights_initialised = True
         self.tie_weights()
 
     def _init_weights(self, module: nn.Module) -> None:
