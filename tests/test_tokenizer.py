@@ -30,8 +30,8 @@ def gguf_metadata(default_gguf) -> dict:
 
 
 @pytest.fixture(scope="session")
-def tok_dir(default_gguf, tmp_path_factory) -> Path:
-    return write_real_tokenizer_files(default_gguf, tmp_path_factory.getbasetemp() / "qwen2_tokenizer_files")
+def tok_dir(gguf_metadata, tmp_path_factory) -> Path:
+    return write_real_tokenizer_files(gguf_metadata, tmp_path_factory.getbasetemp() / "qwen2_tokenizer_files")
 
 
 @pytest.fixture(scope="session")
@@ -396,3 +396,13 @@ def test_files_behave_like_transformers_gguf_load(hf_gguf_tokenizer, hf, fast, t
     }
     for name in ("bos_token", "eos_token", "pad_token", "unk_token", "all_special_tokens", "chat_template"):
         assert getattr(fast, name) == getattr(hf_gguf_tokenizer, name), name
+
+
+@pytest.mark.slow
+def test_from_pretrained_on_the_gguf(default_gguf, hf_gguf_tokenizer, texts):
+    """Through qwen2.loading.hub.resolve_model_dir: a .gguf path, or a directory plus gguf_file."""
+    sample = [t for t in texts[::25] if unicodedata.is_normalized("NFC", t)]
+    for tokenizer in (Qwen2Tokenizer.from_pretrained(default_gguf),
+                      Qwen2TokenizerFast.from_pretrained(default_gguf.parent, gguf_file=default_gguf.name)):
+        assert [tokenizer.encode(t) for t in sample] == [hf_gguf_tokenizer.encode(t) for t in sample]
+        assert tokenizer.chat_template == hf_gguf_tokenizer.chat_template

@@ -372,6 +372,10 @@ class Qwen2TokenizerBase:
         **kwargs: Any,
     ) -> Any:
         """The ids of one text (a list, or a (1, n) tensor with `return_tensors`)."""
+        if (type(text) is str and text_pair is None and padding is False and truncation is None
+                and max_length is None and return_tensors is None and not kwargs.keys() - {"split_special_tokens"}):
+            # The common case needs none of the padding/truncation machinery.
+            return self._encode_texts([text], kwargs.get("split_special_tokens", self.split_special_tokens))[0]
         encoded = self(
             text, text_pair=text_pair, add_special_tokens=add_special_tokens, padding=padding, truncation=truncation,
             max_length=max_length, stride=stride, padding_side=padding_side, return_tensors=return_tensors,

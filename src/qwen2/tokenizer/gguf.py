@@ -32,25 +32,12 @@ def tokenizer_metadata_from_gguf(path: str | os.PathLike) -> dict[str, Any]:
     """The `tokenizer.*` key/values of a GGUF file as plain Python values (str, int, bool, lists).
 
     `general.architecture` and `<arch>.context_length` are included too when present, since the
-    tokenizer's `model_max_length` comes from the latter.
+    tokenizer's `model_max_length` comes from the latter. Read through the project's one
+    bounds-checked GGUF reader (a `gguf.GGUFReader` subclass), which refuses corrupt files.
     """
-    try:
-        from gguf import GGUFReader
-    except ImportError as exc:  # pragma: no cover - gguf is a core dependency
-        raise ImportError("Reading a GGUF tokenizer needs the `gguf` package: pip install gguf") from exc
+    from qwen2.loading.gguf import GGUFFile
 
-    reader = GGUFReader(str(path))
-    arch_field = reader.fields.get("general.architecture")
-    arch = arch_field.contents() if arch_field is not None else None
-    wanted = {"general.architecture", f"{arch}.context_length"} if arch else set()
-    metadata = {}
-    for key, field in reader.fields.items():
-        if key.startswith("tokenizer.") or key in wanted:
-            value = field.contents()
-            metadata[key] = value.tolist() if hasattr(value, "tolist") else value
-    if "tokenizer.ggml.tokens" not in metadata:
-        raise ValueError(f"{path}: GGUF has no tokenizer.ggml.tokens; it carries no tokenizer to convert")
-    return metadata
+    return GGUFFile(path, architecture=None).tokenizer_metadata()
 
 
 def _byte_level_spelling(token: str) -> str:
