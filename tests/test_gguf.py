@@ -425,10 +425,19 @@ def test_failed_conversion_leaves_nothing(tiny, cache, monkeypatch):
 
 
 def test_stale_partial_of_dead_process_is_removed(tiny, cache):
-    stale = cache / "gguf" / ".abc.999999999.partial"
+    stale = cache / "gguf" / ".abc.999999999.x1y2.partial"
     stale.mkdir(parents=True)
     gguf_to_directory(tiny[0], progress=False)
     assert not stale.exists()
+
+
+def test_concurrent_conversions_agree(tiny, cache):
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(3) as pool:
+        targets = list(pool.map(lambda _: gguf_to_directory(tiny[0], progress=False), range(3)))
+    assert len(set(targets)) == 1 and (targets[0] / "model.safetensors").is_file()
+    assert sorted(p.name for p in (cache / "gguf").iterdir()) == sorted([targets[0].name, "sha256.json"])
 
 
 def test_hash_is_recomputed_when_the_file_changes(tmp_path, cache):

@@ -20,6 +20,7 @@ import math
 import os
 import shutil
 import struct
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -423,22 +424,19 @@ def _write_model_dir(gf: GGUFFile, out_dir: Path, dtype: torch.dtype, progress: 
 
 
 def _partial_dir(target: Path) -> Path:
-    """A fresh hidden sibling of `target` to write into, named after our pid so leftovers can be reclaimed."""
-    partial = target.parent / f".{target.name}.{os.getpid()}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    return partial
+    """A fresh hidden sibling of `target` to write into, named with our pid so leftovers can be reclaimed."""
+    return Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".partial", dir=target.parent))
 
 
 def _remove_stale_partials(parent: Path) -> None:
     """Delete `.partial` directories whose writer process is gone (killed mid-conversion)."""
     for partial in parent.glob(".*.partial"):
         try:
-            pid = int(partial.name.rsplit(".", 2)[-2])
+            pid = int(partial.name.rsplit(".", 3)[1])
             os.kill(pid, 0)
         except ProcessLookupError:
             shutil.rmtree(partial, ignore_errors=True)
-        except (ValueError, PermissionError):
+        except (ValueError, IndexError, PermissionError):
             continue
 
 
@@ -498,8 +496,9 @@ def file_sha256(path: str | os.PathLike, progress: bool = False) -> str:
     index = index if isinstance(index, dict) else {}
     index[str(path)] = {**stamp, "sha256": digest.hexdigest()}
     index_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = index_path.with_name(f".{index_path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(index, indent=1), encoding="utf-8")
+    fd, tmp = tempfile.mkstemp(prefix=f".{index_path.name}.", suffix=".tmp", dir=index_path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(index, f, indent=1)
     os.replace(tmp, index_path)
     return digest.hexdigest()
 
