@@ -223,3 +223,26 @@ def test_static_cache_allocates_lazily_without_batch_or_dtype(model):
     for bad in (0, -1, 2.5, True):
         with pytest.raises(ValueError, match="positive integer max_cache_len"):
             StaticCache(model.config, 1, bad)
+
+
+@torch.no_grad()
+def test_static_cache_decode_step_compiles_once_without_graph_breaks(model):
+    """Static shapes + no python-int guards: one graph serves every decode step (the fast-path contract)."""
+    import torch._dynamo
+
+    ids, mask = _inputs(batch=2, length=12, left_pad=2)
+    full = model(ids, attention_mask=mask, use_cache=False).logits
+    cache = StaticCache(model.config, max_batch_size=2, max_cache_len=12)
+    model(ids[:, :4], attention_mask=mask[:, :4], past_key_values=cache)
+
+    def step(token, position, attention_mask):
+        return model(token, attention_mask=attention_mask, past_key_values=cache, cache_position=position,
+                     position_ids=position[None].expand(2, 1)).logits
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, backend="eager", fullgraph=True, dynamic=False)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        logits = [compiled(ids[:, t : t + 1], torch.tensor([t]), mask) for t in range(4, 12)]
+    valid = mask[:, 4:].bool()
+    torch.testing.assert_close(torch.cat(logits, 1)[valid], full[:, 4:][valid], atol=1e-5, rtol=1e-5)
+    assert cache.get_seq_length() == 12

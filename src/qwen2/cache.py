@@ -20,43 +20,30 @@ import torch
 _MIN_CAPACITY = 64
 
 
-def _as_cache_position(cache_kwargs: Any, start: int, length: int, device: torch.device) -> torch.Tensor:
+def _as_cache_position(cache_kwargs: Any, layer: Any, key_states: torch.Tensor) -> torch.Tensor:
     if isinstance(cache_kwargs, dict):
         cache_kwargs = cache_kwargs.get("cache_position")
-    if cache_kwargs is None:
-        return torch.arange(start, start + length, device=device)
-    return cache_kwargs.to(device)
+    if cache_kwargs is None:  # append after what the layer holds
+        start = layer.seen
+        return torch.arange(start, start + key_states.shape[2], device=key_states.device)
+    return cache_kwargs.to(key_states.device)
 
 
 class _Layer:
-    """Storage for one decoder layer. `capacity` slots of shape (B, n_kv, capacity, head_dim)."""
+    """One decoder layer's (B, n_kv, capacity, head_dim) key/value buffers; sliding-window layers use them as a
+    ring of `window` slots (slot = position % window)."""
 
-    def __init__(self, max_len: int | None, window: int | None) -> None:
-        self.max_len = max_len  # fixed capacity (static) or None (growable)
-        self.window = window  # ring size for sliding-window layers
+    def __init__(self, window: int | None) -> None:
+        self.window = window
         self.keys: torch.Tensor | None = None
         self.values: torch.Tensor | None = None
-        self.seen = 0  # tokens written so far (python int: known from shapes, no sync)
 
-    # ------------------------------------------------------------------ storage
-    def _target_capacity(self, needed: int) -> int:
-        if self.max_len is not None:
-            return min(self.max_len, self.window) if self.window else self.max_len
-        current = 0 if self.keys is None else self.keys.shape[2]
-        capacity = max(needed, 2 * current, _MIN_CAPACITY)
-        return min(capacity, self.window) if self.window else capacity
-
-    def _reserve(self, like_k: torch.Tensor, like_v: torch.Tensor, needed: int) -> None:
-        if self.window is not None:
-            needed = min(needed, self.window)
-        current = 0 if self.keys is None else self.keys.shape[2]
-        if self.keys is not None and (needed <= current or self.max_len is not None):
-            return
-        capacity = self._target_capacity(needed)
+    def _allocate(self, like_k: torch.Tensor, like_v: torch.Tensor, capacity: int) -> None:
         batch, heads = like_k.shape[:2]
         keys = like_k.new_zeros(batch, heads, capacity, like_k.shape[-1])
         values = like_v.new_zeros(batch, heads, capacity, like_v.shape[-1])
-        if self.keys is not None:
+        if self.keys is not None:  # growing: keep what is there (slots keep their index)
+            current = self.keys.shape[2]
             keys[:, :, :current] = self.keys
             values[:, :, :current] = self.values
         self.keys, self.values = keys, values
@@ -65,82 +52,30 @@ class _Layer:
         self.keys.index_copy_(2, slots, key_states.to(self.keys.dtype))
         self.values.index_copy_(2, slots, value_states.to(self.values.dtype))
 
-    # ------------------------------------------------------------------ reads
-    def _slot_positions(self, last: torch.Tensor) -> torch.Tensor:
+    def _ring_positions(self, last: torch.Tensor, capacity: int) -> torch.Tensor:
         """Absolute position held by each ring slot when `last` is the newest written position (-1: empty)."""
-        slots = torch.arange(self.keys.shape[2], device=self.keys.device)
+        slots = torch.arange(capacity, device=last.device)
         positions = last - torch.remainder(last - slots, self.window)
         return torch.where(positions >= 0, positions, -1)
 
-    def kv_positions(self, cache_position: torch.Tensor) -> tuple[torch.Tensor, bool]:
-        """Positions of the keys `update` will return for queries at `cache_position`, and whether they are
-        exactly 0..end-1 (so a plain causal mask is enough)."""
-        q_len = cache_position.shape[0]
-        device = cache_position.device
-        end = self.seen + q_len
-        if self.window is None:
-            if self.max_len is None:
-                return torch.arange(end, device=device), True
-            return torch.arange(self.max_len, device=device), False
-        if self.seen == 0:
-            return cache_position, False
-        self._ensure_ring_capacity(end)
-        if q_len == 1:
-            return self._slot_positions(cache_position[-1]), False
-        return torch.cat([self._slot_positions(cache_position[0] - 1), cache_position]), False
+    def _ring_kv_positions(self, cache_position: torch.Tensor, capacity: int) -> torch.Tensor:
+        if cache_position.shape[0] == 1:  # written first, then read in place
+            return self._ring_positions(cache_position[-1], capacity)
+        return torch.cat([self._ring_positions(cache_position[0] - 1, capacity), cache_position])
 
-    def _ensure_ring_capacity(self, end: int) -> None:
-        # kv_positions runs before update: grow now so the ring it describes is the one update returns.
-        if self.max_len is None and self.keys is not None:
-            self._reserve(self.keys, self.values, end)
-
-    # ------------------------------------------------------------------ writes
-    def update(
+    def _ring_update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, cache_position: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        q_len = key_states.shape[2]
-        start = self.seen
-        end = start + q_len
-        self.seen = end
-        if self.window is None:
-            if self.max_len is not None and end > self.max_len:
-                raise ValueError(
-                    f"StaticCache is full: max_cache_len={self.max_len} but {end} tokens were written; "
-                    "create the cache with a larger max_cache_len."
-                )
-            self._reserve(key_states, value_states, end)
-            if self.max_len is None:
-                self.keys[:, :, start:end] = key_states
-                self.values[:, :, start:end] = value_states
-                return self.keys[:, :, :end], self.values[:, :, :end]
-            self._write(cache_position, key_states, value_states)
-            return self.keys, self.values
-        # Sliding window: ring buffer of `window` slots.
-        self._reserve(key_states, value_states, end)
-        if q_len == 1 and start > 0:
+        if key_states.shape[2] == 1:
             self._write(torch.remainder(cache_position, self.window), key_states, value_states)
             return self.keys, self.values
-        # Several new tokens: every one of them needs the old window, so read before overwriting.
-        old_keys = None if start == 0 else self.keys.clone()
-        old_values = None if start == 0 else self.values.clone()
-        keep = min(q_len, self.window)
+        # Several new tokens: each of them needs the old window, so read it before overwriting.
+        old_keys, old_values = self.keys.clone(), self.values.clone()
+        keep = min(key_states.shape[2], self.window)
         self._write(
             torch.remainder(cache_position[-keep:], self.window), key_states[:, :, -keep:], value_states[:, :, -keep:]
         )
-        if old_keys is None:
-            return key_states, value_states
         return torch.cat([old_keys, key_states], dim=2), torch.cat([old_values, value_states], dim=2)
-
-    # ------------------------------------------------------------------ edits
-    def crop(self, new_length: int) -> None:
-        if new_length >= self.seen:
-            return
-        if self.window is not None and self.seen > self.window:
-            raise ValueError(
-                f"Cannot crop a sliding-window layer to {new_length} tokens after {self.seen} tokens were written: "
-                f"only the last {self.window} are kept."
-            )
-        self.seen = max(new_length, 0)
 
     def reorder(self, index: torch.Tensor) -> None:
         if self.keys is not None:
@@ -157,11 +92,112 @@ class _Layer:
             self.keys = self.keys.repeat_interleave(repeats, dim=0)
             self.values = self.values.repeat_interleave(repeats, dim=0)
 
+    def _check_crop(self, new_length: int) -> None:
+        if self.window is not None and self.seen > self.window and new_length < self.seen:
+            raise ValueError(
+                f"Cannot crop a sliding-window layer to {new_length} tokens after {self.seen} tokens were written: "
+                f"only the last {self.window} are kept."
+            )
+
+
+class _DynamicLayer(_Layer):
+    """Growable: capacity doubles when full (amortised O(1) appends); a sliding layer stops growing at its window.
+    Tracks its length as a python int, known from shapes."""
+
+    def __init__(self, window: int | None) -> None:
+        super().__init__(window)
+        self.seen = 0
+
+    def _reserve(self, like_k: torch.Tensor, like_v: torch.Tensor, needed: int) -> None:
+        if self.window is not None:
+            needed = min(needed, self.window)
+        current = 0 if self.keys is None else self.keys.shape[2]
+        if self.keys is not None and needed <= current:
+            return
+        capacity = max(needed, 2 * current, _MIN_CAPACITY)
+        self._allocate(like_k, like_v, min(capacity, self.window) if self.window else capacity)
+
+    def kv_positions(self, cache_position: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        end = self.seen + cache_position.shape[0]
+        if self.window is None:
+            return torch.arange(end, device=cache_position.device), True
+        if self.seen == 0:
+            return cache_position, False
+        self._reserve(self.keys, self.values, end)  # grow now, so the ring described is the one update returns
+        return self._ring_kv_positions(cache_position, self.keys.shape[2]), False
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, cache_position: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        start, end = self.seen, self.seen + key_states.shape[2]
+        self.seen = end
+        self._reserve(key_states, value_states, end)
+        if self.window is None:
+            self.keys[:, :, start:end] = key_states
+            self.values[:, :, start:end] = value_states
+            return self.keys[:, :, :end], self.values[:, :, :end]
+        if start == 0:  # nothing cached yet: attend to the new tokens only, as transformers does
+            keep = min(end, self.window)
+            self._write(torch.remainder(cache_position[-keep:], self.window),
+                        key_states[:, :, -keep:], value_states[:, :, -keep:])
+            return key_states, value_states
+        return self._ring_update(key_states, value_states, cache_position)
+
+    def crop(self, new_length: int) -> None:
+        self._check_crop(new_length)
+        self.seen = max(min(new_length, self.seen), 0)
+
     def reset(self) -> None:
         self.seen = 0
-        if self.max_len is None:
-            self.keys = self.values = None
-        elif self.keys is not None:
+        self.keys = self.values = None
+
+
+class _StaticLayer(_Layer):
+    """Fixed capacity, written with `index_copy_` at `cache_position`. The length lives in a tensor (the newest
+    position written), never a python int the decode path reads, so a compiled decode step has nothing to
+    guard on and is not recompiled as the sequence grows."""
+
+    def __init__(self, max_len: int, window: int | None) -> None:
+        super().__init__(window)
+        self.max_len = max_len
+        self.capacity = min(max_len, window) if window else max_len
+        self._last: torch.Tensor | None = None  # (1,) newest position written
+
+    @property
+    def seen(self) -> int:
+        return 0 if self._last is None else int(self._last[0]) + 1
+
+    def kv_positions(self, cache_position: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        if self.window is None:
+            return torch.arange(self.max_len, device=cache_position.device), False
+        return self._ring_kv_positions(cache_position, self.capacity), False
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, cache_position: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.keys is None:
+            self._allocate(key_states, value_states, self.capacity)
+        if not torch.compiler.is_compiling() and cache_position.device.type == "cpu":
+            if int(cache_position[-1]) >= self.max_len:
+                raise ValueError(
+                    f"StaticCache is full: max_cache_len={self.max_len} but position {int(cache_position[-1])} "
+                    "was written; create the cache with a larger max_cache_len."
+                )
+        self._last = cache_position[-1:]
+        if self.window is None:
+            self._write(cache_position, key_states, value_states)
+            return self.keys, self.values
+        return self._ring_update(key_states, value_states, cache_position)
+
+    def crop(self, new_length: int) -> None:
+        self._check_crop(new_length)
+        new_length = max(min(new_length, self.seen), 0)
+        device = self._last.device if self._last is not None else None
+        self._last = torch.tensor([new_length - 1], device=device) if new_length > 0 else None
+
+    def reset(self) -> None:
+        self._last = None
+        if self.keys is not None:
             self.keys.zero_()
             self.values.zero_()
 
@@ -176,7 +212,7 @@ class Cache:
 
     def _layer(self, layer_idx: int) -> _Layer:
         while len(self.layers) <= layer_idx:
-            self.layers.append(_Layer(None, None))
+            self.layers.append(_DynamicLayer(None))
         return self.layers[layer_idx]
 
     def __len__(self) -> int:
@@ -191,8 +227,7 @@ class Cache:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store (B, n_kv, T, D) keys/values for `layer_idx`; return all keys/values this layer attends to."""
         layer = self._layer(layer_idx)
-        cache_position = _as_cache_position(cache_kwargs, layer.seen, key_states.shape[2], key_states.device)
-        return layer.update(key_states, value_states, cache_position)
+        return layer.update(key_states, value_states, _as_cache_position(cache_kwargs, layer, key_states))
 
     def kv_positions(self, layer_idx: int, cache_position: torch.Tensor) -> tuple[torch.Tensor, bool]:
         """Absolute positions of the keys the next `update` of `layer_idx` returns (-1 marks an empty slot)."""
@@ -264,7 +299,7 @@ class DynamicCache(Cache):
 
     def _configure(self, config: Any) -> None:
         if not self.layers:
-            self.layers = [_Layer(None, window) for window in _layer_windows(config)]
+            self.layers = [_DynamicLayer(window) for window in _layer_windows(config)]
 
 
 class StaticCache(Cache):
@@ -291,13 +326,13 @@ class StaticCache(Cache):
                 raise ValueError(f"StaticCache needs a positive integer {name}, got {value!r}.")
         self.max_batch_size = max_batch_size
         self.max_cache_len = max_cache_len
-        self.layers = [_Layer(max_cache_len, window) for window in _layer_windows(config)]
+        self.layers = [_StaticLayer(max_cache_len, window) for window in _layer_windows(config)]
         if dtype is None or max_batch_size is None:
             return  # allocated on the first update, with the batch, dtype and device of the model's keys
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         num_kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         for layer in self.layers:
-            shape = (max_batch_size, num_kv, layer._target_capacity(max_cache_len), head_dim)
+            shape = (max_batch_size, num_kv, layer.capacity, head_dim)
             layer.keys = torch.zeros(shape, dtype=dtype, device=device)
             layer.values = torch.zeros(shape, dtype=dtype, device=device)
 
