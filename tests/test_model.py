@@ -244,3 +244,18 @@ def test_fully_masked_padding_rows_stay_finite_in_low_precision(dtype, eager):
     assert torch.isfinite(out).all()
     reference = torch.softmax(torch.full((2,), -900.0), -1) @ v[0, 0, 1:].float()
     torch.testing.assert_close(out[0, 0, 2].float(), reference, atol=1e-2, rtol=1e-2)
+
+
+@torch.no_grad()
+def test_attn_implementation_switch(model):
+    ids = _ids()
+    sdpa = model(ids).logits
+    model.set_attn_implementation("eager")
+    try:
+        torch.testing.assert_close(model(ids).logits, sdpa, atol=1e-5, rtol=1e-5)
+        assert model.config._attn_implementation == "eager"
+    finally:
+        model.set_attn_implementation("sdpa")
+    with pytest.raises(ValueError, match="flash"):
+        model.set_attn_implementation("flash_attention_2")
+    assert model.dtype == torch.float32 and model.device.type == "cpu"

@@ -126,7 +126,7 @@ def test_causal_lm_matches_transformers_eager(name, padding):
 def test_sdpa_path_matches_transformers_sdpa(name):
     hf, ours = _pair(CONFIGS[name])
     hf.set_attn_implementation("sdpa")
-    ours.config._attn_implementation = "sdpa"
+    ours.set_attn_implementation("sdpa")
     for padding in ("none", "left"):
         ids, mask, _ = _batch(12, BASE["vocab_size"], padding)
         with torch.no_grad():

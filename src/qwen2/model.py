@@ -7,6 +7,7 @@ back to the activation dtype; logits in the model dtype, as transformers returns
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -265,13 +266,16 @@ class Qwen2PreTrainedModel(PreTrainedModel):
     def is_gradient_checkpointing(self) -> bool:
         return any(getattr(m, "gradient_checkpointing", False) for m in self.modules())
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.parameters()).device
+    def set_attn_implementation(self, attn_implementation: str) -> None:
+        """"sdpa" (default) or "eager" (always materialise attention probabilities), as in transformers."""
+        if attn_implementation not in ("sdpa", "eager"):
+            raise ValueError(f"attn_implementation={attn_implementation!r} is not supported; use 'sdpa' or 'eager'.")
+        self.config._attn_implementation = attn_implementation
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:
+    logger.warning(message)
 
 
 def _flag(value: bool | None, config: Any, name: str, default: bool = False) -> bool:
@@ -293,6 +297,8 @@ def _pick_cache(past_key_values: Cache | None, kwargs: dict[str, Any]) -> Cache 
 
 
 class Qwen2Model(Qwen2PreTrainedModel):
+    """The decoder stack: embeddings, layers, final norm. Returns the normed hidden states (and the cache)."""
+
     def __init__(self, config: Qwen2Config) -> None:
         super().__init__(config)
         self.padding_idx = config.pad_token_id
@@ -327,7 +333,7 @@ class Qwen2Model(Qwen2PreTrainedModel):
         use_cache = _flag(use_cache, self.config, "use_cache", True)
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         if checkpointing and (use_cache or cache is not None):
-            logger.warning("Caching is incompatible with gradient checkpointing: running without a cache.")
+            _warn_once("Caching is incompatible with gradient checkpointing: running without a cache.")
             use_cache, cache = False, None
 
         if inputs_embeds is None:
@@ -408,6 +414,8 @@ def _slice_to_keep(hidden_states: torch.Tensor, logits_to_keep: int | torch.Tens
 
 
 class Qwen2ForCausalLM(Qwen2PreTrainedModel, GenerationMixin):
+    """Decoder + lm_head; `generate()` comes from GenerationMixin."""
+
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
     def __init__(self, config: Qwen2Config) -> None:
