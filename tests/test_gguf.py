@@ -316,6 +316,13 @@ def test_huge_array_count(tiny, tmp_path, deadline, key):
     _expect(_patched(tiny[0], tmp_path / "a.gguf", {count_at: struct.pack("<Q", 2**40)}), "claims", "elements")
 
 
+def test_huge_block_count(tiny, tmp_path, deadline):
+    data = tiny[0].read_bytes()
+    value_at = data.index(b"qwen2.block_count") + len("qwen2.block_count") + 4
+    _expect(_patched(tiny[0], tmp_path / "b.gguf", {value_at: struct.pack("<I", 2**32 - 1)}),
+            "4,294,967,295 blocks")
+
+
 def test_tensor_offset_out_of_range_or_misaligned(tiny, tmp_path, deadline):
     data = tiny[0].read_bytes()
     at = _tensor_entry(data, "blk.1.ffn_down.weight") + 4 + 2 * 8 + 4  # n_dims, 2 dims, type

@@ -345,7 +345,12 @@ def _expected_shapes(config: Any) -> dict[str, tuple[int, ...]]:
 
 def _checked_tensors(gf: GGUFFile) -> list[tuple[str, str, tuple[int, ...]]]:
     """`[(gguf_name, hf_name, shape)]` in model order, after checking the config, names, shapes and types."""
-    expected = _expected_shapes(gguf_config(gf))
+    config = gguf_config(gf)
+    per_layer = sum("{}" in name for name in names.GGUF_TO_HF)
+    if config.num_hidden_layers * per_layer > len(gf.tensors):
+        raise GGUFError(f"{gf.path}: its metadata says {config.num_hidden_layers:,} blocks, but the file holds only "
+                        f"{len(gf.tensors)} tensors")
+    expected = _expected_shapes(config)
     missing = [name for name in expected if name not in gf.tensors]
     if missing:
         raise GGUFError(f"{gf.path} lacks {len(missing)} tensor(s) a Qwen2 model with its metadata needs, "
