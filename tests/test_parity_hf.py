@@ -280,3 +280,20 @@ def test_real_default_model_matches_transformers(our_gguf_model, hf_gguf_model, 
         logits = our_gguf_model(generated[:, -1:], attention_mask=mask, past_key_values=cache).logits[:, -1]
     reference = hf_gguf_model(generated, attention_mask=mask).logits[:, -1]
     assert _max_diff(logits, reference) <= 1e-3
+
+
+@pytest.mark.parametrize("name", ["rope_dynamic", "rope_longrope", "sliding_middle", "gqa7"])
+def test_step_by_step_decoding_matches_transformers_own_cache(name):
+    """Stateful rope types (dynamic, longrope) change frequencies as decoding crosses their thresholds; each
+    step must match transformers decoding with its own cache."""
+    hf, ours = _pair(CONFIGS[name])
+    ids, mask, _ = _batch(14, BASE["vocab_size"], "left")
+    with torch.no_grad():
+        theirs = hf(ids[:, :5], attention_mask=mask[:, :5])
+        mine = ours(ids[:, :5], attention_mask=mask[:, :5])
+        assert _max_diff(mine.logits, theirs.logits) <= ATOL
+        for t in range(5, 14):
+            kwargs = dict(attention_mask=mask[:, : t + 1])
+            theirs = hf(ids[:, t : t + 1], cache=theirs.cache, **kwargs)
+            mine = ours(ids[:, t : t + 1], past_key_values=mine.past_key_values, **kwargs)
+            assert _max_diff(mine.logits, theirs.logits) <= ATOL, t
