@@ -14,7 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-RopeInit = Callable[[dict[str, Any], int, int, Any], tuple[torch.Tensor, float]]
+# (params, head_dim, max_position_embeddings, seq_len, device) -> (inv_freq, attention scaling)
+RopeInit = Callable[..., tuple[torch.Tensor, float]]
 
 
 def _base_inv_freq(base: float, dim: int, device: torch.device | None) -> torch.Tensor:
@@ -142,7 +143,7 @@ class Qwen2RotaryEmbedding(nn.Module):
     """cos/sin tables for the positions of a forward call, with the half-split (rotate_half) convention.
 
     `dynamic` and `longrope` change their frequencies with the longest position seen, statefully, exactly as
-    transformers' `dynamic_rope_update`; only those two types read positions back to the host.
+    transformers' `dynamic_rope_update`; only `dynamic` reads positions back to the host (a sync per call).
     """
 
     def __init__(self, config: Any, device: torch.device | None = None) -> None:
