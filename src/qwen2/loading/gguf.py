@@ -313,8 +313,13 @@ def config_dict_from_gguf(gguf: str | os.PathLike | GGUFFile) -> dict[str, Any]:
 def gguf_config(gguf: str | os.PathLike | GGUFFile) -> Qwen2Config:
     """A `Qwen2Config` from a Qwen2 GGUF's metadata."""
     gf = _open(gguf)
+    config = config_dict_from_gguf(gf)
+    # Checked first: a corrupt count would otherwise build per-layer tables of billions of entries.
+    if config["num_hidden_layers"] * sum("{}" in name for name in names.GGUF_TO_HF) > len(gf.tensors):
+        raise GGUFError(f"{gf.path}: its metadata says {config['num_hidden_layers']:,} blocks, but the file holds "
+                        f"only {len(gf.tensors)} tensors")
     try:
-        return Qwen2Config.from_dict(config_dict_from_gguf(gf))
+        return Qwen2Config.from_dict(config)
     except GGUFError:
         raise
     except ValueError as err:
@@ -345,12 +350,7 @@ def _expected_shapes(config: Any) -> dict[str, tuple[int, ...]]:
 
 def _checked_tensors(gf: GGUFFile) -> list[tuple[str, str, tuple[int, ...]]]:
     """`[(gguf_name, hf_name, shape)]` in model order, after checking the config, names, shapes and types."""
-    config = gguf_config(gf)
-    per_layer = sum("{}" in name for name in names.GGUF_TO_HF)
-    if config.num_hidden_layers * per_layer > len(gf.tensors):
-        raise GGUFError(f"{gf.path}: its metadata says {config.num_hidden_layers:,} blocks, but the file holds only "
-                        f"{len(gf.tensors)} tensors")
-    expected = _expected_shapes(config)
+    expected = _expected_shapes(gguf_config(gf))
     missing = [name for name in expected if name not in gf.tensors]
     if missing:
         raise GGUFError(f"{gf.path} lacks {len(missing)} tensor(s) a Qwen2 model with its metadata needs, "
