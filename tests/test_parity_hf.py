@@ -297,3 +297,14 @@ def test_step_by_step_decoding_matches_transformers_own_cache(name):
             theirs = hf(ids[:, t : t + 1], cache=theirs.cache, **kwargs)
             mine = ours(ids[:, t : t + 1], past_key_values=mine.past_key_values, **kwargs)
             assert _max_diff(mine.logits, theirs.logits) <= ATOL, t
+
+
+def test_short_two_d_mask_counts_missing_keys_as_padding():
+    hf, ours = _pair(CONFIGS["gqa2_untied"])
+    ids, _, _ = _batch(8, BASE["vocab_size"], "none")
+    short = torch.ones(2, 6, dtype=torch.long)  # covers 6 of the 8 tokens
+    with torch.no_grad():
+        theirs = hf(ids, attention_mask=short, output_attentions=True)
+        mine = ours(ids, attention_mask=short, output_attentions=True)
+    assert _max_diff(mine.logits, theirs.logits) <= ATOL
+    assert mine.attentions[0][:, :, 7, 6:].abs().max() == 0

@@ -36,8 +36,10 @@ def build_mask(
     allowed = allowed[None, None]  # (1, 1, q, kv)
     if padding_mask is not None:
         padding = padding_mask.to(device=kv.device, dtype=torch.bool)
+        # Keys past the end of the 2-D mask count as padding (transformers pads the mask with zeros).
         index = kv_positions.clamp(0, padding.shape[1] - 1)
-        allowed = allowed & padding[:, index][:, None, None, :]
+        visible = padding[:, index] & (kv_positions < padding.shape[1])
+        allowed = allowed & visible[:, None, None, :]
     if segments is not None:
         allowed = allowed & (segments[:, None, :, None] == segments[:, None, None, :])
     return allowed, False
