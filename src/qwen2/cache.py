@@ -218,6 +218,10 @@ class Cache:
     def __len__(self) -> int:
         return len(self.layers)
 
+    def __repr__(self) -> str:
+        windows = sorted({layer.window for layer in self.layers if layer.window is not None})
+        return f"{type(self).__name__}(layers={len(self.layers)}, seq_length={self.get_seq_length()}, windows={windows})"
+
     def update(
         self,
         key_states: torch.Tensor,
@@ -277,15 +281,11 @@ class Cache:
         return [layer.window is not None for layer in self.layers]
 
 
-def _layer_windows(config: Any, num_layers: int | None = None) -> list[int | None]:
-    layer_types = list(getattr(config, "layer_types", None) or [])
-    count = num_layers if num_layers is not None else len(layer_types) or config.num_hidden_layers
+def _layer_windows(config: Any) -> list[int | None]:
+    """Per layer: the sliding window for "sliding_attention" layers, None for full attention."""
+    layer_types = list(getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers)
     window = getattr(config, "sliding_window", None)
-    windows: list[int | None] = []
-    for index in range(count):
-        kind = layer_types[index] if index < len(layer_types) else "full_attention"
-        windows.append(window if kind == "sliding_attention" and window else None)
-    return windows
+    return [window if kind == "sliding_attention" and window else None for kind in layer_types]
 
 
 class DynamicCache(Cache):
