@@ -246,10 +246,13 @@ def test_tiny_config(tiny, tmp_path):
     assert "lm_head.weight" not in load_gguf_state_dict(tied)
 
 
-def test_tokenizer_metadata_matches_tokenizer_module(tiny):
-    from qwen2.tokenizer.gguf import tokenizer_metadata_from_gguf
-
-    assert GGUFFile(tiny[0]).tokenizer_metadata() == tokenizer_metadata_from_gguf(tiny[0])
+def test_tokenizer_metadata_is_what_was_written(tiny):
+    metadata = GGUFFile(tiny[0]).tokenizer_metadata()
+    assert metadata["tokenizer.ggml.tokens"] == TOKENS and metadata["tokenizer.ggml.merges"] == MERGES
+    assert metadata["tokenizer.ggml.token_type"] == [1] * 62 + [3, 3]
+    assert metadata["tokenizer.ggml.eos_token_id"] == 63 and metadata["tokenizer.ggml.add_bos_token"] is False
+    assert metadata["general.architecture"] == "qwen2" and metadata["qwen2.context_length"] == 128
+    assert "qwen2.block_count" not in metadata
 
 
 # ----------------------------------------------------------------------------------- malformed-file corpus
@@ -389,14 +392,21 @@ def test_wrong_tensor_shape_is_named(tmp_path, deadline):
     _expect(path, "'blk.1.attn_q.bias'", "shape")
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(edits=st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), min_size=1, max_size=4))
-def test_random_header_corruption_is_an_error_or_a_valid_file(tiny, tmp_path, deadline, edits):
-    """Fuzz the header: any byte flips give a readable file or a GGUFError, never a crash or a hang."""
+EXTREMES = [0, 1, 255, 2**31, 2**32 - 1, 2**63, 2**64 - 1]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(flips=st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), max_size=4),
+       extreme=st.none() | st.tuples(st.integers(0, 10**6), st.sampled_from(EXTREMES)))
+def test_random_header_corruption_is_an_error_or_a_valid_file(tiny, tmp_path, deadline, flips, extreme):
+    """Fuzz the header with byte flips and extreme 64-bit counts: the result is a loadable file or a
+    GGUFError, never another exception or a hang."""
     data_start = GGUFFile(tiny[0]).data_offset
-    patched = _patched(tiny[0], tmp_path / "fuzz.gguf", {i % data_start: bytes([b]) for i, b in edits})
+    edits = {i % data_start: bytes([b]) for i, b in flips}
+    if extreme is not None:
+        edits[extreme[0] % (data_start - 8)] = struct.pack("<Q", extreme[1])
     try:
-        load_gguf_state_dict(patched)
+        load_gguf_state_dict(_patched(tiny[0], tmp_path / "fuzz.gguf", edits))
     except GGUFError:
         pass
 
