@@ -128,15 +128,28 @@ def test_int4_portable_path_equals_kernel():
 
 
 @pytest.mark.parametrize("group_size", [32, 128])
-def test_int4_error_is_about_half_a_step(group_size):
+def test_int4_min_max_grid_error_is_about_half_a_step(group_size):
     w = torch.randn(64, 512) * torch.exp(torch.randn(64, 1))
-    codes, sz = quantize_int4(w, group_size, scale_dtype=torch.bfloat16)
+    codes, sz = quantize_int4(w, group_size, scale_dtype=torch.bfloat16, clip_ratios=(1.0,))
     err = (dequantize_int4(codes, sz, group_size) - w).abs().view(64, -1, group_size)
     scale = sz[..., 0].float().t()[..., None]
     zero = sz[..., 1].float().t()[..., None]
     # half a step, plus what rounding scale and zero to bf16 can push an extreme value past the grid
     assert (err <= 0.55 * scale + zero.abs() * 2 ** -8).all()
     assert codes.min() == 0 and codes.max() == 15
+
+
+def test_int4_clip_search_never_increases_a_groups_error():
+    w = torch.randn(128, 256)
+    w[::7, ::13] *= 6  # outliers, where clipping pays
+    plain = quantize_int4(w, 32, clip_ratios=(1.0,))
+    searched = quantize_int4(w, 32)
+
+    def group_error(codes, sz):
+        return (dequantize_int4(codes, sz, 32) - w).square().view(128, -1, 32).sum(-1)
+
+    assert (group_error(*searched) <= group_error(*plain)).all()
+    assert group_error(*searched).sum() < 0.99 * group_error(*plain).sum()
 
 
 def test_int4_rejects_shapes_the_kernel_cannot_take():

@@ -25,6 +25,9 @@ GROUP_SIZES = (32, 64, 128, 256)
 _CPU_BLOCK_ROWS = 64
 _ROW_CHUNK = 4096  # a multiple of _CPU_BLOCK_ROWS: bounds the float32/int32 temporaries for the 151936-row lm_head
 _KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# Range shrink factors tried per group; 1.0 (plain min/max) first, so the search can only lower the error.
+CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
+_SEARCH_ELEMENTS = 1 << 18  # weights per chunk of the clip search: its float32 temporaries stay in L2
 
 
 def check_shape(out_features: int, in_features: int, group_size: int) -> str | None:
@@ -38,11 +41,14 @@ def check_shape(out_features: int, in_features: int, group_size: int) -> str | N
     return None
 
 
-def quantize_int4(weight: Tensor, group_size: int, scale_dtype: torch.dtype = torch.bfloat16) -> tuple[Tensor, Tensor]:
+def quantize_int4(weight: Tensor, group_size: int, scale_dtype: torch.dtype = torch.bfloat16,
+                  clip_ratios: tuple[float, ...] = CLIP_RATIOS) -> tuple[Tensor, Tensor]:
     """(codes uint8 (out, in) in 0..15, scales_and_zeros (in // group_size, out, 2)) for a 2-D float weight.
 
-    Each group maps [min, max] onto 0..15. Codes are rounded against the scale and zero as stored in
-    `scale_dtype`, so keeping them in that dtype adds no error of its own.
+    Each group maps a range onto 0..15: its [min, max] shrunk by each of `clip_ratios`, keeping the one with
+    the smallest squared error (clipping a rare outlier buys a finer step for the rest; llama.cpp's k-quants
+    and AWQ search the same way). Codes are rounded against the scale and zero as stored in `scale_dtype`,
+    so keeping them in that dtype adds no error of its own.
     """
     n, k = weight.shape
     problem = check_shape(n, k, group_size)
@@ -51,18 +57,36 @@ def quantize_int4(weight: Tensor, group_size: int, scale_dtype: torch.dtype = to
     groups = k // group_size
     codes = torch.empty(n, k, dtype=torch.uint8, device=weight.device)
     scales_and_zeros = torch.empty(groups, n, 2, dtype=scale_dtype, device=weight.device)
-    for lo in range(0, n, _ROW_CHUNK):
-        hi = min(lo + _ROW_CHUNK, n)
+    ratios = torch.tensor(clip_ratios, dtype=torch.float32, device=weight.device)
+    rows = max(1, _SEARCH_ELEMENTS // k)  # small chunks keep the search's temporaries in cache
+    for lo in range(0, n, rows):
+        hi = min(lo + rows, n)
         w = weight[lo:hi].detach().float().view(hi - lo, groups, group_size)
         wmin, wmax = w.amin(dim=-1), w.amax(dim=-1)
-        scale = ((wmax - wmin) / 15).clamp(min=1e-6).to(scale_dtype)
-        zero = (wmin + 8 * scale.float()).to(scale_dtype)
-        lowest = zero.float() - 8 * scale.float()  # the value code 0 stands for
-        q = ((w - lowest[..., None]) / scale.float()[..., None]).round_().clamp_(0, 15)
+        best_error, best_ratio = None, None
+        for ratio in ratios:
+            q, scale, zero = _quantize_range(w, wmin * ratio, wmax * ratio, scale_dtype)
+            error = q.sub_(8).mul_(scale.float()[..., None]).add_(zero.float()[..., None]).sub_(w).square_().sum(-1)
+            if best_error is None:
+                best_error, best_ratio = error, torch.full_like(error, float(ratio))
+            else:
+                better = error < best_error
+                best_error = torch.where(better, error, best_error)
+                best_ratio = torch.where(better, ratio, best_ratio)
+        q, scale, zero = _quantize_range(w, wmin * best_ratio, wmax * best_ratio, scale_dtype)
         codes[lo:hi] = q.view(hi - lo, k).to(torch.uint8)
         scales_and_zeros[:, lo:hi, 0] = scale.t()
         scales_and_zeros[:, lo:hi, 1] = zero.t()
     return codes, scales_and_zeros
+
+
+def _quantize_range(w: Tensor, low: Tensor, high: Tensor, scale_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """Float codes 0..15 for w (rows, groups, group_size) on the grid spanning [low, high] per group."""
+    scale = ((high - low) / 15).clamp(min=1e-6).to(scale_dtype)
+    zero = (low + 8 * scale.float()).to(scale_dtype)
+    lowest = zero.float() - 8 * scale.float()  # the value code 0 stands for
+    q = ((w - lowest[..., None]) / scale.float()[..., None]).round_().clamp_(0, 15)
+    return q, scale, zero
 
 
 def dequantize_int4(codes: Tensor, scales_and_zeros: Tensor, group_size: int,
