@@ -296,20 +296,25 @@ def test_real_model_seeded_sampling_is_reproducible(our_gguf_model, seed_ids):
     assert torch.equal(first, again)
 
 
+@pytest.fixture(scope="module")
+def our_tokenizer(default_gguf):
+    return qwen2.AutoTokenizer.from_pretrained(str(default_gguf))
+
+
 @pytest.mark.slow
-def test_real_model_stop_string_stops_exactly(our_gguf_model, hf_gguf_tokenizer, seed_reference, seed_ids):
+def test_real_model_stop_string_stops_exactly(our_gguf_model, our_tokenizer, seed_reference, seed_ids):
     reference = seed_reference["new_token_ids"]
     ours = our_gguf_model.generate(seed_ids, max_new_tokens=48, stop_strings=["intelligence"],
-                                   tokenizer=hf_gguf_tokenizer)
+                                   tokenizer=our_tokenizer)
     new = ours[0, seed_ids.shape[1]:].tolist()
-    text = hf_gguf_tokenizer.decode(new)
+    text = our_tokenizer.decode(new)
     assert text.endswith("intelligence") and text.count("intelligence") == 1
     assert new == reference[: len(new)]
 
 
 @pytest.mark.slow
-def test_real_model_streamer_text_equals_decoded_output(our_gguf_model, hf_gguf_tokenizer, seed_ids):
-    streamer = TextIteratorStreamer(hf_gguf_tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
+def test_real_model_streamer_text_equals_decoded_output(our_gguf_model, our_tokenizer, seed_ids):
+    streamer = TextIteratorStreamer(our_tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
     result = {}
 
     def run():
@@ -319,7 +324,7 @@ def test_real_model_streamer_text_equals_decoded_output(our_gguf_model, hf_gguf_
     thread.start()
     chunks = list(streamer)
     thread.join()
-    expected = hf_gguf_tokenizer.decode(result["ids"][0, seed_ids.shape[1]:], skip_special_tokens=True)
+    expected = our_tokenizer.decode(result["ids"][0, seed_ids.shape[1]:], skip_special_tokens=True)
     assert "".join(chunks) == expected
     assert len(chunks) > 5  # it streamed, not one final chunk
 
