@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from qwen2.tokenizer import BatchEncoding, Qwen2Tokenizer, Qwen2TokenizerFast, TokenizerFileError
 from qwen2.tokenizer.gguf import tokenizer_metadata_from_gguf
-from tokenizer_corpus import corpus, write_real_tokenizer_files
+from tokenizer_corpus import corpus, tables_module_source, write_real_tokenizer_files
 
 transformers = pytest.importorskip("transformers")
 
@@ -132,6 +132,25 @@ def test_roundtrip_is_nfc(slow, fast, text):
 @given(st.text(alphabet=st.characters(codec="utf-8"), min_size=1, max_size=40))
 def test_arbitrary_unicode_matches_transformers(slow, hf, text):
     assert slow.encode(text) == hf.encode(text)
+
+
+# Characters where newer Unicode data (unicodedata, the regex package) and tokenizers' older data differ:
+# newly assigned letters and digits, marks unknown to Unicode 9.0 NFC, and plain old neighbours.
+NEWER_UNICODE = [0x558, 0x1ABF, 0x1AC1, 0x82A, 0x1DF6, 0x0D3B, 0x11D42, 0x16FF0, 0x1E4D0, 0x2EBF0, 0x11F00,
+                 0x1E290, 0x11935, 0x11930, 0x11938, 0x0301, 0x0316, 0x61, 0x20, 0x27, 0x73, 0x31, 0xA0, 0xE9]
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.sampled_from(NEWER_UNICODE), min_size=1, max_size=12))
+def test_newer_unicode_matches_transformers(slow, hf, code_points):
+    text = "".join(map(chr, code_points))
+    assert slow.encode(text) == hf.encode(text)
+
+
+def test_unicode_tables_match_tokenizers():
+    """The shipped character classes are the installed `tokenizers`' own (regenerate on mismatch)."""
+    shipped = (Path(__file__).resolve().parents[1] / "src/qwen2/tokenizer/unicode_tables.py").read_text(encoding="utf-8")
+    assert shipped == tables_module_source(), "run: python tests/tokenizer_corpus.py --tables > src/qwen2/tokenizer/unicode_tables.py"
 
 
 # ---- special and added tokens --------------------------------------------------------------------

@@ -11,11 +11,9 @@ dictionary lookup per candidate pair.
 from __future__ import annotations
 
 import heapq
-import unicodedata
 
-import regex
-
-from qwen2.tokenizer.byte_level import BYTE_TO_UNICODE, PRETOKENIZE_REGEX, UNICODE_TO_BYTE
+from qwen2.tokenizer.byte_level import BYTE_TO_UNICODE, UNICODE_TO_BYTE
+from qwen2.tokenizer.normalize import nfc, pretokenize
 
 _SHIFT = 21  # ids stay below 2**21, so a pair packs into one int key: (left << _SHIFT) | right
 _CACHE_LIMIT = 200_000  # pieces kept; past this new pieces are merged without being cached
@@ -51,15 +49,13 @@ class ByteLevelBPE:
                 ) from None
             self._merges.setdefault(key, (rank, merged))
         self.merges = merges
-        self._split = regex.compile(PRETOKENIZE_REGEX).findall
+        self._split = pretokenize
         self._cache: dict[str, list[int]] = {}
         self._bytes: list[bytes] | None = None
 
     def encode(self, text: str) -> list[int]:
         """Ids of `text` (already free of added tokens): NFC, regex split, cached BPE per piece."""
-        if not text.isascii():
-            text = unicodedata.normalize("NFC", text)
-        return self.encode_normalized(text)
+        return self.encode_normalized(nfc(text))
 
     def encode_normalized(self, text: str) -> list[int]:
         ids: list[int] = []

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import unicodedata
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +10,7 @@ from qwen2.tokenizer import files
 from qwen2.tokenizer.added import AddedToken, AddedTokenSplitter
 from qwen2.tokenizer.base import Qwen2TokenizerBase, added_tokens_from_config
 from qwen2.tokenizer.bpe import ByteLevelBPE, token_to_bytes
+from qwen2.tokenizer.normalize import nfc
 
 
 class Qwen2Tokenizer(Qwen2TokenizerBase):
@@ -118,8 +118,7 @@ class Qwen2Tokenizer(Qwen2TokenizerBase):
             if type(piece) is int:
                 ids.append(piece)
                 continue
-            if not piece.isascii():
-                piece = unicodedata.normalize("NFC", piece)
+            piece = nfc(piece)
             if not self._has_normalized_added:
                 ids += encode(piece)
                 continue
