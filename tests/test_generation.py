@@ -191,6 +191,21 @@ def test_default_length_and_generation_config_argument_match_transformers(tiny_p
     )
 
 
+def test_chunked_prefill_gives_the_same_tokens(tiny_pair, prompts):
+    ids, mask = prompts
+    ours, theirs = _both(tiny_pair, ids, attention_mask=mask, max_new_tokens=8, pad_token_id=0, prefill_chunk_size=4)
+    assert torch.equal(ours, theirs)
+    assert torch.equal(ours, tiny_pair[0].generate(ids, attention_mask=mask, max_new_tokens=8, pad_token_id=0))
+
+
+def test_max_time_and_context_bound_the_length(tiny_pair):
+    ours, theirs = _both(tiny_pair, torch.tensor([[3, 4, 5]]), max_new_tokens=10, max_time=0.0)
+    assert ours.shape[1] == theirs.shape[1] == 4  # the time budget is checked after every token
+    context = TINY["max_position_embeddings"]
+    near_the_end = torch.full((1, context - 4), 5)
+    assert tiny_pair[0].generate(near_the_end, max_new_tokens=20).shape[1] == context
+
+
 def test_attention_mask_is_inferred_from_pad_tokens(tiny_pair, prompts):
     ids, mask = prompts
     ours, theirs = _both(tiny_pair, ids, max_new_tokens=8, pad_token_id=0, eos_token_id=[95])

@@ -154,9 +154,20 @@ class GenerationMixin:
         return output.logits[:, -1, :].to(dtype=torch.float32)
 
     def _prefill(self, plan: GenerationPlan, cache: Any) -> torch.Tensor:
+        """Run the prompt through the model (in `prefill_chunk_size` pieces if set, bounding activation
+        memory for long prompts); returns the last position's logits."""
         length = plan.input_ids.shape[1]
-        cache_position = torch.arange(length, device=plan.input_ids.device)
-        return self._forward_last_logits(plan.input_ids, plan.attention_mask, plan.position_ids, cache, cache_position)
+        chunk = plan.config.prefill_chunk_size or length
+        if not isinstance(chunk, int) or chunk <= 0:
+            raise ValueError(f"`prefill_chunk_size` must be a positive integer, got {chunk!r}.")
+        for start in range(0, length, chunk):
+            end = min(start + chunk, length)
+            mask = None if plan.attention_mask is None else plan.attention_mask[:, :end]
+            cache_position = torch.arange(start, end, device=plan.input_ids.device)
+            logits = self._forward_last_logits(
+                plan.input_ids[:, start:end], mask, plan.position_ids[:, start:end], cache, cache_position
+            )
+        return logits
 
     def _decode_step(self, tokens, position_ids, cache_position, attention_mask, cache) -> torch.Tensor:
         """One new token per row: tokens/position_ids (N, 1), cache_position (1,), attention_mask None or
