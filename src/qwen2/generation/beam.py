@@ -69,6 +69,7 @@ def beam_search(model: Any, plan: GenerationPlan) -> torch.Tensor | GenerateBeam
 
     cache = model._make_cache(flat_batch, max_length)
     logits = model._prefill(plan, cache)
+    decode_step = model._decode_step_fn(config)
     attention_mask = plan.attention_mask
     if attention_mask is not None:
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(flat_batch, max_length - prompt_length)], -1)
@@ -139,7 +140,7 @@ def beam_search(model: Any, plan: GenerationPlan) -> torch.Tensor | GenerateBeam
         # 5. feed the live beams' last tokens, with the cache rows rearranged to follow their beams
         cache.reorder_cache(running_origin[..., cur_len - 1 - prompt_length].reshape(-1).long())
         tokens = running[:, :, cur_len - 1].reshape(flat_batch, 1)
-        logits = model._decode_step(tokens, position_ids, cache_position, attention_mask, cache)
+        logits = decode_step(tokens, position_ids, cache_position, attention_mask, cache)
         position_ids = position_ids + 1
         cache_position = cache_position + 1
 

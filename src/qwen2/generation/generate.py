@@ -7,8 +7,10 @@ mask and positions come from the mask; logits processors and stopping criteria a
 
 The greedy/sampling loop is a generator (`_decode_steps`) yielding one token per row per step, so streaming
 is the primitive: `generate()` collects it, `generate_stream()` exposes it. All model calls go through
-`_prefill` and `_decode_step` (one token per row, static-shape cache), the seam where a compiled decode
-step plugs in.
+`_prefill` and the callable `_decode_step_fn` returns (by default `_decode_step`: one token per row,
+static-shape inputs and cache), the seam where a compiled decode step plugs in. The loop's only host
+sync per step is the "all rows finished?" check (plus the token copy when streaming or stop strings
+are used).
 """
 
 from __future__ import annotations
@@ -174,6 +176,11 @@ class GenerationMixin:
         (N, max_length) over all cache slots. Shapes never change between steps. Returns (N, V) float32."""
         return self._forward_last_logits(tokens, attention_mask, position_ids, cache, cache_position)
 
+    def _decode_step_fn(self, config: GenerationConfig) -> Any:
+        """The callable the loops use for every new token (signature of `_decode_step`). The compiled
+        fast path hooks in here, e.g. returning a `torch.compile`d wrapper unless `config.disable_compile`."""
+        return self._decode_step
+
     def _make_cache(self, batch_size: int, max_length: int) -> Any:
         from qwen2.cache import StaticCache
 
@@ -189,6 +196,7 @@ class GenerationMixin:
         batch_size, prompt_length = input_ids.shape
         cache = self._make_cache(batch_size, config.max_length)
         logits = self._prefill(plan, cache)
+        decode_step = self._decode_step_fn(config)
         # The mask covers every cache slot up front (ones past the prompt): one static shape for all steps.
         attention_mask = plan.attention_mask
         if attention_mask is not None:
@@ -212,7 +220,7 @@ class GenerationMixin:
             yield DecodeStep(tokens=tokens, scores=scores, logits=logits, cache=cache)
             if not bool(unfinished.any()):
                 return
-            logits = self._decode_step(tokens[:, None], position_ids, cache_position, attention_mask, cache)
+            logits = decode_step(tokens[:, None], position_ids, cache_position, attention_mask, cache)
             position_ids = position_ids + 1
             cache_position = cache_position + 1
 
