@@ -92,6 +92,10 @@ class Qwen2TokenizerBase:
     def _decode_ids(self, ids: list[int], skip_special_tokens: bool) -> str:
         raise NotImplementedError
 
+    def _encode_plain(self, text: str) -> list[int]:
+        """Ids of `text` as plain text: no added token, special or not, is matched."""
+        raise NotImplementedError
+
     def _model_token_to_id(self, token: str) -> int | None:
         raise NotImplementedError
 
@@ -122,6 +126,7 @@ class Qwen2TokenizerBase:
         clean_up_tokenization_spaces: bool = False,
         split_special_tokens: bool = False,
         chat_template: str | dict[str, str] | list[dict[str, str]] | None = None,
+        chat_control_tokens: Sequence[str] | None = None,
         errors: str = "replace",
         add_prefix_space: bool | None = False,
         add_bos_token: bool = False,
@@ -153,6 +158,9 @@ class Qwen2TokenizerBase:
         if isinstance(chat_template, (list, tuple)):
             chat_template = {entry["name"]: entry["template"] for entry in chat_template}
         self.chat_template = chat_template
+        if chat_control_tokens is not None and not isinstance(chat_control_tokens, (list, tuple)):
+            raise TypeError(f"chat_control_tokens must be a list of strings, got {chat_control_tokens!r}")
+        self.chat_control_tokens = None if chat_control_tokens is None else list(chat_control_tokens)
         self.init_kwargs = {"name_or_path": self.name_or_path}
 
         self._added: dict[int, AddedToken] = {}
@@ -413,7 +421,8 @@ class Qwen2TokenizerBase:
         options.update(kwargs)
         split_special_tokens = options.pop("split_special_tokens", self.split_special_tokens)
         max_target_length = options.pop("max_target_length", None)
-        options.pop("sanitize_control_tokens", None)
+        if options.pop("sanitize_control_tokens", False):
+            raise ValueError("sanitize_control_tokens is an apply_chat_template option: pass it there")
         if options:
             raise TypeError(f"unexpected keyword arguments {sorted(options)}")
         if return_overflowing_tokens or return_offsets_mapping:
@@ -622,6 +631,7 @@ class Qwen2TokenizerBase:
         add_generation_prompt: bool = False,
         continue_final_message: bool | str = False,
         tokenize: bool = True,
+        sanitize_control_tokens: bool = False,
         padding: Any = False,
         truncation: bool = False,
         max_length: int | None = None,
@@ -631,28 +641,52 @@ class Qwen2TokenizerBase:
         tokenizer_kwargs: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> Any:
-        """Render a conversation with the checkpoint's Jinja template (sandboxed), and tokenize it."""
-        from qwen2.tokenizer.chat import render_conversations
+        """Render a conversation with the checkpoint's Jinja template (sandboxed), and tokenize it.
+
+        With `sanitize_control_tokens`, control tokens that appear in messages, tools, documents or template
+        variables are encoded as plain text, so only the template's own control tokens become tokens.
+        """
+        from qwen2.tokenizer import chat
 
         if return_assistant_tokens_mask:
             raise NotImplementedError("return_assistant_tokens_mask is not supported by qwen2's tokenizers")
-        if kwargs.pop("sanitize_control_tokens", False):
-            raise NotImplementedError("sanitize_control_tokens is not supported by qwen2's tokenizers")
         template = self.get_chat_template(chat_template, tools)
         if isinstance(conversation, (list, tuple)) and not conversation:
             raise ValueError("Cannot apply a chat template to an empty conversation: give at least one message")
         batched = isinstance(conversation, (list, tuple)) and isinstance(conversation[0], (list, tuple))
         conversations = list(conversation) if batched else [conversation]
-        rendered = render_conversations(
+        if sanitize_control_tokens:
+            if not tokenize:
+                raise ValueError("sanitize_control_tokens=True requires tokenize=True")
+            controls = chat.control_tokens(template, self._added, self.chat_control_tokens)
+            conversations = [chat.mark_control_tokens(chat.plain_data(c), controls) for c in conversations]
+            tools, documents, kwargs = (chat.mark_control_tokens(v, controls) for v in (tools, documents, kwargs))
+        rendered = chat.render_conversations(
             template, conversations, tools=tools, documents=documents, add_generation_prompt=add_generation_prompt,
             continue_final_message=continue_final_message, **{**self.special_tokens_map, **kwargs},
         )
         text = rendered if batched else rendered[0]
         if not tokenize:
             return text
-        out = self(text, padding=padding, truncation=truncation, max_length=max_length, add_special_tokens=False,
-                   return_tensors=return_tensors, **(tokenizer_kwargs or {}))
+        if sanitize_control_tokens:
+            out = self._encode_marked(rendered, batched, padding, truncation, max_length, return_tensors)
+        else:
+            out = self(text, padding=padding, truncation=truncation, max_length=max_length, add_special_tokens=False,
+                       return_tensors=return_tensors, **(tokenizer_kwargs or {}))
         return out if return_dict else out["input_ids"]
+
+    def _encode_marked(self, rendered: list[str], batched: bool, padding: Any, truncation: Any,
+                       max_length: int | None, return_tensors: str | None) -> BatchEncoding:
+        from qwen2.tokenizer.chat import encode_marked_chat
+
+        padding, truncation, max_length = resolve_strategies(
+            padding, truncation, max_length, None, self.model_max_length, self.pad_token is not None
+        )
+        rows = [encode_marked_chat(self, text) for text in rendered]
+        if truncation != "do_not_truncate" and max_length is not None:
+            rows = [truncate(ids, None, "longest_first", max_length, self.truncation_side)[0] for ids in rows]
+        return self.pad({"input_ids": rows if batched or return_tensors else rows[0]}, padding=padding,
+                        max_length=max_length, return_tensors=return_tensors)
 
     # ---- saving and loading --------------------------------------------------------------------
     def _config_dict(self) -> dict[str, Any]:
@@ -669,6 +703,8 @@ class Qwen2TokenizerBase:
             "tokenizer_class": "Qwen2Tokenizer",
             "truncation_side": self.truncation_side,
         }
+        if self.chat_control_tokens is not None:
+            config["chat_control_tokens"] = list(self.chat_control_tokens)
         config.update(self._special_tokens)
         return config
 

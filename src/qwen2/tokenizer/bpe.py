@@ -13,7 +13,7 @@ from __future__ import annotations
 import heapq
 
 from qwen2.tokenizer.byte_level import BYTE_TO_UNICODE, UNICODE_TO_BYTE
-from qwen2.tokenizer.normalize import nfc, pretokenize
+from qwen2.tokenizer.normalize import pretokenize
 
 _SHIFT = 21  # ids stay below 2**21, so a pair packs into one int key: (left << _SHIFT) | right
 _CACHE_LIMIT = 200_000  # pieces kept; past this new pieces are merged without being cached
@@ -21,7 +21,7 @@ _HEAP_FROM = 48  # pieces at least this long use the O(n log n) merge instead of
 
 
 class ByteLevelBPE:
-    """Byte-level BPE model: `encode(text)` for text without added tokens, `token_bytes(id)` to decode."""
+    """Byte-level BPE model: `encode_normalized(text)` for NFC text without added tokens, `token_bytes()` to decode."""
 
     def __init__(self, vocab: dict[str, int], merges: list[tuple[str, str]]) -> None:
         self.vocab = vocab
@@ -52,10 +52,6 @@ class ByteLevelBPE:
         self._split = pretokenize
         self._cache: dict[str, list[int]] = {}
         self._bytes: list[bytes] | None = None
-
-    def encode(self, text: str) -> list[int]:
-        """Ids of `text` (already free of added tokens): NFC, regex split, cached BPE per piece."""
-        return self.encode_normalized(nfc(text))
 
     def encode_normalized(self, text: str) -> list[int]:
         ids: list[int] = []

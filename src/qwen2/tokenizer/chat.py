@@ -241,3 +241,77 @@ def render_conversations(
         )
         rendered.append(_cut_after_final(text, final) if final is not None else text)
     return rendered
+
+
+# ---- sanitize_control_tokens: control tokens in user input are encoded as plain text ----------------
+_MARK_START, _MARK_END = "\U000f0000", "\U000f0001"  # private-use markers around user-supplied control tokens
+
+
+def template_literal_text(template: str) -> str:
+    """The template's literal text and string constants, joined so no match can span two of them."""
+    import jinja2.nodes
+
+    ast = compile_template(template).environment.parse(template)
+    literals = {node.data for node in ast.find_all(jinja2.nodes.TemplateData)}
+    literals |= {node.value for node in ast.find_all(jinja2.nodes.Const) if isinstance(node.value, str)}
+    return "\0".join(sorted(literals))
+
+
+def control_tokens(template: str, added: dict[int, Any], explicit: list[str] | None) -> tuple[str, ...]:
+    """Special tokens, plus the added tokens the template itself writes (or the explicit list)."""
+    if explicit is not None:
+        wanted = set(explicit)
+        return tuple(t.content for t in added.values() if t.special or t.content in wanted)
+    text = template_literal_text(template)
+    return tuple(t.content for t in added.values()
+                 if t.special or (t.content in text and not t.content.isspace()))
+
+
+def _alternation(tokens: tuple[str, ...]) -> str:
+    import re
+
+    return "|".join(map(re.escape, sorted(tokens, key=len, reverse=True))) or "(?!)"
+
+
+def mark_control_tokens(value: Any, tokens: tuple[str, ...]) -> Any:
+    """Wrap control tokens in user strings with markers (dropping any markers already there, so they
+    cannot be forged); dict keys are left alone."""
+    import re
+
+    pattern = re.compile(_alternation(tokens))
+
+    def mark(obj: Any) -> Any:
+        if isinstance(obj, str):
+            obj = obj.replace(_MARK_START, "").replace(_MARK_END, "")
+            return pattern.sub(lambda m: f"{_MARK_START}{m.group(0)}{_MARK_END}", obj)
+        if isinstance(obj, dict):
+            return {key: mark(item) for key, item in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return [mark(item) for item in obj]
+        return obj
+
+    return mark(value)
+
+
+def encode_marked_chat(tokenizer: Any, chat: str) -> list[int]:
+    """Ids of a chat rendered from marked inputs: marked tokens as plain text, the rest as usual.
+    A lone marker (the template split a marked token) is dropped but still separates the text."""
+    import re
+
+    markers = re.compile(
+        f"{_MARK_START}({_alternation(tuple(tokenizer.added_tokens_encoder))}){_MARK_END}|[{_MARK_START}{_MARK_END}]"
+    )
+    pieces = markers.split(chat)
+    newline = tokenizer.encode("\n", add_special_tokens=False)
+    ids = tokenizer.encode(pieces[0], add_special_tokens=False)
+    for index, piece in enumerate(pieces[1:], start=1):
+        if not piece:
+            continue
+        as_text = index % 2 == 1
+        encode = tokenizer._encode_plain if as_text else tokenizer.encode
+        piece_ids = encode("\n" + piece)  # mid-chat context, then the newline is taken off again
+        piece_ids = piece_ids[len(newline):] if piece_ids[:len(newline)] == newline else encode(piece)
+        if as_text and tokenizer.convert_tokens_to_ids(piece) in piece_ids:
+            raise ValueError(f"Can't sanitize {piece!r}: the tokenizer produces it from plain text")
+        ids += piece_ids
+    return ids

@@ -154,6 +154,11 @@ class Qwen2TokenizerFast(Qwen2TokenizerBase):
             return [tokenizer.encode(texts[0], add_special_tokens=False).ids]
         return [encoding.ids for encoding in tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
 
+    def _encode_plain(self, text: str) -> list[int]:
+        tokenizer = self._tokenizer
+        pieces = tokenizer.pre_tokenizer.pre_tokenize_str(tokenizer.normalizer.normalize_str(text))
+        return [token.id for piece, _ in pieces for token in tokenizer.model.tokenize(piece)]
+
     def _decode_ids(self, ids: list[int], skip_special_tokens: bool) -> str:
         if skip_special_tokens:
             skip = self._skip_ids()

@@ -129,6 +129,9 @@ class Qwen2Tokenizer(Qwen2TokenizerBase):
                     ids += encode(part)
         return ids
 
+    def _encode_plain(self, text: str) -> list[int]:
+        return self._bpe.encode_normalized(nfc(text))
+
     def _decode_ids(self, ids: list[int], skip_special_tokens: bool) -> str:
         table = self._decode_table
         if table is None:
