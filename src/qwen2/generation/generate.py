@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from qwen2.generation.beam import beam_search
 from qwen2.generation.config import DEFAULT_GENERATION_PARAMS, GenerationConfig
 from qwen2.generation.logits import LogitsProcessor, apply_processors, build_logits_processors, check_supported
 from qwen2.generation.outputs import GenerateDecoderOnlyOutput
@@ -89,8 +90,6 @@ class GenerationMixin:
         if config.num_beams > 1:
             if streamer is not None:
                 raise ValueError("`streamer` cannot be used with beam search. Set `num_beams=1` to stream.")
-            from qwen2.generation.beam import beam_search
-
             return beam_search(self, plan)
 
         record_scores = bool(config.return_dict_in_generate and config.output_scores)
