@@ -34,7 +34,8 @@ logger = logging.getLogger(__name__)
 # generate() arguments of the reference that this implementation does not provide.
 _UNSUPPORTED_ARGUMENTS = (
     "prefix_allowed_tokens_fn", "synced_gpus", "assistant_model", "negative_prompt_ids",
-    "negative_prompt_attention_mask", "custom_generate", "assistant_tokenizer", "inputs_embeds",
+    "negative_prompt_attention_mask", "custom_generate", "assistant_tokenizer", "inputs_embeds", "past_key_values",
+    "cache",
 )
 
 
@@ -265,7 +266,9 @@ class GenerationMixin:
         model_kwargs.pop("token_type_ids", None)  # some tokenizers return it; Qwen2 has no token types
         for name in model_kwargs:
             if name in _UNSUPPORTED_ARGUMENTS:
-                raise ValueError(f"`{name}` is not supported by qwen2's generate().")
+                hint = " (generate() builds its own KV cache: pass the whole prompt)" if "cache" in name or \
+                    "past" in name else ""
+                raise ValueError(f"`{name}` is not supported by qwen2's generate(); remove it{hint}.")
         if model_kwargs:
             raise ValueError(
                 f"generate() got arguments that are neither generation options nor model inputs: "
