@@ -425,3 +425,16 @@ def test_from_pretrained_on_the_gguf(default_gguf, hf_gguf_tokenizer, texts):
                       Qwen2TokenizerFast.from_pretrained(default_gguf.parent, gguf_file=default_gguf.name)):
         assert [tokenizer.encode(t) for t in sample] == [hf_gguf_tokenizer.encode(t) for t in sample]
         assert tokenizer.chat_template == hf_gguf_tokenizer.chat_template
+
+
+def test_small_vocabulary_without_every_byte(tmp_path):
+    """Bytes the vocabulary cannot spell are dropped, as `tokenizers` does when there is no unk_token."""
+    vocab = {c: i for i, c in enumerate("abcdefghĠ")}
+    vocab.update({"ab": 9, "<|endoftext|>": 10})
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    (tmp_path / "merges.txt").write_text("#version: 0.2\na b\n", encoding="utf-8")
+    reference = transformers.Qwen2Tokenizer.from_pretrained(str(tmp_path))
+    for cls in (Qwen2Tokenizer, Qwen2TokenizerFast):
+        tokenizer = cls.from_pretrained(tmp_path)
+        for text in ("ab cz xab!", "ééé", "<|endoftext|>ab"):
+            assert tokenizer.encode(text) == reference.encode(text)

@@ -31,13 +31,9 @@ class ByteLevelBPE:
         self.id_to_token: list[str | None] = [None] * size
         for token, index in vocab.items():
             self.id_to_token[index] = token
-        missing = [ch for ch in BYTE_TO_UNICODE.values() if ch not in vocab]
-        if missing:
-            raise ValueError(
-                f"vocabulary lacks {len(missing)} of the 256 byte-level symbols (e.g. {missing[0]!r}); "
-                "it is not a byte-level BPE vocabulary"
-            )
-        self._byte_ids = [vocab[BYTE_TO_UNICODE[b]] for b in range(256)]
+        # A byte whose symbol is missing from the vocabulary is dropped, as `tokenizers` does without unk_token.
+        self._byte_ids = [vocab.get(BYTE_TO_UNICODE[b]) for b in range(256)]
+        self._complete = None not in self._byte_ids
         self._merges: dict[int, tuple[int, int]] = {}  # packed pair -> (rank, merged id)
         for rank, (left, right) in enumerate(merges):
             try:
@@ -68,6 +64,10 @@ class ByteLevelBPE:
     def _merge(self, piece: str) -> list[int]:
         byte_ids = self._byte_ids
         word = [byte_ids[b] for b in piece.encode("utf-8")]
+        if not self._complete:
+            word = [i for i in word if i is not None]
+            if not word:
+                return word
         if len(word) >= _HEAP_FROM:
             return self._merge_long(word)
         merges = self._merges
