@@ -1,10 +1,11 @@
-"""The call surface both Qwen2 tokenizers share, with transformers 5's semantics.
+"""The base both Qwen2 tokenizers share, with transformers 5's semantics.
 
 Reference: transformers' `tokenization_utils_base.py` and `tokenization_utils_tokenizers.py`
 (`PreTrainedTokenizerBase`, `TokenizersBackend`). A subclass supplies the model: encoding text to
-ids, decoding ids, the base vocabulary and how added tokens get ids. Everything users touch --
-special tokens, `__call__`, padding and truncation, decoding, saving and loading, chat templates --
-lives here once, so the pure-Python and the `tokenizers`-backed classes cannot drift apart.
+ids, decoding ids, the base vocabulary and how added tokens get ids. Everything users touch is
+written once -- special tokens (`vocabulary.py`), `__call__`/padding/truncation (`calls.py`), and
+here decoding, chat templates, saving and loading -- so the pure-Python and the `tokenizers`-backed
+classes cannot drift apart.
 """
 
 from __future__ import annotations
@@ -17,44 +18,16 @@ from typing import Any
 
 from qwen2.tokenizer import files
 from qwen2.tokenizer.added import AddedToken
-from qwen2.tokenizer.encoding import BatchEncoding
-from qwen2.tokenizer.padding import VERY_LARGE_INTEGER, pad_length, pad_rows, resolve_strategies, truncate
+from qwen2.tokenizer.calls import EncodingMixin
+from qwen2.tokenizer.encoding import BatchEncoding, to_python
+from qwen2.tokenizer.padding import VERY_LARGE_INTEGER, resolve_strategies, truncate
+from qwen2.tokenizer.vocabulary import VocabularyMixin
+
 
 logger = logging.getLogger(__name__)
 
-SPECIAL_TOKENS_ATTRIBUTES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
-# Constructor arguments that are settings of the tokenizer, not of its vocabulary files.
-_INIT_SETTINGS = (
-    "model_max_length", "padding_side", "truncation_side", "model_input_names", "clean_up_tokenization_spaces",
-    "split_special_tokens", "chat_template", "errors", "add_prefix_space", "add_bos_token", "add_eos_token",
-)
 
-
-def _special_property(name: str) -> property:
-    def get(self: "Qwen2TokenizerBase") -> str | None:
-        value = self._special_tokens[name]
-        return None if value is None else str(value)
-
-    def set_(self: "Qwen2TokenizerBase", value: str | AddedToken | None) -> None:
-        if value is not None and not isinstance(value, str) and not hasattr(value, "content"):
-            raise ValueError(f"{name} must be a string or an AddedToken, got {type(value).__name__}")
-        self._special_tokens[name] = None if value is None else str(value)
-
-    return property(get, set_, doc=f"The {name.replace('_', ' ')} as a string, or None when unset.")
-
-
-def _special_id_property(name: str) -> property:
-    def get(self: "Qwen2TokenizerBase") -> int | None:
-        token = self._special_tokens[name]
-        return None if token is None else self.convert_tokens_to_ids(token)
-
-    def set_(self: "Qwen2TokenizerBase", value: int | None) -> None:
-        self._special_tokens[name] = None if value is None else self.convert_ids_to_tokens(int(value))
-
-    return property(get, set_, doc=f"The id of the {name.replace('_', ' ')}, or None when unset.")
-
-
-class Qwen2TokenizerBase:
+class Qwen2TokenizerBase(VocabularyMixin, EncodingMixin):
     """Shared behaviour of `Qwen2Tokenizer` and `Qwen2TokenizerFast`."""
 
     vocab_files_names = {"vocab_file": files.VOCAB_FILE, "merges_file": files.MERGES_FILE,
@@ -62,13 +35,7 @@ class Qwen2TokenizerBase:
     model_input_names = ["input_ids", "attention_mask"]
     padding_side = "right"
     truncation_side = "right"
-    SPECIAL_TOKENS_ATTRIBUTES = list(SPECIAL_TOKENS_ATTRIBUTES)
     is_fast = False
-
-    for _name in SPECIAL_TOKENS_ATTRIBUTES:
-        locals()[_name] = _special_property(_name)
-        locals()[f"{_name}_id"] = _special_id_property(_name)
-    del _name
 
     # ---- what a subclass provides ------------------------------------------------------------
     @property
@@ -178,411 +145,10 @@ class Qwen2TokenizerBase:
         specials = [AddedToken(t, special=True, normalized=False) for t in self.all_special_tokens]
         self._add_added_tokens(specials)
 
-    def _add_with_ids(self, entries: list[tuple[int, AddedToken]]) -> None:
-        ids = self._register_added([token for _, token in entries])
-        for (wanted, token), got in zip(entries, ids):
-            if wanted != got:
-                logger.warning("added token %r is listed with id %d but got id %d", token.content, wanted, got)
-            self._added[got] = token
-        self._added = dict(sorted(self._added.items()))
-        self._on_added_tokens_changed()
-
-    def _add_added_tokens(self, tokens: list[AddedToken]) -> int:
-        """Add or update tokens; the count excludes tokens already present with identical flags."""
-        current = {token.content: token for token in self._added.values()}
-        fresh = [token for token in tokens if current.get(token.content) != token]
-        if not fresh:
-            return 0
-        for token, index in zip(fresh, self._register_added(fresh)):
-            self._added[index] = token
-        self._added = dict(sorted(self._added.items()))
-        self._on_added_tokens_changed()
-        return len(fresh)
-
-    # ---- special and added tokens --------------------------------------------------------------
-    @property
-    def extra_special_tokens(self) -> list[str]:
-        return list(self._extra_special_tokens)
-
-    @extra_special_tokens.setter
-    def extra_special_tokens(self, value: Sequence[Any]) -> None:
-        self._extra_special_tokens = [str(t) for t in value]
-
-    additional_special_tokens = extra_special_tokens
-
-    @property
-    def extra_special_tokens_ids(self) -> list[int]:
-        return self.convert_tokens_to_ids(self._extra_special_tokens)
-
-    additional_special_tokens_ids = extra_special_tokens_ids
-
-    @property
-    def special_tokens_map(self) -> dict[str, str]:
-        """The named special tokens that are set (transformers 5 leaves the extra ones out)."""
-        return {name: value for name, value in self._special_tokens.items() if value is not None}
-
-    @property
-    def all_special_tokens(self) -> list[str]:
-        seen: list[str] = []
-        for token in [*self._special_tokens.values(), *self._extra_special_tokens]:
-            if token is not None and token not in seen:
-                seen.append(token)
-        return seen
-
-    @property
-    def all_special_ids(self) -> list[int]:
-        return self.convert_tokens_to_ids(self.all_special_tokens)
-
-    @property
-    def added_tokens_decoder(self) -> dict[int, AddedToken]:
-        return dict(self._added)
-
-    @property
-    def added_tokens_encoder(self) -> dict[str, int]:
-        return {token.content: index for index, token in self._added.items()}
-
-    def get_added_vocab(self) -> dict[str, int]:
-        return self.added_tokens_encoder
-
-    def get_vocab(self) -> dict[str, int]:
-        vocab = dict(self._base_vocab())
-        vocab.update(self.added_tokens_encoder)
-        return vocab
-
-    @property
-    def vocab(self) -> dict[str, int]:
-        return self.get_vocab()
-
-    def __len__(self) -> int:
-        """Distinct tokens in the base vocabulary and the added tokens together."""
-        base = self._base_vocab()
-        return len(base) + sum(1 for token in self._added.values() if token.content not in base)
-
-    def __bool__(self) -> bool:
-        return True
-
-    def add_tokens(self, new_tokens: Any, special_tokens: bool = False) -> int:
-        """Add tokens matched whole in text; returns how many were new or changed."""
-        if not new_tokens:
-            return 0
-        if not isinstance(new_tokens, (list, tuple)):
-            new_tokens = [new_tokens]
-        tokens = []
-        for token in new_tokens:
-            token = AddedToken.coerce(token, special=special_tokens)
-            if special_tokens and not token.special:
-                token = AddedToken(token.content, token.single_word, token.lstrip, token.rstrip, token.normalized, True)
-            tokens.append(token)
-        return self._add_added_tokens(tokens)
-
-    def add_special_tokens(self, special_tokens_dict: dict[str, Any], replace_extra_special_tokens: bool = True) -> int:
-        """Set named special tokens (`pad_token`, ...) or `extra_special_tokens`, adding them as needed."""
-        if not special_tokens_dict:
-            return 0
-        special_tokens_dict = dict(special_tokens_dict)
-        if "additional_special_tokens" in special_tokens_dict:
-            special_tokens_dict.setdefault("extra_special_tokens", special_tokens_dict.pop("additional_special_tokens"))
-        to_add: list[AddedToken] = []
-        for key, value in special_tokens_dict.items():
-            if key == "extra_special_tokens":
-                if not isinstance(value, (list, tuple)):
-                    raise ValueError(f"extra_special_tokens must be a list of tokens, got {value!r}")
-                tokens = [AddedToken.coerce(t, special=True) if not isinstance(t, str)
-                          else AddedToken(t, special=True, normalized=False) for t in value]
-                if replace_extra_special_tokens:
-                    self._extra_special_tokens = [t.content for t in tokens]
-                else:
-                    self._extra_special_tokens += [t.content for t in tokens if t.content not in self._extra_special_tokens]
-                to_add += tokens
-            elif key in self.SPECIAL_TOKENS_ATTRIBUTES:
-                token = (AddedToken(value, special=True, normalized=False) if isinstance(value, str)
-                         else AddedToken.coerce(value, special=True))
-                setattr(self, key, token.content)
-                to_add.append(token)
-            else:
-                raise ValueError(
-                    f"{key!r} is not a special token name; use one of {self.SPECIAL_TOKENS_ATTRIBUTES + ['extra_special_tokens']}"
-                )
-        forced = [AddedToken(t.content, t.single_word, t.lstrip, t.rstrip, t.normalized, True) for t in to_add]
-        return self._add_added_tokens(forced)
-
-    def convert_tokens_to_ids(self, tokens: str | Sequence[str] | None) -> int | list[int] | None:
-        """Ids of tokens (added tokens first); unknown tokens give `unk_token_id` (None for Qwen2)."""
-        if tokens is None:
-            return None
-        if isinstance(tokens, str):
-            return self._token_to_id(tokens)
-        return [self._token_to_id(token) for token in tokens]
-
-    def _token_to_id(self, token: str) -> int | None:
-        index = self.added_tokens_encoder.get(token) if self._added else None
-        if index is None:
-            index = self._model_token_to_id(token)
-        if index is None and self.unk_token is not None and token != self.unk_token:
-            return self._token_to_id(self.unk_token)
-        return index
-
-    def convert_ids_to_tokens(self, ids: int | Sequence[int], skip_special_tokens: bool = False) -> Any:
-        """Token strings of ids; `skip_special_tokens` drops `all_special_ids`, as transformers does."""
-        if isinstance(ids, int) or hasattr(ids, "__index__") and not hasattr(ids, "__len__"):
-            return self._id_to_token(int(ids))
-        skip = set(self.all_special_ids) if skip_special_tokens else set()
-        return [self._id_to_token(int(i)) for i in _to_list(ids) if int(i) not in skip]
-
-    def _id_to_token(self, index: int) -> str | None:
-        token = self._added.get(index)
-        return token.content if token is not None else self._model_id_to_token(index)
-
-    def num_special_tokens_to_add(self, pair: bool = False) -> int:
-        return 0  # Qwen2 adds no BOS/EOS around sequences
-
-    def build_inputs_with_special_tokens(self, token_ids_0: list[int], token_ids_1: list[int] | None = None) -> list[int]:
-        return list(token_ids_0) + list(token_ids_1 or [])
-
-    def get_special_tokens_mask(
-        self, token_ids_0: list[int], token_ids_1: list[int] | None = None, already_has_special_tokens: bool = False
-    ) -> list[int]:
-        if already_has_special_tokens:
-            special = set(self.all_special_ids)
-            return [1 if index in special else 0 for index in token_ids_0]
-        return [0] * (len(token_ids_0) + len(token_ids_1 or []))
-
-    @property
-    def pad_token_type_id(self) -> int:
-        return 0
-
-    @property
-    def max_len_single_sentence(self) -> int:
-        return self.model_max_length
-
-    @property
-    def max_len_sentences_pair(self) -> int:
-        return self.model_max_length
-
-    # ---- encoding ------------------------------------------------------------------------------
-    def tokenize(self, text: str, pair: str | None = None, add_special_tokens: bool = False, **kwargs: Any) -> list[str]:
-        """Token strings of `text` (and `pair`), e.g. `['Hello', 'Ġworld']`."""
-        split = kwargs.get("split_special_tokens", self.split_special_tokens)
-        ids = self._encode_texts([text] + ([pair] if pair else []), split)
-        return [self._id_to_token(i) for row in ids for i in row]
-
-    def encode(
-        self,
-        text: Any,
-        text_pair: Any = None,
-        add_special_tokens: bool = True,
-        padding: Any = False,
-        truncation: Any = None,
-        max_length: int | None = None,
-        stride: int = 0,
-        padding_side: str | None = None,
-        return_tensors: str | None = None,
-        **kwargs: Any,
-    ) -> Any:
-        """The ids of one text (a list, or a (1, n) tensor with `return_tensors`)."""
-        if (type(text) is str and text_pair is None and padding is False and truncation is None
-                and max_length is None and return_tensors is None and not kwargs.keys() - {"split_special_tokens"}):
-            # The common case needs none of the padding/truncation machinery.
-            return self._encode_texts([text], kwargs.get("split_special_tokens", self.split_special_tokens))[0]
-        encoded = self(
-            text, text_pair=text_pair, add_special_tokens=add_special_tokens, padding=padding, truncation=truncation,
-            max_length=max_length, stride=stride, padding_side=padding_side, return_tensors=return_tensors,
-            return_attention_mask=False, **kwargs,
-        )
-        return encoded["input_ids"]
-
-    def __call__(
-        self,
-        text: Any = None,
-        text_pair: Any = None,
-        text_target: Any = None,
-        text_pair_target: Any = None,
-        add_special_tokens: bool = True,
-        padding: Any = False,
-        truncation: Any = None,
-        max_length: int | None = None,
-        stride: int = 0,
-        is_split_into_words: bool = False,
-        pad_to_multiple_of: int | None = None,
-        padding_side: str | None = None,
-        return_tensors: str | None = None,
-        return_token_type_ids: bool | None = None,
-        return_attention_mask: bool | None = None,
-        return_overflowing_tokens: bool = False,
-        return_special_tokens_mask: bool = False,
-        return_offsets_mapping: bool = False,
-        return_length: bool = False,
-        verbose: bool = True,
-        tokenizer_kwargs: dict[str, Any] | None = None,
-        **kwargs: Any,
-    ) -> BatchEncoding:
-        """Tokenize one text, a pair, or a batch, with padding, truncation and tensors as requested."""
-        options = dict(tokenizer_kwargs or {})
-        options.update(kwargs)
-        split_special_tokens = options.pop("split_special_tokens", self.split_special_tokens)
-        max_target_length = options.pop("max_target_length", None)
-        if options.pop("sanitize_control_tokens", False):
-            raise ValueError("sanitize_control_tokens is an apply_chat_template option: pass it there")
-        if options:
-            raise TypeError(f"unexpected keyword arguments {sorted(options)}")
-        if return_overflowing_tokens or return_offsets_mapping:
-            raise NotImplementedError(
-                "return_overflowing_tokens and return_offsets_mapping are not supported by qwen2's tokenizers"
-            )
-        if text is None and text_target is None:
-            raise ValueError("You need to specify either `text` or `text_target`.")
-        padding, truncation, max_length = resolve_strategies(
-            padding, truncation, max_length, pad_to_multiple_of, self.model_max_length, self.pad_token is not None
-        )
-        common = dict(
-            padding=padding, truncation=truncation, pad_to_multiple_of=pad_to_multiple_of,
-            padding_side=padding_side, return_tensors=return_tensors, return_token_type_ids=return_token_type_ids,
-            return_attention_mask=return_attention_mask, return_special_tokens_mask=return_special_tokens_mask,
-            return_length=return_length, is_split_into_words=is_split_into_words,
-            split_special_tokens=split_special_tokens,
-        )
-        encodings = target = None
-        if text is not None:
-            encodings = self._encode_plus(text, text_pair, max_length=max_length, **common)
-        if text_target is not None:
-            length = max_target_length if max_target_length is not None else max_length
-            target = self._encode_plus(text_target, text_pair_target, max_length=length, **common)
-        if target is None:
-            return encodings
-        if encodings is None:
-            return target
-        encodings["labels"] = target["input_ids"]
-        return encodings
-
-    def _encode_plus(
-        self,
-        text: Any,
-        text_pair: Any,
-        *,
-        padding: str,
-        truncation: str,
-        max_length: int | None,
-        pad_to_multiple_of: int | None,
-        padding_side: str | None,
-        return_tensors: str | None,
-        return_token_type_ids: bool | None,
-        return_attention_mask: bool | None,
-        return_special_tokens_mask: bool,
-        return_length: bool,
-        is_split_into_words: bool,
-        split_special_tokens: bool,
-    ) -> BatchEncoding:
-        _check_text(text, is_split_into_words, "text")
-        if text_pair is not None:
-            _check_text(text_pair, is_split_into_words, "text_pair")
-        if is_split_into_words:
-            batched = bool(text) and isinstance(text[0], (list, tuple))
-        else:
-            batched = isinstance(text, (list, tuple))
-        if batched:
-            if isinstance(text_pair, str):
-                raise TypeError("when tokenizing a batch, text_pair must be a list of the same length as text")
-            if text_pair is not None and len(text_pair) != len(text):
-                raise ValueError(f"batch length of text ({len(text)}) does not match text_pair ({len(text_pair)})")
-            firsts, seconds = list(text), list(text_pair) if text_pair is not None else None
-        else:
-            firsts, seconds = [text], [text_pair] if text_pair else None
-
-        first_ids = self._encode_inputs(firsts, is_split_into_words, split_special_tokens)
-        second_ids = self._encode_inputs(seconds, is_split_into_words, split_special_tokens) if seconds else None
-        rows: dict[str, list[list[int]]] = {"input_ids": []}
-        want_types = "token_type_ids" in self.model_input_names if return_token_type_ids is None else return_token_type_ids
-        want_mask = "attention_mask" in self.model_input_names if return_attention_mask is None else return_attention_mask
-        types = []
-        for index, ids in enumerate(first_ids):
-            pair = second_ids[index] if second_ids is not None else None
-            ids, pair = truncate(ids, pair, truncation, max_length, self.truncation_side)
-            rows["input_ids"].append(ids + (pair or []))
-            types.append([0] * len(ids) + [1] * len(pair or []))
-        if want_types:
-            rows["token_type_ids"] = types
-        if want_mask:
-            rows["attention_mask"] = [[1] * len(ids) for ids in rows["input_ids"]]
-        if return_special_tokens_mask:
-            rows["special_tokens_mask"] = [[0] * len(ids) for ids in rows["input_ids"]]
-        target = pad_length([len(ids) for ids in rows["input_ids"]], padding, max_length, pad_to_multiple_of)
-        if target is not None:
-            rows = pad_rows(rows, target, padding_side or self.padding_side, {
-                "input_ids": self.pad_token_id, "token_type_ids": self.pad_token_type_id,
-                "attention_mask": 0, "special_tokens_mask": 1,
-            })
-        if return_length:
-            rows["length"] = [len(ids) for ids in rows["input_ids"]]
-        if self.model_max_length < VERY_LARGE_INTEGER and max_length is None:
-            for ids in rows["input_ids"]:
-                if len(ids) > self.model_max_length:
-                    logger.warning(
-                        "Token indices sequence length is longer than the specified maximum sequence length for "
-                        "this model (%d > %d). Running this sequence through the model will result in indexing "
-                        "errors", len(ids), self.model_max_length,
-                    )
-                    break
-        if not batched and return_tensors is None:
-            single = {key: value[0] if key != "length" else value for key, value in rows.items()}
-            return BatchEncoding(single, n_sequences=2 if seconds else 1)
-        return BatchEncoding(rows, tensor_type=return_tensors, n_sequences=2 if seconds else 1)
-
-    def _encode_inputs(self, inputs: list[Any], is_split_into_words: bool, split_special_tokens: bool) -> list[list[int]]:
-        if not is_split_into_words:
-            return self._encode_texts(inputs, split_special_tokens)
-        # Pre-split words are encoded one by one and joined, as `tokenizers` does for pretokenized input.
-        flat = [word for words in inputs for word in words]
-        encoded = iter(self._encode_texts(flat, split_special_tokens))
-        return [[i for _ in words for i in next(encoded)] for words in inputs]
-
-    def pad(
-        self,
-        encoded_inputs: Any,
-        padding: Any = True,
-        max_length: int | None = None,
-        pad_to_multiple_of: int | None = None,
-        padding_side: str | None = None,
-        return_attention_mask: bool | None = None,
-        return_tensors: str | None = None,
-        verbose: bool = True,
-    ) -> BatchEncoding:
-        """Pad already-encoded inputs (a dict of lists/tensors, or a list of such dicts) to one length."""
-        if isinstance(encoded_inputs, (list, tuple)) and encoded_inputs and isinstance(encoded_inputs[0], (dict, BatchEncoding)):
-            encoded_inputs = {key: [example[key] for example in encoded_inputs] for key in encoded_inputs[0].keys()}
-        encoded_inputs = dict(encoded_inputs)
-        main = self.model_input_names[0]
-        if main not in encoded_inputs:
-            raise ValueError(f"pad() needs {main!r} in its inputs, got {sorted(encoded_inputs)}")
-        values = encoded_inputs[main]
-        first = _first_leaf(values)
-        if return_tensors is None and first is not None and not isinstance(first, (int, list, tuple)):
-            return_tensors = "pt" if hasattr(first, "detach") else "np"
-        encoded_inputs = {key: _to_list(value) for key, value in encoded_inputs.items()}
-        values = encoded_inputs[main]
-        padding, _, max_length = resolve_strategies(
-            padding, False, max_length, pad_to_multiple_of, self.model_max_length, self.pad_token is not None
-        )
-        batched = bool(values) and isinstance(values[0], (list, tuple))
-        rows = {key: (value if batched else [value]) for key, value in encoded_inputs.items()}
-        want_mask = "attention_mask" in self.model_input_names if return_attention_mask is None else return_attention_mask
-        if want_mask and "attention_mask" not in rows:
-            rows["attention_mask"] = [[1] * len(ids) for ids in rows[main]]
-        if not want_mask:
-            rows.pop("attention_mask", None)
-        target = pad_length([len(ids) for ids in rows[main]], padding, max_length, pad_to_multiple_of)
-        if target is not None:
-            rows = pad_rows(rows, target, padding_side or self.padding_side, {
-                main: self.pad_token_id, "token_type_ids": self.pad_token_type_id,
-                "attention_mask": 0, "special_tokens_mask": 1,
-            })
-        if not batched:
-            rows = {key: value[0] for key, value in rows.items()}
-        return BatchEncoding(rows, tensor_type=return_tensors)
-
     # ---- decoding ------------------------------------------------------------------------------
     def decode(self, token_ids: Any, skip_special_tokens: bool = False, **kwargs: Any) -> str | list[str]:
         """Text of a sequence of ids (or a list of texts for a batch of sequences)."""
-        token_ids = _to_list(token_ids)
+        token_ids = to_python(token_ids)
         if isinstance(token_ids, dict):
             token_ids = token_ids["input_ids"]
         if isinstance(token_ids, list) and token_ids and isinstance(token_ids[0], list):
@@ -602,7 +168,7 @@ class Qwen2TokenizerBase:
         return self._decode_ids(ids, skip_special_tokens)
 
     def batch_decode(self, sequences: Any, skip_special_tokens: bool = False, **kwargs: Any) -> list[str]:
-        sequences = _to_list(sequences)
+        sequences = to_python(sequences)
         if not sequences:
             return []
         result = self.decode(sequences, skip_special_tokens=skip_special_tokens, **kwargs)
@@ -786,46 +352,3 @@ class Qwen2TokenizerBase:
         )
 
 
-def added_tokens_from_config(config: dict[str, Any]) -> list[tuple[int, AddedToken]]:
-    """The `added_tokens_decoder` entries of a tokenizer config, as (id, AddedToken), checked."""
-    entries = []
-    for key, value in (config.pop("added_tokens_decoder", None) or {}).items():
-        try:
-            index = int(key)
-        except ValueError:
-            raise files.TokenizerFileError(f"added_tokens_decoder key {key!r} is not an integer id") from None
-        if isinstance(value, str):
-            value = {"content": value}
-        if not isinstance(value, dict) or not isinstance(value.get("content"), str):
-            raise files.TokenizerFileError(f"added_tokens_decoder[{key}] = {value!r} has no string 'content'")
-        entries.append((index, AddedToken.coerce(value)))
-    return entries
-
-
-def _check_text(text: Any, is_split_into_words: bool, name: str) -> None:
-    ok = isinstance(text, str) or (
-        isinstance(text, (list, tuple))
-        and all(isinstance(t, str) or (isinstance(t, (list, tuple)) and all(isinstance(w, str) for w in t)) for t in text)
-    )
-    if not ok:
-        raise ValueError(
-            f"{name} must be a str, a list of str (a batch, or one pre-split text with is_split_into_words=True) "
-            f"or a list of lists of str; got {type(text).__name__}"
-        )
-
-
-def _to_list(value: Any) -> Any:
-    """Python lists from tensors and arrays (what decode and pad accept)."""
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    if isinstance(value, (list, tuple)):
-        return [_to_list(v) for v in value]
-    return value
-
-
-def _first_leaf(values: Any) -> Any:
-    while isinstance(values, (list, tuple)):
-        if not values:
-            return None
-        values = values[0]
-    return values

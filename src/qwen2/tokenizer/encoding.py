@@ -133,3 +133,12 @@ def _as_tensor(key: str, value: Any, convert: Any) -> Any:
         return convert(value)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"cannot make a tensor of {key!r}: {exc}") from exc
+
+
+def to_python(value: Any) -> Any:
+    """Python lists from tensors and arrays (what decode and pad accept)."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [to_python(v) for v in value]
+    return value

@@ -13,8 +13,9 @@ from typing import Any
 
 from qwen2.tokenizer import files
 from qwen2.tokenizer.added import AddedToken
-from qwen2.tokenizer.base import Qwen2TokenizerBase, added_tokens_from_config
+from qwen2.tokenizer.base import Qwen2TokenizerBase
 from qwen2.tokenizer.byte_level import PRETOKENIZE_REGEX
+from qwen2.tokenizer.vocabulary import added_tokens_from_config
 
 
 def _tokenizers() -> Any:

@@ -8,9 +8,10 @@ from typing import Any
 
 from qwen2.tokenizer import files
 from qwen2.tokenizer.added import AddedToken, AddedTokenSplitter
-from qwen2.tokenizer.base import Qwen2TokenizerBase, added_tokens_from_config
+from qwen2.tokenizer.base import Qwen2TokenizerBase
 from qwen2.tokenizer.bpe import ByteLevelBPE, token_to_bytes
 from qwen2.tokenizer.normalize import nfc
+from qwen2.tokenizer.vocabulary import added_tokens_from_config
 
 
 class Qwen2Tokenizer(Qwen2TokenizerBase):
