@@ -12,7 +12,9 @@ equal to it; the layouts are ggml's `block_q*` structs in ggml-common.h.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 import torch
@@ -28,31 +30,40 @@ IQ4_VALUES = torch.tensor([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 
 
 # ------------------------------------------------------------------------------------------- shared pieces
 
-def _shifts(like: Tensor, *amounts: int) -> Tensor:
-    """Shift amounts on `like`'s device, so the same code runs on CPU and CUDA."""
-    return torch.tensor(amounts, dtype=like.dtype, device=like.device)
-
-
 def _f16(blocks: Tensor, start: int) -> Tensor:
     """The float16 stored at byte `start` of every block, as float32 `(n, 1)`."""
     return blocks[:, start:start + 2].contiguous().view(torch.float16).float()
 
 
+def _fields(packed: Tensor, bits: int, dim: int) -> Tensor:
+    """Every `bits`-wide field of each byte, lowest first, stacked along a new axis `dim`.
+
+    Shifts a contiguous copy by Python scalars: on CPU, shifting a strided view, or by a broadcast
+    tensor of shift amounts, is several times slower.
+    """
+    packed = packed.contiguous()
+    mask = (1 << bits) - 1
+    return torch.stack([(packed >> shift) & mask for shift in range(0, 8, bits)], dim=dim)
+
+
 def _split_nibbles(packed: Tensor, group: int) -> Tensor:
     """`(n, k)` bytes -> `(n, k // group, 2, group)`: per group of bytes, the low nibbles then the high ones."""
-    n = packed.shape[0]
-    return (packed.reshape(n, -1, 1, group) >> _shifts(packed, 0, 4).view(1, 1, 2, 1)) & 0x0F
+    return _fields(packed.reshape(packed.shape[0], -1, group), 4, dim=2)
+
+
+def _split_crumbs(packed: Tensor, group: int) -> Tensor:
+    """`(n, k)` bytes -> `(n, k // group, 4, group)`: per group of bytes, bits 0-1, then 2-3, 4-5, 6-7."""
+    return _fields(packed.reshape(packed.shape[0], -1, group), 2, dim=2)
 
 
 def _split_bits(packed: Tensor, group: int) -> Tensor:
-    """`(n, k)` bytes -> `(n, 8, group...)`: bit b of each byte becomes plane b (ggml's qh/hmask layouts)."""
-    n = packed.shape[0]
-    return (packed.reshape(n, -1, 1, group) >> _shifts(packed, *range(8)).view(1, 1, 8, 1)) & 1
+    """`(n, k)` bytes -> `(n, k // group, 8, group)`: bit b of each byte becomes plane b (ggml's qh/hmask)."""
+    return _fields(packed.reshape(packed.shape[0], -1, group), 1, dim=2)
 
 
 def _bits32(packed: Tensor) -> Tensor:
     """A little-endian uint32 bitfield stored as `(n, 4)` bytes -> `(n, 32)` bits, bit j at column j."""
-    return ((packed.unsqueeze(-1) >> _shifts(packed, *range(8))) & 1).reshape(packed.shape[0], 32)
+    return _fields(packed, 1, dim=2).reshape(packed.shape[0], 32)
 
 
 # ------------------------------------------------------------------------------------ 32-element blocks
@@ -178,8 +189,8 @@ def unpack_q2_k(blocks: Tensor) -> Q2_KBlocks:
     # block_q2_K: 16 bytes scales (low nibble scale, high nibble min) | 64 bytes of 2-bit quants | f16 d | f16 dmin
     n = blocks.shape[0]
     packed = blocks[:, :16]
-    q = (blocks[:, 16:80].reshape(n, 2, 1, 32) >> _shifts(blocks, 0, 2, 4, 6).view(1, 1, 4, 1)) & 3
-    return Q2_KBlocks(_f16(blocks, 80), _f16(blocks, 82), packed & 0x0F, packed >> 4, q.reshape(n, 16, 16))
+    q = _split_crumbs(blocks[:, 16:80], 32).reshape(n, 16, 16)
+    return Q2_KBlocks(_f16(blocks, 80), _f16(blocks, 82), packed & 0x0F, packed >> 4, q)
 
 
 def dequantize_q2_k(blocks: Tensor) -> Tensor:
@@ -199,11 +210,10 @@ def unpack_q3_k(blocks: Tensor) -> Q3_KBlocks:
     # block_q3_K: 32 bytes hmask | 64 bytes of low 2 bits | 12 bytes of 6-bit scales | f16 d
     n = blocks.shape[0]
     packed = blocks[:, 96:108]
-    low = (packed[:, :8].reshape(n, 1, 8) >> _shifts(packed, 0, 4).view(1, 2, 1)).reshape(n, 16) & 0x0F
-    high = (packed[:, 8:12].reshape(n, 1, 4) >> _shifts(packed, 0, 2, 4, 6).view(1, 4, 1)).reshape(n, 16) & 3
+    low = _fields(packed[:, :8], 4, dim=1).reshape(n, 16)
+    high = _fields(packed[:, 8:12], 2, dim=1).reshape(n, 16)
     scales = (low | (high << 4)).view(torch.int8) - 32
-    crumbs = _shifts(blocks, 0, 2, 4, 6).view(1, 1, 4, 1)
-    q_low = ((blocks[:, 32:96].reshape(n, 2, 1, 32) >> crumbs) & 3).reshape(n, 16, 16)
+    q_low = _split_crumbs(blocks[:, 32:96], 32).reshape(n, 16, 16)
     # A set hmask bit means "no offset"; a clear one subtracts 4.
     q_high = _split_bits(blocks[:, :32], 32).reshape(n, 16, 16) ^ 1
     q = q_low.view(torch.int8) - (q_high << 2).view(torch.int8)
@@ -272,8 +282,7 @@ def unpack_q6_k(blocks: Tensor) -> Q6_KBlocks:
     # block_q6_K: 128 bytes low nibbles | 64 bytes of high 2 bits | 16 int8 scales | f16 d
     n = blocks.shape[0]
     low = _split_nibbles(blocks[:, :128], 64).reshape(n, 8, 32)
-    crumbs = _shifts(blocks, 0, 2, 4, 6).view(1, 1, 4, 1)
-    high = ((blocks[:, 128:192].reshape(n, 2, 1, 32) >> crumbs) & 3).reshape(n, 8, 32)
+    high = _split_crumbs(blocks[:, 128:192], 32).reshape(n, 8, 32)
     q = (low | (high << 4)).view(torch.int8) - 32
     return Q6_KBlocks(_f16(blocks, 208), blocks[:, 192:208].view(torch.int8), q.reshape(n, 16, 16))
 
@@ -293,8 +302,8 @@ def unpack_iq4_xs(blocks: Tensor) -> IQ4_XSBlocks:
     # block_iq4_xs: f16 d | u16 scales_h (2 bits per sub-block) | 4 bytes scales_l (nibbles) | 128 bytes of nibbles
     n = blocks.shape[0]
     scales_h = blocks[:, 2].int() | (blocks[:, 3].int() << 8)
-    high = (scales_h.unsqueeze(-1) >> torch.arange(0, 16, 2, dtype=torch.int32, device=blocks.device)) & 3
-    low = (blocks[:, 4:8].reshape(n, 4, 1) >> _shifts(blocks, 0, 4).view(1, 1, 2)).reshape(n, 8) & 0x0F
+    high = torch.stack([(scales_h >> shift) & 3 for shift in range(0, 16, 2)], dim=-1)
+    low = _fields(blocks[:, 4:8], 4, dim=2).reshape(n, 8)
     scales = (low | (high.to(torch.uint8) << 4)).view(torch.int8) - 32
     q = _split_nibbles(blocks[:, 8:136], 16).reshape(n, 8, 32)
     return IQ4_XSBlocks(_f16(blocks, 0), scales, q)
@@ -330,6 +339,28 @@ SUPPORTED_TYPES = frozenset(DEQUANTIZERS)
 # Elements per call: each chunk's half-dozen intermediates then stay in cache instead of streaming
 # through memory once per operation (about 25% less CPU than 16 M-element chunks on the default model).
 _CHUNK_ELEMENTS = 1 << 20
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _workers() -> ThreadPoolExecutor:
+    """One thread per torch thread, each running whole chunks with single-threaded torch ops.
+
+    torch's intra-op parallelism splits every small op across threads and meets at a barrier after
+    each; on a busy machine that made dequantisation 10x slower in wall time, while whole chunks per
+    thread scale cleanly. OpenMP keeps its thread count per thread, so the caller's stays as it was.
+    """
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            threads = torch.get_num_threads()
+            _pool = ThreadPoolExecutor(threads, thread_name_prefix="qwen2-dequant",
+                                       initializer=torch.set_num_threads, initargs=(1,))
+            barrier = threading.Barrier(threads)
+            list(_pool.map(lambda _: barrier.wait(timeout=10), range(threads)))  # start every worker now
+            if torch.get_num_threads() != threads:  # a torch build whose thread count is process-wide
+                torch.set_num_threads(threads)
+        return _pool
 
 
 def dequantize(blocks: Tensor, ggml_type: GGMLQuantizationType, shape: tuple[int, ...],
@@ -343,8 +374,18 @@ def dequantize(blocks: Tensor, ggml_type: GGMLQuantizationType, shape: tuple[int
     blocks = blocks.reshape(-1, type_size)
     step = max(1, _CHUNK_ELEMENTS // block_size)
     if blocks.shape[0] <= step:
-        return fn(blocks).reshape(shape).to(dtype)
+        whole = lambda: fn(blocks).reshape(shape).to(dtype)  # noqa: E731
+        return whole() if blocks.device.type != "cpu" else _workers().submit(whole).result()
     out = torch.empty(blocks.shape[0], block_size, dtype=dtype, device=blocks.device)
-    for start in range(0, blocks.shape[0], step):
+
+    def run(start: int) -> None:
         out[start:start + step] = fn(blocks[start:start + step]).reshape(-1, block_size)
+
+    starts = range(0, blocks.shape[0], step)
+    if blocks.device.type != "cpu":  # queued asynchronously on the device already
+        for start in starts:
+            run(start)
+    else:
+        for done in [_workers().submit(run, start) for start in starts]:
+            done.result()
     return out.reshape(shape)
