@@ -18,7 +18,7 @@ from qwen2.tokenizer import unicode_tables
 from qwen2.tokenizer.byte_level import PRETOKENIZE_REGEX, python_pretokenize_regex
 
 
-class _Spans:
+class Spans:
     """Membership test over sorted code-point spans ("41-5A,61" hex form)."""
 
     def __init__(self, spans: str) -> None:
@@ -36,8 +36,8 @@ class _Spans:
         return any(ord(ch) in self for ch in set(text) if ord(ch) >= 0x80)
 
 
-_NFC_INERT = _Spans(unicode_tables.NFC_INERT)
-_UNASSIGNED = _Spans(unicode_tables.UNASSIGNED)
+NFC_INERT = Spans(unicode_tables.NFC_INERT)
+UNASSIGNED = Spans(unicode_tables.UNASSIGNED)
 
 
 def nfc(text: str) -> str:
@@ -45,11 +45,11 @@ def nfc(text: str) -> str:
     text, since to it they are unassigned starters that nothing reorders or composes with."""
     if text.isascii():
         return text
-    if not _NFC_INERT.any_in(text):
+    if not NFC_INERT.any_in(text):
         return unicodedata.normalize("NFC", text)
     parts, start = [], 0
     for index, ch in enumerate(text):
-        if ord(ch) >= 0x80 and ord(ch) in _NFC_INERT:
+        if ord(ch) >= 0x80 and ord(ch) in NFC_INERT:
             parts += [unicodedata.normalize("NFC", text[start:index]), ch]
             start = index + 1
     parts.append(unicodedata.normalize("NFC", text[start:]))
@@ -66,6 +66,6 @@ _fast_split = regex.compile(PRETOKENIZE_REGEX).findall
 
 def pretokenize(text: str) -> list[str]:
     """Qwen2's regex split of already-normalised text."""
-    if text.isascii() or not _UNASSIGNED.any_in(text):
+    if text.isascii() or not UNASSIGNED.any_in(text):
         return _fast_split(text)
     return _exact_split().findall(text)
