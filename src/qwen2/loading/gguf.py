@@ -21,6 +21,7 @@ import os
 import shutil
 import struct
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -395,13 +396,22 @@ def _write_safetensors(path: Path, gf: GGUFFile, tensors: list[tuple[str, str, t
         offset += size
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the format pads the header so the data starts 8-byte aligned
-    with open(path, "wb") as f:
+    def write(data: torch.Tensor) -> None:
+        f.write(data.view(torch.uint8).numpy())
+        bar.update(data.numel() * itemsize)
+
+    # Writing 2 GB takes as long as dequantising it, so tensor i is written while tensor i + 1 is made.
+    with open(path, "wb") as f, ThreadPoolExecutor(1, thread_name_prefix="qwen2-write") as writer:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
+        pending = None
         for gguf_name, _, _ in tensors:
             data = gf.dequantize(gguf_name, dtype).contiguous()
-            f.write(data.view(torch.uint8).numpy())
-            bar.update(data.numel() * itemsize)
+            if pending is not None:
+                pending.result()
+            pending = writer.submit(write, data)
+        if pending is not None:
+            pending.result()
 
 
 def _write_model_dir(gf: GGUFFile, out_dir: Path, dtype: torch.dtype, progress: bool) -> None:
