@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +118,7 @@ class Qwen2TokenizerBase(VocabularyMixin, EncodingMixin):
         self.truncation_side = truncation_side
         self.model_input_names = list(model_input_names or type(self).model_input_names)
         self.clean_up_tokenization_spaces = bool(clean_up_tokenization_spaces)
+        self._warned_cleanup = False
         self.split_special_tokens = bool(split_special_tokens)
         self.errors = errors
         self.add_prefix_space = False
@@ -148,14 +149,18 @@ class Qwen2TokenizerBase(VocabularyMixin, EncodingMixin):
     # ---- decoding ------------------------------------------------------------------------------
     def decode(self, token_ids: Any, skip_special_tokens: bool = False, **kwargs: Any) -> str | list[str]:
         """Text of a sequence of ids (or a list of texts for a batch of sequences)."""
-        token_ids = to_python(token_ids)
-        if isinstance(token_ids, dict):
+        if isinstance(token_ids, Mapping):
             token_ids = token_ids["input_ids"]
-        if isinstance(token_ids, list) and token_ids and isinstance(token_ids[0], list):
-            return [self.decode(row, skip_special_tokens=skip_special_tokens, **kwargs) for row in token_ids]
+        if hasattr(token_ids, "tolist"):
+            token_ids = token_ids.tolist()
         if isinstance(token_ids, int):
             token_ids = [token_ids]
-        if kwargs.get("clean_up_tokenization_spaces", self.clean_up_tokenization_spaces):
+        if token_ids and not isinstance(token_ids[0], int):
+            token_ids = to_python(token_ids)
+            if isinstance(token_ids[0], list):
+                return [self.decode(row, skip_special_tokens=skip_special_tokens, **kwargs) for row in token_ids]
+        if kwargs.get("clean_up_tokenization_spaces", self.clean_up_tokenization_spaces) and not self._warned_cleanup:
+            self._warned_cleanup = True
             logger.warning("Ignoring clean_up_tokenization_spaces=True for the byte-level BPE %s: it would "
                            "corrupt the text", type(self).__name__)
         ids = [int(i) for i in token_ids]
