@@ -7,6 +7,7 @@ sampling, stop strings, streaming and beam search.
 
 from __future__ import annotations
 
+import copy
 import json
 import threading
 
@@ -204,6 +205,24 @@ def test_max_time_and_context_bound_the_length(tiny_pair):
     context = TINY["max_position_embeddings"]
     near_the_end = torch.full((1, context - 4), 5)
     assert tiny_pair[0].generate(near_the_end, max_new_tokens=20).shape[1] == context
+
+
+def test_checkpoint_generation_config_sets_the_defaults(tiny_pair, prompts, tmp_path):
+    """generation_config.json saved with the model is what generate() uses when the call sets nothing."""
+    ids, mask = prompts
+    source = tiny_pair[0]
+    saved = copy.deepcopy(source.generation_config)
+    source.generation_config.update(max_new_tokens=5, repetition_penalty=1.5, pad_token_id=0)
+    try:
+        source.save_pretrained(tmp_path)
+    finally:
+        source.generation_config = saved
+    ours = qwen2.Qwen2ForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    theirs = transformers.Qwen2ForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    assert ours.generation_config.max_new_tokens == 5
+    ours_out, theirs_out = _both((ours, theirs), ids, attention_mask=mask)
+    assert ours_out.shape[1] == ids.shape[1] + 5
+    assert torch.equal(ours_out, theirs_out)
 
 
 def test_attention_mask_is_inferred_from_pad_tokens(tiny_pair, prompts):
