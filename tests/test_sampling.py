@@ -166,6 +166,39 @@ def test_stop_strings_match_transformers_at_every_prefix(bpe_tokenizer, stops):
     assert any(hits)  # the text holds every stop string: the comparison exercised real matches
 
 
+def test_stop_strings_random_substrings_match_transformers(bpe_tokenizer):
+    """Stop strings cut at random places of the text (spanning tokens, partial tokens, multi-byte chars)."""
+    text = "stop the top stopper, please stop! Hello there. 日本語のテキスト café 🙂"
+    ids = bpe_tokenizer(text)["input_ids"]
+    rng = torch.Generator().manual_seed(0)
+    for _ in range(15):
+        start = int(torch.randint(0, len(text) - 1, (1,), generator=rng))
+        stop = text[start : start + int(torch.randint(1, 7, (1,), generator=rng))]
+        mine = stopping.StopStrings([stop], bpe_tokenizer)
+        theirs = ref_stop.StopStringCriteria(bpe_tokenizer, [stop])
+        hits = 0
+        for end in range(1, len(ids) + 1):
+            prefix = torch.tensor([ids[:end]])
+            expected = bool(theirs(prefix, None)[0])
+            assert bool(mine(prefix)[0]) == expected, (stop, end)
+            hits += expected
+        assert hits > 0  # the stop string is in the text, so it fires somewhere
+
+
+def test_text_streamer_prints_what_transformers_prints(bpe_tokenizer, capsys):
+    from qwen2.generation import TextStreamer
+
+    ids = bpe_tokenizer("Hello there.\nstop the top 🙂 café", return_tensors="pt")["input_ids"]
+    printed = []
+    for streamer in (TextStreamer(bpe_tokenizer), ref_streamers.TextStreamer(bpe_tokenizer)):
+        streamer.put(ids[:, :2])
+        for token in ids[0, 2:]:
+            streamer.put(token[None])
+        streamer.end()
+        printed.append(capsys.readouterr().out)
+    assert printed[0] == printed[1] == "Hello there.\nstop the top 🙂 café\n"
+
+
 def test_stop_strings_need_a_tokenizer():
     with pytest.raises(ValueError, match="tokenizer="):
         stopping.StopStrings(["x"], None)
