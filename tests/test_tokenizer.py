@@ -450,3 +450,39 @@ def test_small_vocabulary_without_every_byte(tmp_path):
         tokenizer = cls.from_pretrained(tmp_path)
         for text in ("ab cz xab!", "ééé", "<|endoftext|>ab"):
             assert tokenizer.encode(text) == reference.encode(text)
+
+
+@pytest.mark.parametrize("with_decoder", [True, False], ids=["added_tokens_decoder", "legacy_files_only"])
+def test_transformers4_layout(tok_dir, tmp_path, with_decoder):
+    """What older transformers saved: added_tokens.json, special_tokens_map.json, `extra_special_tokens: {}`;
+    the side files count only when tokenizer_config.json has no added_tokens_decoder."""
+    for name in ("vocab.json", "merges.txt"):
+        (tmp_path / name).write_bytes((tok_dir / name).read_bytes())
+    config = json.loads((tok_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
+    config.update(additional_special_tokens=["<|im_start|>", "<|im_end|>"], extra_special_tokens={})
+    config["added_tokens_decoder"]["151936"] = {"content": "<think>", "special": False, "normalized": False}
+    if not with_decoder:
+        del config["added_tokens_decoder"], config["eos_token"]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    (tmp_path / "added_tokens.json").write_text(json.dumps({"<think>": 151936, "<|im_end|>": 151645}), encoding="utf-8")
+    (tmp_path / "special_tokens_map.json").write_text(json.dumps(
+        {"eos_token": {"content": "<|im_end|>", "lstrip": False, "normalized": False, "rstrip": False}}), encoding="utf-8")
+    reference = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    text = "a<think>b<|im_end|>c<|im_start|>"
+    for cls in (Qwen2Tokenizer, Qwen2TokenizerFast):
+        tokenizer = cls.from_pretrained(tmp_path)
+        assert tokenizer.encode(text) == reference.encode(text)
+        assert tokenizer.decode(reference.encode(text), skip_special_tokens=True) == \
+            reference.decode(reference.encode(text), skip_special_tokens=True)
+        for attr in ("all_special_tokens", "eos_token", "extra_special_tokens"):
+            assert getattr(tokenizer, attr) == getattr(reference, attr), attr
+        assert len(tokenizer) == len(reference)
+
+
+def test_named_extra_special_tokens(tok_dir):
+    named = {"extra_special_tokens": {"image_token": "<|image_pad|>"}}
+    reference = transformers.AutoTokenizer.from_pretrained(str(tok_dir), **named)
+    for cls in (Qwen2Tokenizer, Qwen2TokenizerFast):
+        tokenizer = cls.from_pretrained(tok_dir, **named)
+        for attr in ("image_token", "image_token_id", "special_tokens_map", "all_special_tokens"):
+            assert getattr(tokenizer, attr) == getattr(reference, attr), attr

@@ -138,10 +138,12 @@ class Qwen2TokenizerBase(VocabularyMixin, EncodingMixin):
                             ("pad_token", pad_token), ("sep_token", sep_token), ("cls_token", cls_token),
                             ("mask_token", mask_token)):
             setattr(self, name, value)
-        extras = extra_special_tokens if extra_special_tokens is not None else additional_special_tokens
-        if isinstance(extras, dict):
-            raise ValueError("extra_special_tokens as a dict of named tokens is not supported; pass a list")
-        self._extra_special_tokens: list[str] = [str(t) for t in extras or ()]
+        extras = extra_special_tokens if extra_special_tokens else additional_special_tokens
+        if isinstance(extras, dict):  # named model-specific tokens, e.g. {"image_token": "<|image_pad|>"}
+            self.SPECIAL_TOKENS_ATTRIBUTES = self.SPECIAL_TOKENS_ATTRIBUTES + list(extras)
+            self._special_tokens.update({name: _token_text(token) for name, token in extras.items()})
+            extras = additional_special_tokens
+        self._extra_special_tokens: list[str] = [_token_text(t) for t in extras or ()]
         # As transformers' Qwen2Tokenizer does: every special token is matched whole and skippable.
         specials = [AddedToken(t, special=True, normalized=False) for t in self.all_special_tokens]
         self._add_added_tokens(specials)
@@ -357,3 +359,8 @@ class Qwen2TokenizerBase(VocabularyMixin, EncodingMixin):
         )
 
 
+def _token_text(token: Any) -> str:
+    """A token given as a string, an AddedToken or its serialised dict."""
+    if isinstance(token, dict):
+        return token["content"]
+    return str(token)

@@ -111,13 +111,8 @@ def read_config(directory: Path) -> dict[str, Any]:
         config = read_json(directory / CONFIG_FILE)
         if not isinstance(config, dict):
             raise TokenizerFileError(f"{directory / CONFIG_FILE}: expected a JSON object")
-    if (directory / SPECIAL_TOKENS_MAP_FILE).is_file():
-        for key, value in read_json(directory / SPECIAL_TOKENS_MAP_FILE).items():
-            config.setdefault(key, value)
-    if (directory / ADDED_TOKENS_FILE).is_file():
-        decoder = config.setdefault("added_tokens_decoder", {})
-        for token, index in read_json(directory / ADDED_TOKENS_FILE).items():
-            decoder.setdefault(str(index), {"content": token, "special": False})
+    if "added_tokens_decoder" not in config:
+        _merge_legacy_files(directory, config)
     if (directory / CHAT_TEMPLATE_FILE).is_file():
         config["chat_template"] = (directory / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
     elif (directory / LEGACY_CHAT_TEMPLATE_FILE).is_file():
@@ -128,6 +123,23 @@ def read_config(directory: Path) -> dict[str, Any]:
         if isinstance(value, dict):  # the serialised AddedToken form
             config[name] = value.get("content")
     return config
+
+
+def _merge_legacy_files(directory: Path, config: dict[str, Any]) -> None:
+    """Older saves keep special tokens in special_tokens_map.json and added tokens in added_tokens.json;
+    like transformers, these count only when tokenizer_config.json has no added_tokens_decoder."""
+    if (directory / SPECIAL_TOKENS_MAP_FILE).is_file():
+        for key, value in read_json(directory / SPECIAL_TOKENS_MAP_FILE).items():
+            config.setdefault(key, value)
+    if (directory / ADDED_TOKENS_FILE).is_file():
+        extra = config.get("additional_special_tokens") or config.get("extra_special_tokens") or []
+        tokens = [config.get(k) for k in ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token",
+                                          "cls_token", "mask_token")] + (extra if isinstance(extra, list) else [])
+        named = {t.get("content") if isinstance(t, dict) else t for t in tokens}
+        decoder = config.setdefault("added_tokens_decoder", {})
+        for token, index in read_json(directory / ADDED_TOKENS_FILE).items():
+            special = token in named
+            decoder[str(index)] = {"content": token, "special": special, "normalized": not special}
 
 
 def write_json(path: Path, value: Any, indent: int | None = 2) -> str:

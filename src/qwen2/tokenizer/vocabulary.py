@@ -55,6 +55,15 @@ class VocabularyMixin:
         locals()[f"{_name}_id"] = _special_id_property(_name)
     del _name
 
+    def __getattr__(self, name: str) -> Any:
+        """Named model-specific special tokens (`image_token`, `image_token_id`) from extra_special_tokens."""
+        tokens = self.__dict__.get("_special_tokens", {})
+        if name in tokens:
+            return tokens[name]
+        if name.endswith("_id") and name[:-3] in tokens:
+            return self.convert_tokens_to_ids(tokens[name[:-3]])
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
     def _add_with_ids(self, entries: list[tuple[int, AddedToken]]) -> None:
         ids = self._register_added([token for _, token in entries])
         for (wanted, token), got in zip(entries, ids):
