@@ -486,3 +486,16 @@ def test_named_extra_special_tokens(tok_dir):
         tokenizer = cls.from_pretrained(tok_dir, **named)
         for attr in ("image_token", "image_token_id", "special_tokens_map", "all_special_tokens"):
             assert getattr(tokenizer, attr) == getattr(reference, attr), attr
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"tokenizer.ggml.model": "llama"}, "only byte-level BPE"),
+    ({"tokenizer.ggml.merges": []}, "no tokenizer.ggml.merges"),
+    ({"tokenizer.ggml.token_type": [1, 3]}, "token_type has 2 entries"),
+    ({"tokenizer.ggml.eos_token_id": 10**6}, "outside the vocabulary"),
+])
+def test_bad_gguf_tokenizer_metadata(gguf_metadata, tmp_path, change, message):
+    from qwen2.tokenizer.gguf import write_tokenizer_files
+
+    with pytest.raises(ValueError, match=message):
+        write_tokenizer_files({**gguf_metadata, **change}, tmp_path)

@@ -11,12 +11,17 @@ transformers' own GGUF loader draws the same line.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
 from qwen2.tokenizer.byte_level import BYTE_TO_UNICODE, PRETOKENIZE_REGEX
 
+logger = logging.getLogger(__name__)
+
+# llama.cpp's names for vocabularies that split text with Qwen2's regex.
+QWEN2_PRE_TOKENIZERS = frozenset({"qwen2", "deepseek-r1-qwen", "kormo", "f2llmv2", "megrez"})
 TOKEN_TYPE_CONTROL = 3
 TOKEN_TYPE_USER_DEFINED = 4
 DEFAULT_MODEL_MAX_LENGTH = 32768  # Qwen2's documented context when the file does not state one.
@@ -79,6 +84,9 @@ def _check(metadata: dict[str, Any]) -> tuple[list[str], list[str], list[int]]:
         raise ValueError(
             f"tokenizer.ggml.model is {model!r}; only byte-level BPE ('gpt2', as Qwen2 uses) can be converted"
         )
+    pre = metadata.get("tokenizer.ggml.pre")
+    if pre is not None and pre not in QWEN2_PRE_TOKENIZERS:
+        logger.warning("tokenizer.ggml.pre is %r, not Qwen2's; text is split with Qwen2's regex anyway", pre)
     tokens = list(metadata["tokenizer.ggml.tokens"])
     merges = metadata.get("tokenizer.ggml.merges")
     if not merges:
