@@ -18,7 +18,9 @@ logger = logging.getLogger(__name__)
 class EncodingMixin:
     """Turns text into `BatchEncoding`s; the subclass supplies `_encode_texts`."""
 
-    def tokenize(self, text: str, pair: str | None = None, add_special_tokens: bool = False, **kwargs: Any) -> list[str]:
+    def tokenize(
+        self, text: str, pair: str | None = None, add_special_tokens: bool = False, **kwargs: Any
+    ) -> list[str]:
         """Token strings of `text` (and `pair`), e.g. `['Hello', 'Ġworld']`."""
         split = kwargs.get("split_special_tokens", self.split_special_tokens)
         ids = self._encode_texts([text] + ([pair] if pair else []), split)
@@ -149,8 +151,8 @@ class EncodingMixin:
         first_ids = self._encode_inputs(firsts, is_split_into_words, split_special_tokens)
         second_ids = self._encode_inputs(seconds, is_split_into_words, split_special_tokens) if seconds else None
         rows: dict[str, list[list[int]]] = {"input_ids": []}
-        want_types = "token_type_ids" in self.model_input_names if return_token_type_ids is None else return_token_type_ids
-        want_mask = "attention_mask" in self.model_input_names if return_attention_mask is None else return_attention_mask
+        want_types = self._wants("token_type_ids", return_token_type_ids)
+        want_mask = self._wants("attention_mask", return_attention_mask)
         types = []
         for index, ids in enumerate(first_ids):
             pair = second_ids[index] if second_ids is not None else None
@@ -185,7 +187,13 @@ class EncodingMixin:
             return BatchEncoding(single, n_sequences=2 if seconds else 1)
         return BatchEncoding(rows, tensor_type=return_tensors, n_sequences=2 if seconds else 1)
 
-    def _encode_inputs(self, inputs: list[Any], is_split_into_words: bool, split_special_tokens: bool) -> list[list[int]]:
+    def _wants(self, field: str, requested: bool | None) -> bool:
+        """Whether to return `field`: as requested, else if the model takes it."""
+        return field in self.model_input_names if requested is None else requested
+
+    def _encode_inputs(
+        self, inputs: list[Any], is_split_into_words: bool, split_special_tokens: bool
+    ) -> list[list[int]]:
         if not is_split_into_words:
             return self._encode_texts(inputs, split_special_tokens)
         # Pre-split words are encoded one by one and joined, as `tokenizers` does for pretokenized input.
@@ -205,7 +213,8 @@ class EncodingMixin:
         verbose: bool = True,
     ) -> BatchEncoding:
         """Pad already-encoded inputs (a dict of lists/tensors, or a list of such dicts) to one length."""
-        if isinstance(encoded_inputs, (list, tuple)) and encoded_inputs and isinstance(encoded_inputs[0], (dict, BatchEncoding)):
+        examples = isinstance(encoded_inputs, (list, tuple)) and encoded_inputs
+        if examples and isinstance(encoded_inputs[0], (dict, BatchEncoding)):
             encoded_inputs = {key: [example[key] for example in encoded_inputs] for key in encoded_inputs[0].keys()}
         encoded_inputs = dict(encoded_inputs)
         main = self.model_input_names[0]
@@ -222,7 +231,7 @@ class EncodingMixin:
         )
         batched = bool(values) and isinstance(values[0], (list, tuple))
         rows = {key: (value if batched else [value]) for key, value in encoded_inputs.items()}
-        want_mask = "attention_mask" in self.model_input_names if return_attention_mask is None else return_attention_mask
+        want_mask = self._wants("attention_mask", return_attention_mask)
         if want_mask and "attention_mask" not in rows:
             rows["attention_mask"] = [[1] * len(ids) for ids in rows[main]]
         if not want_mask:
@@ -238,18 +247,18 @@ class EncodingMixin:
         return BatchEncoding(rows, tensor_type=return_tensors)
 
 
-
 def _check_text(text: Any, is_split_into_words: bool, name: str) -> None:
+    def is_words(t: Any) -> bool:
+        return isinstance(t, (list, tuple)) and all(isinstance(w, str) for w in t)
+
     ok = isinstance(text, str) or (
-        isinstance(text, (list, tuple))
-        and all(isinstance(t, str) or (isinstance(t, (list, tuple)) and all(isinstance(w, str) for w in t)) for t in text)
+        isinstance(text, (list, tuple)) and all(isinstance(t, str) or is_words(t) for t in text)
     )
     if not ok:
         raise ValueError(
             f"{name} must be a str, a list of str (a batch, or one pre-split text with is_split_into_words=True) "
             f"or a list of lists of str; got {type(text).__name__}"
         )
-
 
 
 def _first_leaf(values: Any) -> Any:

@@ -111,7 +111,8 @@ class Qwen2TokenizerFast(Qwen2TokenizerBase):
             sources = {"vocab_file": vocab_path, "merges_file": directory / files.MERGES_FILE}
         else:
             raise files.TokenizerFileError(
-                f"{directory}: no tokenizer files; Qwen2TokenizerFast needs tokenizer.json, or vocab.json and merges.txt"
+                f"{directory}: no tokenizer files; Qwen2TokenizerFast needs tokenizer.json, "
+                "or vocab.json and merges.txt"
             )
         return cls(**sources, **config)
 

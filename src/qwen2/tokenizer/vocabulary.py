@@ -40,8 +40,6 @@ def _special_id_property(name: str) -> property:
     return property(get, set_, doc=f"The id of the {name.replace('_', ' ')}, or None when unset.")
 
 
-
-
 class VocabularyMixin:
     """The added-token registry (`self._added`) and special tokens of a Qwen2 tokenizer."""
 
@@ -179,7 +177,8 @@ class VocabularyMixin:
                 if replace_extra_special_tokens:
                     self._extra_special_tokens = [t.content for t in tokens]
                 else:
-                    self._extra_special_tokens += [t.content for t in tokens if t.content not in self._extra_special_tokens]
+                    known = self._extra_special_tokens
+                    self._extra_special_tokens = known + [t.content for t in tokens if t.content not in known]
                 to_add += tokens
             elif key in self.SPECIAL_TOKENS_ATTRIBUTES:
                 token = (AddedToken(value, special=True, normalized=False) if isinstance(value, str)
@@ -188,7 +187,8 @@ class VocabularyMixin:
                 to_add.append(token)
             else:
                 raise ValueError(
-                    f"{key!r} is not a special token name; use one of {self.SPECIAL_TOKENS_ATTRIBUTES + ['extra_special_tokens']}"
+                    f"{key!r} is not a special token name; use one of "
+                    f"{self.SPECIAL_TOKENS_ATTRIBUTES + ['extra_special_tokens']}"
                 )
         forced = [AddedToken(t.content, t.single_word, t.lstrip, t.rstrip, t.normalized, True) for t in to_add]
         return self._add_added_tokens(forced)
@@ -223,7 +223,9 @@ class VocabularyMixin:
     def num_special_tokens_to_add(self, pair: bool = False) -> int:
         return 0  # Qwen2 adds no BOS/EOS around sequences
 
-    def build_inputs_with_special_tokens(self, token_ids_0: list[int], token_ids_1: list[int] | None = None) -> list[int]:
+    def build_inputs_with_special_tokens(
+        self, token_ids_0: list[int], token_ids_1: list[int] | None = None
+    ) -> list[int]:
         return list(token_ids_0) + list(token_ids_1 or [])
 
     def get_special_tokens_mask(
@@ -245,7 +247,6 @@ class VocabularyMixin:
     @property
     def max_len_sentences_pair(self) -> int:
         return self.model_max_length
-
 
 
 def added_tokens_from_config(config: dict[str, Any]) -> list[tuple[int, AddedToken]]:
