@@ -246,6 +246,15 @@ def test_tiny_config(tiny, tmp_path):
     assert "lm_head.weight" not in load_gguf_state_dict(tied)
 
 
+def test_metadata_equals_gguf_py_reader(tiny):
+    ours, reference = GGUFFile(tiny[0]), gguf.GGUFReader(tiny[0])
+    keys = [key for key in reference.fields if not key.startswith("GGUF.")]
+    assert ours.keys() == keys and len(keys) == 19
+    for key in keys:
+        assert ours.get(key) == reference.fields[key].contents(), key
+    assert ours.array_length("tokenizer.ggml.tokens") == len(TOKENS) and ours.array_length("qwen2.block_count") is None
+
+
 def test_tokenizer_metadata_is_what_was_written(tiny):
     metadata = GGUFFile(tiny[0]).tokenizer_metadata()
     assert metadata["tokenizer.ggml.tokens"] == TOKENS and metadata["tokenizer.ggml.merges"] == MERGES

@@ -46,7 +46,9 @@ _SCALAR_SIZES = {_V.UINT8: 1, _V.INT8: 1, _V.BOOL: 1, _V.UINT16: 2, _V.INT16: 2,
 # The fewest bytes one value of each type takes: used to reject counts the file cannot hold.
 _MIN_VALUE_SIZE = {**_SCALAR_SIZES, _V.STRING: 8, _V.ARRAY: 12}
 _MIN_VALUE_SIZE_BY_ID = {int(t): size for t, size in _MIN_VALUE_SIZE.items()}
-_ARRAY_ID = int(_V.ARRAY)  # compared as a plain int: enum attribute lookups dominate a 150k-entry vocabulary
+_ARRAY_ID, _STRING_ID = int(_V.ARRAY), int(_V.STRING)
+_SCALAR_TYPES_BY_ID = {int(t): t for t in _SCALAR_SIZES}
+_U64 = struct.Struct("<Q")
 _MIN_KV_SIZE = 8 + 4 + 1  # empty key, type, one byte
 _MIN_TENSOR_INFO_SIZE = 8 + 4 + 8 + 4 + 8  # empty name, n_dims, one dim, type, offset
 _SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
@@ -79,15 +81,43 @@ class _CheckedReader(GGUFReader):
         return values if order == "I" else values.view(dtype.newbyteorder(order))
 
     def _get_field_parts(self, orig_offs: int, raw_type: int) -> tuple:
-        if int(raw_type) == _ARRAY_ID:
-            item_type = int(self._get(orig_offs, np.uint32)[0])
-            count = int(self._get(orig_offs + 4, np.uint64)[0])
-            if item_type not in _MIN_VALUE_SIZE_BY_ID:
-                raise _Corrupt(f"a metadata array at offset {orig_offs} has unknown element type {item_type}")
-            if count * _MIN_VALUE_SIZE_BY_ID[item_type] > self._bytes.shape[0] - orig_offs - 12:
-                raise _Corrupt(f"a metadata array at offset {orig_offs} claims {count:,} elements, more than the "
-                               f"rest of the file can hold (corrupt or truncated)")
+        if int(raw_type) != _ARRAY_ID:
+            return super()._get_field_parts(orig_offs, raw_type)
+        raw_item_type, raw_count = self._get(orig_offs, np.uint32), self._get(orig_offs + 4, np.uint64)
+        item_type, count, start = int(raw_item_type[0]), int(raw_count[0]), orig_offs + 12
+        if item_type not in _MIN_VALUE_SIZE_BY_ID:
+            raise _Corrupt(f"a metadata array at offset {orig_offs} has unknown element type {item_type}")
+        if count * _MIN_VALUE_SIZE_BY_ID[item_type] > self._bytes.shape[0] - start:
+            raise _Corrupt(f"a metadata array at offset {orig_offs} claims {count:,} elements, more than the "
+                           f"rest of the file can hold (corrupt or truncated)")
+        # gguf-py parses arrays one numpy view per element: seconds for a 150k-token vocabulary. Scalars
+        # become one view (which `contents()` reads the same way); strings become their bytes plus a
+        # table of (offset, length) that `GGUFFile.get` decodes.
+        if item_type in _SCALAR_TYPES_BY_ID:
+            values = self._get(start, self.gguf_scalar_to_np[_SCALAR_TYPES_BY_ID[item_type]], count)
+            return 12 + values.nbytes, [raw_item_type, raw_count, values], [2], [_V.ARRAY,
+                                                                                 _SCALAR_TYPES_BY_ID[item_type]]
+        if item_type == _STRING_ID:
+            end, spans = self._string_spans(start, count)
+            return end - orig_offs, [raw_item_type, raw_count, self._bytes[start:end], spans], [], [_V.ARRAY, _V.STRING]
         return super()._get_field_parts(orig_offs, raw_type)
+
+    def _string_spans(self, pos: int, count: int) -> tuple[int, np.ndarray]:
+        """Walk `count` length-prefixed strings from `pos`: (end offset, their (offset, length) from `pos`)."""
+        data, start = memoryview(self._bytes), pos
+        size = len(data)
+        spans = []
+        for _ in range(count):
+            if pos + 8 > size:
+                raise _Corrupt(f"truncated: a string at offset {pos} runs past the end of the file ({size} bytes)")
+            (length,) = _U64.unpack_from(data, pos)
+            pos += 8
+            if pos + length > size:
+                raise _Corrupt(f"truncated: a {length:,}-byte string at offset {pos} runs past the end of the "
+                               f"file ({size} bytes)")
+            spans.append((pos - start, length))
+            pos += length
+        return pos, np.array(spans, dtype=np.uint64).reshape(-1, 2)
 
     def _build_tensors(self, start_offs: int, fields: list) -> None:
         spans = sorted(_check_tensor_entry(field, start_offs, int(self.alignment), self._bytes.shape[0])
@@ -202,6 +232,9 @@ class GGUFFile:
         if field is None:
             return default
         try:
+            if field.types == [_V.ARRAY, _V.STRING] and not field.data:  # see _CheckedReader._get_field_parts
+                blob = field.parts[-2].tobytes()
+                return [blob[offset:offset + length].decode("utf-8") for offset, length in field.parts[-1].tolist()]
             return field.contents()
         except (UnicodeDecodeError, ValueError, IndexError) as err:
             raise GGUFError(f"{self.path}: metadata key {key!r} is unreadable ({err})") from None
@@ -219,7 +252,7 @@ class GGUFFile:
     def array_length(self, key: str) -> int | None:
         """Length of an array-valued key without decoding its elements (a vocabulary has 150k)."""
         field = self._reader.fields.get(key)
-        return None if field is None else len(field.data)
+        return int(field.parts[4][0]) if field is not None and field.types[:1] == [_V.ARRAY] else None
 
     def tensor_info(self, name: str) -> TensorInfo:
         info = self.tensors.get(name)
