@@ -63,7 +63,8 @@ class _Corrupt(Exception):
 
 
 class _CheckedReader(GGUFReader):
-    """`GGUFReader` with bounds-checked reads, plausible array counts and validated tensor entries."""
+    """`GGUFReader` with bounds-checked reads, plausible array counts, validated tensor entries, and
+    arrays parsed whole rather than one numpy view per element."""
 
     def _get(self, offset: int, dtype: Any, count: int = 1, override_order: str | None = None) -> np.ndarray:
         data = self.__dict__.get("_bytes")
