@@ -75,7 +75,7 @@ def test_convert_writes_a_directory_transformers_loads(default_gguf, tmp_path):
     tokenizer = transformers.AutoTokenizer.from_pretrained(out)
     assert tokenizer.eos_token == "<|im_end|>"
     again = run("convert", str(default_gguf), str(out))
-    assert again.returncode == 1 and "convert: error:" in again.stderr
+    assert again.returncode == 1 and "convert: error:" in again.stderr and "--overwrite" in again.stderr
 
 
 @pytest.mark.parametrize(
@@ -140,3 +140,11 @@ def test_chat_repl_multi_turn_reset_interrupt_and_exit(hf_gguf_tokenizer, refere
 
 def test_console_script_is_installed():
     assert shutil.which("qwen2", path=str(Path(sys.executable).parent)) is not None
+
+
+def test_convert_overwrite_never_deletes_foreign_files(default_gguf, tmp_path):
+    precious = tmp_path / "notes.txt"
+    precious.write_text("mine")
+    result = run("convert", str(default_gguf), str(tmp_path), "--overwrite")
+    assert result.returncode == 1 and "notes.txt" in result.stderr
+    assert precious.read_text() == "mine"

@@ -62,8 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     convert = commands.add_parser("convert", help="convert a GGUF into a transformers-loadable safetensors directory")
     convert.add_argument("gguf", help="path of the .gguf file")
-    convert.add_argument("out_dir", help="output directory (must not exist or be empty)")
+    convert.add_argument("out_dir", help="output directory (must not exist or be empty, unless --overwrite)")
     convert.add_argument("--dtype", default="float32", choices=DTYPES[1:])
+    convert.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     return parser
 
 
@@ -200,7 +201,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     from qwen2.loading.gguf import convert_gguf
 
-    out = convert_gguf(Path(args.gguf), Path(args.out_dir), dtype=getattr(torch, args.dtype), progress=True)
+    out = convert_gguf(Path(args.gguf), Path(args.out_dir), dtype=getattr(torch, args.dtype), progress=True,
+                       overwrite=args.overwrite)
     print(f"wrote {out}")
     return 0
 

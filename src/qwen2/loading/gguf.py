@@ -13,6 +13,7 @@ no `output.weight`, and the bos/eos/pad/unk ids from `tokenizer.ggml.*`.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import logging
@@ -495,6 +496,20 @@ def _check_dtype(dtype: torch.dtype) -> None:
                          f"or torch.float16")
 
 
+# What `_write_model_dir` writes besides the weights.
+_CONVERTED_FILES = frozenset({"config.json", "generation_config.json", "merges.txt", "tokenizer.json",
+                              "tokenizer_config.json", "vocab.json", "model.safetensors.index.json"})
+
+
+def _check_replaceable(out: Path) -> None:
+    """Overwriting deletes `out`: only allow it when everything there looks like an earlier conversion's output."""
+    foreign = [p.name for p in out.iterdir()
+               if not (p.is_file() and (p.name in _CONVERTED_FILES or fnmatch.fnmatch(p.name, "model*.safetensors")))]
+    if foreign:
+        raise FileExistsError(f"{out} holds files a conversion did not write ({', '.join(sorted(foreign)[:5])}); "
+                              f"refusing to delete them: choose another output directory")
+
+
 def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, dtype: torch.dtype = torch.float32,
                  progress: bool = True, overwrite: bool = False) -> Path:
     """Convert a Qwen2 GGUF into a transformers-loadable directory (config, generation config, tokenizer,
@@ -503,7 +518,9 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, dtype
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not overwrite)):
         raise FileExistsError(f"{out} already exists and is not an empty directory; choose another output "
-                              f"directory or pass overwrite=True")
+                              f"directory or pass overwrite=True (`qwen2 convert --overwrite`)")
+    if out.is_dir() and overwrite:
+        _check_replaceable(out)
     gf = GGUFFile(gguf_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = _partial_dir(out)
