@@ -194,14 +194,17 @@ def report(results: list[dict], spec: dict) -> str:
 
     if spec["quality"]:
         reference = spec.get("reference")
-        lines += ["", "| engine | greedy tokens agreeing with hf-fp32 (leading) | teacher-forced top-1 agreement "
-                      f"| perplexity ({len(spec['ppl_ids'])} tokens) |", "|---|---|---|---|"]
+        ours_bf16 = ok.get("ours-bf16", {}).get("greedy")
+        lines += ["", "| engine | leading greedy tokens equal to hf-fp32's | ... to ours-bf16's | teacher-forced "
+                      f"top-1 agreement with hf-fp32 | perplexity ({len(spec['ppl_ids'])} tokens) |",
+                  "|---|---|---|---|---|"]
         for r in ok.values():
             if "perplexity" not in r:
                 continue
             lead = f"{_leading_agreement(r['greedy'], reference)} / {len(reference)}" if reference else "-"
+            lead_bf16 = f"{_leading_agreement(r['greedy'], ours_bf16)} / {len(ours_bf16)}" if ours_bf16 else "-"
             tf = r.get("teacher_forced_agreement")
-            lines.append(f"| {r['engine']} | {lead} | {_fmt(tf * 100 if tf is not None else None)}% | "
+            lines.append(f"| {r['engine']} | {lead} | {lead_bf16} | {_fmt(tf * 100 if tf is not None else None)}% | "
                          f"{r['perplexity']:.3f} |")
     return "\n".join(lines)
 

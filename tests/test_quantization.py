@@ -56,7 +56,7 @@ def _assert_matches(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) ->
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("batch", [1, 8, 16])  # 3, 24 and 48 rows: fused kernel, then dequantise + GEMM
 @pytest.mark.parametrize("shape", [(256, 896), (96, 48), (64, 40)])  # (64, 40): in % 16 != 0 -> portable path
 def test_int8_kernel_equals_dequantized_matmul(shape, batch, dtype):
     lin = _linear(*shape, dtype=dtype)
