@@ -163,6 +163,15 @@ def test_int4_rejects_shapes_the_kernel_cannot_take():
         get_handler("int3")
 
 
+def test_foreign_or_repeated_quantisation_is_refused():
+    model = _tiny_model()
+    with pytest.raises(ValueError, match="quant_method='gptq'"):
+        convert_for_runtime(model, {"quant_method": "gptq", "bits": 4})
+    quantize_model(model, "int8")
+    with pytest.raises(ValueError, match="already quantised"):
+        quantize_model(model, "int4")
+
+
 # ------------------------------------------------------------------------------------------ real weights
 
 
