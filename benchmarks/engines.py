@@ -151,7 +151,7 @@ class LlamaCppEngine:
     def generate(self, prompts: list[list[int]], new_tokens: int, stop_at_eos: bool = False,
                  time_first: bool = False) -> tuple[list[list[int]], float, float | None]:
         if len(prompts) != 1:
-            raise NotImplementedError("batched decoding is not measured for llama.cpp")
+            return self._generate_batch(prompts, new_tokens)
         self.llm.reset()  # n_tokens = 0: llama-cpp-python would otherwise reuse a cached prompt prefix
         out: list[int] = []
         first = None
@@ -165,6 +165,50 @@ class LlamaCppEngine:
             if len(out) == new_tokens:
                 break
         return [out], time.perf_counter() - start, first
+
+    def _generate_batch(self, prompts: list[list[int]], new_tokens: int) -> tuple[list[list[int]], float, None]:
+        """Greedy decoding of several sequences in one llama_decode per step (llama.cpp's batched decoding,
+        through the low-level API: the high-level one decodes a single sequence)."""
+        import llama_cpp as lib
+
+        n_seq, length = len(prompts), len(prompts[0])
+        params = lib.llama_context_default_params()
+        params.n_ctx = n_seq * (length + new_tokens + 8)
+        params.n_batch = params.n_ubatch = max(512, n_seq * length)
+        params.n_seq_max = n_seq
+        params.n_threads = params.n_threads_batch = self.threads
+        ctx = lib.llama_init_from_model(self.llm._model.model, params)
+        batch = lib.llama_batch_init(params.n_batch, 0, n_seq)
+        n_vocab = self.llm.n_vocab()
+        rows = [[] for _ in prompts]
+
+        def decode(step_tokens: list[list[int]], start: int) -> None:
+            batch.n_tokens = 0
+            last = []  # batch index of each sequence's last token, whose logits we read
+            for seq, tokens in enumerate(step_tokens):
+                for i, token in enumerate(tokens):
+                    j = batch.n_tokens
+                    batch.token[j], batch.pos[j], batch.n_seq_id[j] = token, start + i, 1
+                    batch.seq_id[j][0] = seq
+                    batch.logits[j] = i == len(tokens) - 1
+                    batch.n_tokens += 1
+                last.append(batch.n_tokens - 1)
+            if lib.llama_decode(ctx, batch) != 0:
+                raise RuntimeError("llama_decode failed")
+            for seq, j in enumerate(last):
+                logits = np.ctypeslib.as_array(lib.llama_get_logits_ith(ctx, j), shape=(n_vocab,))
+                rows[seq].append(int(logits.argmax()))
+
+        try:
+            start = time.perf_counter()
+            decode(prompts, 0)
+            for step in range(1, new_tokens):
+                decode([[row[-1]] for row in rows], length + step - 1)
+            total = time.perf_counter() - start
+        finally:
+            lib.llama_batch_free(batch)
+            lib.llama_free(ctx)
+        return rows, total, None
 
     def logits(self, ids: list[int]) -> torch.Tensor:
         if self._scoring is None:  # per-position logits need logits_all, which would slow the speed runs down
