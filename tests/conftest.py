@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-REFERENCE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
+# Outputs of transformers on the default model (see reference/README.md).
+REFERENCE_DIR = Path(__file__).resolve().parent / "reference"
 
 
 @pytest.fixture(autouse=True)

@@ -11,10 +11,10 @@ import jinja2
 import pytest
 
 from qwen2.tokenizer import Qwen2Tokenizer, Qwen2TokenizerFast
+from conftest import REFERENCE_DIR
 from tokenizer_corpus import write_real_tokenizer_files
 
-transformers = pytest.importorskip("transformers")
-REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "README.md"
+import transformers  # noqa: E402  (the oracle; a test dependency)
 
 
 @pytest.fixture(scope="session")
@@ -94,10 +94,9 @@ def test_rendering_and_ids_match_transformers(ours, hf, name):
 
 
 def test_seed_prompt_renders_as_documented(ours):
-    messages = [{"role": "system", "content": "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."},
-                {"role": "user", "content": "Give me a short introduction to large language model."}]
-    documented = REFERENCE.read_text(encoding="utf-8").split("renders as\n`", 1)[1].split("`\n", 1)[0]
-    assert ours.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == documented.replace("\\n", "\n")
+    reference = json.loads((REFERENCE_DIR / "seed_prompt_greedy.json").read_text(encoding="utf-8"))
+    rendered = ours.apply_chat_template(reference["prompt_messages"], tokenize=False, add_generation_prompt=True)
+    assert rendered == reference["rendered_prompt"]
 
 
 def test_batched_with_tensors_matches_transformers(ours, hf):

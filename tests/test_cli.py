@@ -1,6 +1,6 @@
 """The `qwen2` command as a user runs it: a subprocess, and a pseudo-terminal for `chat`.
 
-Expected text comes from transformers' greedy run on the same GGUF (shared/reference) decoded by transformers'
+Expected text comes from transformers' greedy run on the same GGUF (tests/reference) decoded by transformers'
 tokenizer, and from gguf-py's own reading of the file, never from our output.
 """
 
