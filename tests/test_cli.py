@@ -45,6 +45,13 @@ def test_generate_streams_transformers_greedy_answer(hf_gguf_tokenizer, referenc
     assert result.stdout.strip() == reference_text(hf_gguf_tokenizer, reference, 24).strip()
 
 
+def test_generate_int8_keeps_the_reference_answer(hf_gguf_tokenizer, reference):
+    prompt = reference["prompt_messages"][0]["content"]
+    result = run("generate", prompt, "--max-new-tokens", "12", "--quantization", "int8", *GREEDY)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == reference_text(hf_gguf_tokenizer, reference, 12).strip()
+
+
 def test_generate_reads_prompt_from_stdin(hf_gguf_tokenizer, reference):
     result = run("generate", "-", "--max-new-tokens", "8", *GREEDY, stdin=reference["prompt_messages"][0]["content"])
     assert result.returncode == 0, result.stderr
@@ -85,6 +92,7 @@ def test_convert_writes_a_directory_transformers_loads(default_gguf, tmp_path):
         (["info", "/no/such/file.gguf"], "/no/such/file.gguf"),
         (["generate", "hi", "--max-new-tokens", "0"], "--max-new-tokens"),
         (["generate", "hi", "--threads", "0"], "--threads"),
+        (["generate", "hi", "--quantization", "int4", "--group-size", "48"], "group_size=48"),
     ],
 )
 def test_bad_input_gives_one_line_error(args, message):

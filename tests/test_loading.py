@@ -310,3 +310,33 @@ def test_quantized_checkpoint_reloads_without_requantising(tmp_path, hf_dir):
     reloaded = Qwen2ForCausalLM.from_pretrained(tmp_path / "int8")
     assert is_quantized(reloaded) and reloaded.config.quantization_config == model.config.quantization_config
     assert torch.equal(_logits(reloaded), _logits(model))
+
+
+@pytest.mark.parametrize("scheme, group_size", [("int8", None), ("int4", 32)])
+def test_quantization_at_load_equals_transformers_on_the_dequantised_weights(hf_dir, scheme, group_size):
+    """The reference for a weight-only quantised model: transformers running on its dequantised weights."""
+    from qwen2.quantization import Int4WeightOnlyLinear, Int8WeightOnlyLinear
+
+    directory, _ = hf_dir
+    ours = Qwen2ForCausalLM.from_pretrained(directory, dtype=torch.float32, quantization=scheme, group_size=group_size)
+    assert ours.config.quantization_config["scheme"] == scheme
+    quantised = {name: m for name, m in ours.named_modules() if isinstance(m, (Int8WeightOnlyLinear, Int4WeightOnlyLinear))}
+    assert "lm_head" in quantised and "model.layers.0.self_attn.q_proj" in quantised
+    reference = transformers.Qwen2ForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    state = reference.state_dict()
+    for name, module in quantised.items():
+        state[f"{name}.weight"] = module.dequantize(torch.float32)
+    reference.load_state_dict(state)
+    ids = torch.randint(0, reference.config.vocab_size, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, reference(ids).logits, atol=2e-4, rtol=1e-3)
+
+
+def test_group_size_without_int4_is_refused(hf_dir):
+    directory, _ = hf_dir
+    with pytest.raises(ValueError, match="group_size"):
+        Qwen2ForCausalLM.from_pretrained(directory, group_size=64)
+    with pytest.raises(ValueError, match="int8"):
+        Qwen2ForCausalLM.from_pretrained(directory, quantization="int8", group_size=64)
+    with pytest.raises(ValueError, match="int3"):
+        Qwen2ForCausalLM.from_pretrained(directory, quantization="int3")

@@ -25,6 +25,9 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--gguf-file", default=None, help="GGUF file name inside --model's directory")
     group.add_argument("--dtype", default="bfloat16", choices=DTYPES, help="weight dtype (default: bfloat16)")
     group.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    group.add_argument("--quantization", "-q", default=None, choices=("int8", "int4"),
+                       help="weight-only quantisation applied at load (default: none)")
+    group.add_argument("--group-size", type=int, default=None, help="int4 group size: 32, 64 or 128 (default 32)")
 
 
 def _add_sampling_options(parser: argparse.ArgumentParser) -> None:
@@ -88,7 +91,8 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any]:
         torch.set_num_threads(args.threads)
     source, gguf_file = _model_source(args)
     tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
-    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_file, dtype=args.dtype)
+    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_file, dtype=args.dtype,
+                                                 quantization=args.quantization, group_size=args.group_size)
     return model, tokenizer
 
 

@@ -134,12 +134,15 @@ class PreTrainedModel(nn.Module):
                         torch_dtype: Any = None, device_map: Any = None, gguf_file: str | None = None,
                         revision: str | None = None, cache_dir: str | os.PathLike | None = None,
                         local_files_only: bool = False, token: str | bool | None = None,
-                        ignore_mismatched_sizes: bool = False, **kwargs: Any) -> nn.Module:
+                        ignore_mismatched_sizes: bool = False, quantization: str | None = None,
+                        group_size: int | None = None, **kwargs: Any) -> nn.Module:
         """Load a model from a directory, a .gguf file or a hub id; config-named kwargs override the config.
 
         `dtype` (or the older `torch_dtype`) defaults to "auto", transformers 5's default: the checkpoint's own
         dtype (config.json's `dtype`, else the first floating-point tensor's). `device_map` may be None/"cpu",
         "auto" (first GPU if any, else CPU), a device, or {"": device}; the model lives on one device.
+        `quantization` ("int8" or "int4", with `group_size` for int4) quantises the weights after loading;
+        a checkpoint saved quantised reloads as such without it.
         """
         output_loading_info = kwargs.pop("output_loading_info", False)
         use_safetensors = kwargs.pop("use_safetensors", None)
@@ -175,6 +178,12 @@ class PreTrainedModel(nn.Module):
         info = _load_weights(model, files, device, ignore_mismatched_sizes)
         if device_map is not None:
             model.hf_device_map = {"": str(device)}
+        if quantization is not None:
+            from qwen2.quantization import quantize_model
+
+            quantize_model(model, quantization, group_size)
+        elif group_size is not None:
+            raise ValueError("group_size= applies only with quantization='int4'")
         model.eval()
         _load_generation_config(model, directory)
         return (model, info) if output_loading_info else model
