@@ -205,20 +205,10 @@ class Qwen2PreTrainedModel(PreTrainedModel):
         self.tie_weights()
 
     def _init_weights(self, module: nn.Module) -> None:
-        std = self.config.initializer_range
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, mean=0.0, std=std)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=std)
-            if module.padding_idx is not None:
-                with torch.no_grad():
-                    module.weight[module.padding_idx].zero_()
-        elif isinstance(module, Qwen2RMSNorm):
-            nn.init.ones_(module.weight)
-        elif isinstance(module, Qwen2RotaryEmbedding):
+        if isinstance(module, Qwen2RotaryEmbedding):
             module.reset_tables()
+        else:
+            super()._init_weights(module)
 
     def init_buffers(self) -> None:
         """Recompute non-persistent buffers (rope frequencies) on the device the parameters now live on."""
