@@ -167,7 +167,18 @@ class _StaticLayer(_Layer):
     def seen(self) -> int:
         return 0 if self._last is None else int(self._last[0]) + 1
 
+    def _prefix_end(self, cache_position: torch.Tensor) -> int | None:
+        """Several new tokens in eager mode (prefill): the slots up to the newest position, the only ones a
+        query can see, so prefill attends causally to `end` keys instead of the whole buffer. None when
+        decoding or compiling, which keep the static full-buffer shape."""
+        if self.window is not None or cache_position.shape[0] == 1 or torch.compiler.is_compiling():
+            return None
+        return min(int(cache_position[-1]) + 1, self.max_len)
+
     def kv_positions(self, cache_position: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        end = self._prefix_end(cache_position)
+        if end is not None:
+            return torch.arange(end, device=cache_position.device), True
         if self.window is None:
             return torch.arange(self.max_len, device=cache_position.device), False
         return self._ring_kv_positions(cache_position, self.capacity), False
@@ -186,6 +197,9 @@ class _StaticLayer(_Layer):
         self._last = cache_position[-1:]
         if self.window is None:
             self._write(cache_position, key_states, value_states)
+            end = self._prefix_end(cache_position)
+            if end is not None:
+                return self.keys[:, :, :end], self.values[:, :, :end]
             return self.keys, self.values
         return self._ring_update(key_states, value_states, cache_position)
 

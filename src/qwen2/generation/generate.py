@@ -25,6 +25,7 @@ import torch
 
 from qwen2.generation.beam import beam_search
 from qwen2.generation.config import DEFAULT_GENERATION_PARAMS, GenerationConfig
+from qwen2.generation.fast import cache_length, decode_step_fn, prepare_model
 from qwen2.generation.logits import LogitsProcessor, apply_processors, build_logits_processors, check_supported
 from qwen2.generation.outputs import GenerateDecoderOnlyOutput
 from qwen2.generation.stopping import EosToken, MaxLength, MaxTime, StoppingCriterion, StopStrings, any_done
@@ -88,6 +89,7 @@ class GenerationMixin:
         plan = self._plan_generation(inputs, generation_config, logits_processor, stopping_criteria,
                                      tokenizer, generator, seed, kwargs)
         config = plan.config
+        prepare_model(self)
         if config.num_beams > 1:
             if streamer is not None:
                 raise ValueError("`streamer` cannot be used with beam search. Set `num_beams=1` to stream.")
@@ -138,6 +140,7 @@ class GenerationMixin:
         )
         if plan.config.num_beams > 1:
             raise ValueError("generate_stream() does not do beam search; set `num_beams=1`.")
+        prepare_model(self)
         for step in self._decode_steps(plan):
             yield step.tokens
 
@@ -177,16 +180,17 @@ class GenerationMixin:
         return self._forward_last_logits(tokens, attention_mask, position_ids, cache, cache_position)
 
     def _decode_step_fn(self, config: GenerationConfig) -> Any:
-        """The callable the loops use for every new token (signature of `_decode_step`). The compiled
-        fast path hooks in here, e.g. returning a `torch.compile`d wrapper unless `config.disable_compile`."""
-        return self._decode_step
+        """The callable the loops use for every new token (signature of `_decode_step`): the eager step or
+        its `torch.compile`d wrapper (see qwen2.generation.fast; `disable_compile` opts out)."""
+        return decode_step_fn(self, config)
 
     def _make_cache(self, batch_size: int, max_length: int) -> Any:
         from qwen2.cache import StaticCache
 
         # No dtype/device: the buffers are allocated at prefill in the dtype of the keys the model computes,
         # which stays right for quantised or mixed-precision weights.
-        return StaticCache(self.config, max_batch_size=batch_size, max_cache_len=max_length)
+        # The length is rounded up so that a compiled decode step is reused across prompt lengths.
+        return StaticCache(self.config, max_batch_size=batch_size, max_cache_len=cache_length(max_length))
 
     # ------------------------------------------------------------------ the decode loop
     def _decode_steps(self, plan: GenerationPlan) -> Iterator[DecodeStep]:
@@ -200,8 +204,9 @@ class GenerationMixin:
         # The mask covers every cache slot up front (ones past the prompt): one static shape for all steps.
         attention_mask = plan.attention_mask
         if attention_mask is not None:
+            slots = cache.get_max_cache_shape()
             attention_mask = torch.cat(
-                [attention_mask, attention_mask.new_ones(batch_size, config.max_length - prompt_length)], dim=-1
+                [attention_mask, attention_mask.new_ones(batch_size, slots - prompt_length)], dim=-1
             )
         position_ids = plan.position_ids[:, -1:] + 1  # (N, 1)
         cache_position = torch.tensor([prompt_length], device=input_ids.device)

@@ -1,0 +1,205 @@
+"""The fast decode path computes what the plain one does: oneDNN-packed linears vs `F.linear`, the compiled
+decode step vs the eager one, and generate()'s tokens with the fast path on vs off (tiny config and, marked
+slow, the real default model). Nothing here is timed."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import qwen2
+from qwen2.generation import fast
+from qwen2.packed_linear import PackedLinear, can_pack, is_packed, pack_linears, unpack_linears
+
+from conftest import REFERENCE_DIR
+
+TINY = dict(
+    vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1, eos_token_id=2, rope_theta=10000.0,
+)
+needs_onednn = pytest.mark.skipif(not can_pack(torch.empty(1, dtype=torch.bfloat16)),
+                                  reason="this CPU/build has no oneDNN bf16 inner product")
+
+
+def tiny_model(dtype: torch.dtype) -> qwen2.Qwen2ForCausalLM:
+    torch.manual_seed(0)
+    return qwen2.Qwen2ForCausalLM(qwen2.Qwen2Config(**TINY)).eval().to(dtype)
+
+
+@pytest.fixture
+def plain_settings(monkeypatch):
+    """Neither packing nor compiling unless a test asks for it."""
+    monkeypatch.setattr(fast, "settings", fast.FastPathSettings(pack_linears=False, compile=False))
+    return fast.settings
+
+
+# ------------------------------------------------------------------------------------------ packed linear
+
+
+@needs_onednn
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", [(1, 96), (8, 96), (3, 5, 96), (512, 96)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_packed_linear_matches_f_linear_on_random_weights(dtype, shape, bias):
+    linear = nn.Linear(96, 200, bias=bias, dtype=dtype)
+    x = torch.randn(shape, dtype=dtype)
+    packed = PackedLinear(linear)
+    with torch.no_grad():
+        expected = F.linear(x, linear.weight, linear.bias)
+        # Same inputs and fp32 accumulation: equal up to the last bit of the output dtype (measured: identical).
+        torch.testing.assert_close(packed(x), expected, rtol=0, atol=0 if dtype == torch.bfloat16 else 1e-5)
+        exact = F.linear(x.double(), linear.weight.double(), None if linear.bias is None else linear.bias.double())
+        tol = 2e-2 if dtype == torch.bfloat16 else 1e-5  # bf16: rounding of the output itself
+        torch.testing.assert_close(packed(x).double(), exact, rtol=tol, atol=tol)
+
+
+@needs_onednn
+def test_packing_keeps_the_state_dict_and_unpacks_exactly():
+    model = tiny_model(torch.bfloat16)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert pack_linears(model) == 2 * 7 + 1  # q,k,v,o,gate,up,down per layer, and lm_head
+    after = model.state_dict()
+    assert list(after) == list(before)
+    for key, value in before.items():
+        assert torch.equal(after[key], value), key
+    # Loading HF-named weights into a packed model repacks them.
+    other = tiny_model(torch.bfloat16)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(1.0)
+    model.load_state_dict(other.state_dict(), strict=True)
+    assert torch.equal(model.lm_head.weight, other.lm_head.weight)
+    assert unpack_linears(model) == 15 and not is_packed(model)
+    assert type(model.model.layers[0].mlp.up_proj) is nn.Linear
+    for key, value in other.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+
+
+@needs_onednn
+def test_packed_model_moves_only_with_a_clear_error():
+    model = tiny_model(torch.bfloat16)
+    pack_linears(model)
+    model.float()  # repacked in float32
+    assert model.lm_head.packed_weight.dtype == torch.float32
+    with pytest.raises(RuntimeError, match="unpack_linears"):
+        model.to(torch.float16)
+
+
+# ------------------------------------------------------------------------------------------ compiled decode step
+
+
+def _decode_logits(model, step, prompt, steps):
+    """Logits of `steps` greedy decode steps after prefilling `prompt`, through `step`."""
+    config = qwen2.GenerationConfig(max_new_tokens=steps)
+    config.max_length = prompt.shape[1] + steps
+    cache = model._make_cache(prompt.shape[0], config.max_length)
+    with torch.no_grad():
+        position = torch.arange(prompt.shape[1])[None].expand(prompt.shape[0], -1)
+        logits = model._forward_last_logits(prompt, None, position, cache, torch.arange(prompt.shape[1]))
+        out = [logits]
+        tokens, pos = logits.argmax(-1, keepdim=True), position[:, -1:] + 1
+        for i in range(steps - 1):
+            logits = step(tokens, pos, torch.tensor([prompt.shape[1] + i]), None, cache)
+            out.append(logits)
+            tokens, pos = logits.argmax(-1, keepdim=True), pos + 1
+    return torch.stack(out, 1)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_compiled_step_matches_eager_on_tiny_model(dtype, tol, plain_settings):
+    model = tiny_model(dtype)
+    prompt = torch.randint(3, 96, (2, 6))
+    eager = _decode_logits(model, model._decode_step, prompt, 6)
+    step = fast.CompiledDecodeStep(model)
+    compiled = _decode_logits(model, step, prompt, 6)
+    assert not step.failed
+    torch.testing.assert_close(compiled, eager, rtol=tol, atol=tol)
+
+
+def test_generate_compiles_once_and_matches_eager(plain_settings):
+    from torch._dynamo.utils import counters
+
+    model = tiny_model(torch.bfloat16)
+    plain_settings.pack_linears = True
+    for length in (5, 9, 7):  # the cache length is bucketed: one compiled graph for all three prompts
+        prompt = torch.randint(3, 96, (2, length))
+        mask = torch.ones_like(prompt)
+        eager = model.generate(prompt, attention_mask=mask, max_new_tokens=10, do_sample=False,
+                               disable_compile=True)
+        graphs = counters["stats"]["unique_graphs"]
+        fast_out = model.generate(prompt, attention_mask=mask, max_new_tokens=10, do_sample=False,
+                                  disable_compile=False)
+        assert torch.equal(fast_out, eager)
+        if length != 5:
+            assert counters["stats"]["unique_graphs"] == graphs, "the decode step was recompiled"
+    assert not model._qwen2_decode_step.failed
+
+
+def test_compile_failure_falls_back_to_eager(plain_settings, monkeypatch, caplog):
+    model = tiny_model(torch.float32)
+    prompt = torch.randint(3, 96, (1, 5))
+    expected = model.generate(prompt, max_new_tokens=6, do_sample=False, disable_compile=True)
+
+    def broken_compile(fn, **kwargs):
+        def run(*args):
+            raise RuntimeError("C++ compiler not found")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    with caplog.at_level(logging.WARNING, logger="qwen2.generation.fast"):
+        got = model.generate(prompt, max_new_tokens=6, do_sample=False, disable_compile=False)
+    assert torch.equal(got, expected)
+    assert "decoding eagerly" in caplog.text and model._qwen2_decode_step.failed
+
+
+def test_compile_policy(plain_settings):
+    model = tiny_model(torch.float32)
+    config = qwen2.GenerationConfig(max_new_tokens=8)
+    assert fast.decode_step_fn(model, config) == model._decode_step  # settings.compile=False
+    plain_settings.compile = None
+    config.max_new_tokens = 10 * plain_settings.compile_min_new_tokens
+    assert fast.decode_step_fn(model, config) == model._decode_step  # auto: never on the CPU
+    config.disable_compile = False
+    assert isinstance(fast.decode_step_fn(model, config), fast.CompiledDecodeStep)
+    config.disable_compile = True
+    assert fast.decode_step_fn(model, config) == model._decode_step
+
+
+# ------------------------------------------------------------------------------------------ real model
+
+
+@pytest.fixture(scope="module")
+def real_bf16(default_gguf):
+    return qwen2.Qwen2ForCausalLM.from_pretrained(str(default_gguf), dtype=torch.bfloat16).eval()
+
+
+@pytest.mark.slow
+@needs_onednn
+def test_packed_linear_on_real_weights(real_bf16):
+    x = torch.randn(8, 896, dtype=torch.bfloat16)
+    for linear in (real_bf16.model.layers[3].mlp.gate_proj, real_bf16.model.layers[5].self_attn.q_proj):
+        if isinstance(linear, PackedLinear):
+            pytest.skip("the shared model was already packed by another test")
+        with torch.no_grad():
+            torch.testing.assert_close(PackedLinear(linear)(x), linear(x), rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_fast_path_greedy_equals_eager_on_seed_prompt(real_bf16, default_gguf, plain_settings):
+    """Packed + compiled decoding of the seed prompt gives the eager path's greedy tokens (bf16), and its
+    per-step logits stay within bf16 noise of the eager ones."""
+    seed = json.loads((REFERENCE_DIR / "seed_prompt_greedy.json").read_text(encoding="utf-8"))
+    prompt = qwen2.AutoTokenizer.from_pretrained(str(default_gguf))(seed["rendered_prompt"], return_tensors="pt")
+    prompt = prompt["input_ids"]
+    kwargs = dict(max_new_tokens=12, do_sample=False, return_dict_in_generate=True, output_logits=True)
+    eager = real_bf16.generate(prompt, disable_compile=True, **kwargs)
+    plain_settings.pack_linears = True
+    fast_out = real_bf16.generate(prompt, disable_compile=False, **kwargs)
+    assert is_packed(real_bf16) and not real_bf16._qwen2_decode_step.failed
+    assert fast_out.sequences.tolist() == eager.sequences.tolist()
+    torch.testing.assert_close(torch.stack(fast_out.logits), torch.stack(eager.logits), rtol=0.05, atol=0.3)
