@@ -239,6 +239,15 @@ def test_quantize_model_swaps_every_linear(scheme, group_size):
     assert (logits - float_logits).abs().max() < (0.05 if scheme == "int8" else 0.3) * float_logits.abs().max()
 
 
+def test_quantising_after_generate_packed_the_linears():
+    from qwen2.packed_linear import pack_linears
+
+    model = _tiny_model()
+    assert pack_linears(model)  # as generate() does on CPU
+    quantize_model(model, "int8")
+    assert sum(isinstance(m, Int8WeightOnlyLinear) for m in model.modules()) == 2 * 7 + 1
+
+
 def test_int4_keeps_and_records_layers_it_cannot_take():
     model = _tiny_model()
     quantize_model(model, "int4", group_size=128)  # hidden 64 is not a multiple of 128: only down_proj converts

@@ -189,6 +189,10 @@ def quantize_model(model: nn.Module, scheme: str, group_size: int | None = None,
     if getattr(getattr(model, "config", None), "quantization_config", None):
         raise ValueError(f"This model is already quantised ({model.config.quantization_config}); "
                          "load the float checkpoint to quantise it with another scheme")
+    from qwen2.packed_linear import unpack_linears
+
+    if unpack_linears(model):  # generate() packed the float linears for oneDNN: quantise the plain ones
+        model._qwen2_packed = False  # so the linears left in float are packed again on the next generate()
     skip = tuple(modules_to_not_convert)
     if getattr(getattr(model, "config", None), "tie_word_embeddings", False) and "lm_head" not in skip:
         # The head shares the embedding matrix; tie_weights() on reload would overwrite a quantised head with it.
