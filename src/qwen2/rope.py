@@ -44,17 +44,20 @@ def _dynamic(params: dict[str, Any], dim: int, max_positions: int, seq_len: Any,
     return _base_inv_freq(base, dim, device), 1.0
 
 
+def _extension(params: dict[str, Any], max_positions: int) -> tuple[float, int, float]:
+    """(base, original context, factor) of a context-extension rope; the factor defaults to the extension ratio."""
+    original = params["original_max_position_embeddings"]
+    factor = params.get("factor")
+    return params["rope_theta"], original, max_positions / original if factor is None else factor
+
+
 def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 
 def _yarn(params: dict[str, Any], dim: int, max_positions: int, seq_len: Any, device=None):
     """YaRN: interpolate low frequencies, extrapolate high ones, blend with a linear ramp; scale attention."""
-    base = params["rope_theta"]
-    original = params["original_max_position_embeddings"]
-    factor = params.get("factor")
-    if factor is None:
-        factor = max_positions / original
+    base, original, factor = _extension(params, max_positions)
     attention_factor = params.get("attention_factor")
     mscale, mscale_all_dim = params.get("mscale"), params.get("mscale_all_dim")
     if attention_factor is None:
@@ -85,11 +88,7 @@ def _yarn(params: dict[str, Any], dim: int, max_positions: int, seq_len: Any, de
 
 def _longrope(params: dict[str, Any], dim: int, max_positions: int, seq_len: Any, device=None):
     """LongRoPE: per-dimension rescaling, `long_factor` beyond the original context, `short_factor` within it."""
-    base = params["rope_theta"]
-    original = params["original_max_position_embeddings"]
-    factor = params.get("factor")
-    if factor is None:
-        factor = max_positions / original
+    base, original, factor = _extension(params, max_positions)
     attention_factor = params.get("attention_factor")
     if attention_factor is None:
         attention_factor = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
