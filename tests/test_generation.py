@@ -207,6 +207,12 @@ def test_max_time_and_context_bound_the_length(tiny_pair):
     assert tiny_pair[0].generate(near_the_end, max_new_tokens=20).shape[1] == context
 
 
+def test_prompt_longer_than_the_context_is_refused(tiny_pair):
+    context = TINY["max_position_embeddings"]
+    with pytest.raises(ValueError, match=f"{context + 1} tokens long, longer than the model's context of {context}"):
+        tiny_pair[0].generate(torch.full((1, context + 1), 5), max_new_tokens=2)
+
+
 def test_checkpoint_generation_config_sets_the_defaults(tiny_pair, prompts, tmp_path):
     """generation_config.json saved with the model is what generate() uses when the call sets nothing."""
     ids, mask = prompts
