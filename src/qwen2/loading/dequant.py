@@ -193,11 +193,15 @@ def unpack_q2_k(blocks: Tensor) -> Q2_KBlocks:
     return Q2_KBlocks(_f16(blocks, 80), _f16(blocks, 82), packed & 0x0F, packed >> 4, q)
 
 
-def dequantize_q2_k(blocks: Tensor) -> Tensor:
-    d, dmin, scales, mins, q = unpack_q2_k(blocks)
+def _scale_min(d: Tensor, dmin: Tensor, scales: Tensor, mins: Tensor, q: Tensor) -> Tensor:
+    """The k-quants with a min per sub-block (Q2_K, Q4_K, Q5_K): value = d*scale*q - dmin*min."""
     dl = (d * scales.float()).unsqueeze(-1)
     ml = (dmin * mins.float()).unsqueeze(-1)
     return q.float().mul_(dl).sub_(ml).reshape(-1, QK_K)
+
+
+def dequantize_q2_k(blocks: Tensor) -> Tensor:
+    return _scale_min(*unpack_q2_k(blocks))
 
 
 class Q3_KBlocks(NamedTuple):
@@ -242,10 +246,7 @@ def unpack_q4_k(blocks: Tensor) -> Q4_KBlocks:
 
 
 def dequantize_q4_k(blocks: Tensor) -> Tensor:
-    d, dmin, scales, mins, q = unpack_q4_k(blocks)
-    dl = (d * scales.float()).unsqueeze(-1)
-    ml = (dmin * mins.float()).unsqueeze(-1)
-    return q.float().mul_(dl).sub_(ml).reshape(-1, QK_K)
+    return _scale_min(*unpack_q4_k(blocks))
 
 
 class Q5_KBlocks(NamedTuple):
@@ -266,10 +267,7 @@ def unpack_q5_k(blocks: Tensor) -> Q5_KBlocks:
 
 
 def dequantize_q5_k(blocks: Tensor) -> Tensor:
-    d, dmin, scales, mins, q = unpack_q5_k(blocks)
-    dl = (d * scales.float()).unsqueeze(-1)
-    ml = (dmin * mins.float()).unsqueeze(-1)
-    return q.float().mul_(dl).sub_(ml).reshape(-1, QK_K)
+    return _scale_min(*unpack_q5_k(blocks))
 
 
 class Q6_KBlocks(NamedTuple):
