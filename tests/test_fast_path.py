@@ -122,22 +122,37 @@ def test_compiled_step_matches_eager_on_tiny_model(dtype, tol, plain_settings):
 
 
 def test_generate_compiles_once_and_matches_eager(plain_settings):
+    """One compiled graph serves every prompt and cache length (the cache length is a dynamic dimension)."""
     from torch._dynamo.utils import counters
 
-    model = tiny_model(torch.bfloat16)
-    plain_settings.pack_linears = True
-    for length in (5, 9, 7):  # the cache length is bucketed: one compiled graph for all three prompts
-        prompt = torch.randint(3, 96, (2, length))
-        mask = torch.ones_like(prompt)
-        eager = model.generate(prompt, attention_mask=mask, max_new_tokens=10, do_sample=False,
-                               disable_compile=True)
-        graphs = counters["stats"]["unique_graphs"]
-        fast_out = model.generate(prompt, attention_mask=mask, max_new_tokens=10, do_sample=False,
-                                  disable_compile=False)
-        assert torch.equal(fast_out, eager)
-        if length != 5:
+    torch.manual_seed(0)
+    model = qwen2.Qwen2ForCausalLM(qwen2.Qwen2Config(**{**TINY, "max_position_embeddings": 1024})).eval()
+    model.to(torch.bfloat16)
+    prompts = [torch.randint(3, 96, (1, length)) for length in (5, 300, 9, 700)]  # caches of 256, 512, 1024
+    eager = [model.generate(p, max_new_tokens=10, do_sample=False, disable_compile=True) for p in prompts]
+    graphs = None
+    for prompt, expected in zip(prompts, eager):
+        got = model.generate(prompt, max_new_tokens=10, do_sample=False, disable_compile=False)
+        assert torch.equal(got, expected)
+        if graphs is not None:
             assert counters["stats"]["unique_graphs"] == graphs, "the decode step was recompiled"
+        graphs = counters["stats"]["unique_graphs"]
     assert not model._qwen2_decode_step.failed
+    assert isinstance(model.model.layers[0].mlp.down_proj, fast.RowLinear)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(1, 1, 320), (1, 320)])
+def test_row_linear_compiled_matches_f_linear(bias, shape):
+    """The compiled single-row reduction is F.linear up to the rounding of the bfloat16 output."""
+    linear = nn.Linear(320, 200, bias=bias, dtype=torch.bfloat16)
+    linear.__class__ = fast.RowLinear
+    x = torch.randn(shape, dtype=torch.bfloat16)
+    with torch.no_grad():
+        got = torch.compile(linear, dynamic=False)(x)
+        exact = F.linear(x.double(), linear.weight.double(), None if not bias else linear.bias.double())
+        torch.testing.assert_close(got.double(), exact, rtol=8e-3, atol=1e-3)  # bf16 has 8 mantissa bits
+        torch.testing.assert_close(got, F.linear(x, linear.weight, linear.bias), rtol=8e-3, atol=1e-3)
 
 
 def test_compile_failure_falls_back_to_eager(plain_settings, monkeypatch, caplog):
@@ -160,14 +175,16 @@ def test_compile_failure_falls_back_to_eager(plain_settings, monkeypatch, caplog
 def test_compile_policy(plain_settings):
     model = tiny_model(torch.float32)
     config = qwen2.GenerationConfig(max_new_tokens=8)
-    assert fast.decode_step_fn(model, config) == model._decode_step  # settings.compile=False
+    assert fast.decode_step_fn(model, config, 1) == model._decode_step  # settings.compile=False
     plain_settings.compile = None
-    config.max_new_tokens = 10 * plain_settings.compile_min_new_tokens
-    assert fast.decode_step_fn(model, config) == model._decode_step  # auto: never on the CPU
+    assert fast.decode_step_fn(model, config, 1) == model._decode_step  # auto: too few tokens to pay off
+    config.max_new_tokens = plain_settings.compile_min_new_tokens
+    assert isinstance(fast.decode_step_fn(model, config, 1), fast.CompiledDecodeStep)  # auto: one row on the CPU
+    assert fast.decode_step_fn(model, config, 8) == model._decode_step  # auto: several rows stay eager on the CPU
     config.disable_compile = False
-    assert isinstance(fast.decode_step_fn(model, config), fast.CompiledDecodeStep)
+    assert isinstance(fast.decode_step_fn(model, config, 8), fast.CompiledDecodeStep)
     config.disable_compile = True
-    assert fast.decode_step_fn(model, config) == model._decode_step
+    assert fast.decode_step_fn(model, config, 1) == model._decode_step
 
 
 # ------------------------------------------------------------------------------------------ real model
@@ -191,15 +208,15 @@ def test_packed_linear_on_real_weights(real_bf16):
 
 @pytest.mark.slow
 def test_fast_path_greedy_equals_eager_on_seed_prompt(real_bf16, default_gguf, plain_settings):
-    """Packed + compiled decoding of the seed prompt gives the eager path's greedy tokens (bf16), and its
+    """Compiled decoding of the seed prompt gives the eager (packed) path's greedy tokens (bf16), and its
     per-step logits stay within bf16 noise of the eager ones."""
     seed = json.loads((REFERENCE_DIR / "seed_prompt_greedy.json").read_text(encoding="utf-8"))
     prompt = qwen2.AutoTokenizer.from_pretrained(str(default_gguf))(seed["rendered_prompt"], return_tensors="pt")
     prompt = prompt["input_ids"]
     kwargs = dict(max_new_tokens=12, do_sample=False, return_dict_in_generate=True, output_logits=True)
     eager = real_bf16.generate(prompt, disable_compile=True, **kwargs)
-    plain_settings.pack_linears = True
     fast_out = real_bf16.generate(prompt, disable_compile=False, **kwargs)
-    assert is_packed(real_bf16) and not real_bf16._qwen2_decode_step.failed
+    assert not real_bf16._qwen2_decode_step.failed
+    assert isinstance(real_bf16.lm_head, fast.RowLinear) and not is_packed(real_bf16)
     assert fast_out.sequences.tolist() == eager.sequences.tolist()
     torch.testing.assert_close(torch.stack(fast_out.logits), torch.stack(eager.logits), rtol=0.05, atol=0.3)

@@ -179,8 +179,9 @@ class _StaticLayer(_Layer):
         end = self._prefix_end(cache_position)
         if end is not None:
             return torch.arange(end, device=cache_position.device), True
-        if self.window is None:
-            return torch.arange(self.max_len, device=cache_position.device), False
+        if self.window is None:  # the buffer's own length: a compiled step may treat it as dynamic
+            length = self.max_len if self.keys is None else self.keys.shape[2]
+            return torch.arange(length, device=cache_position.device), False
         return self._ring_kv_positions(cache_position, self.capacity), False
 
     def update(

@@ -92,9 +92,9 @@ class PackedLinear(nn.Module):
     def to_linear(self) -> nn.Linear:
         """The equivalent plain `nn.Linear` (dense weight, same values)."""
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
-        linear.weight = nn.Parameter(self.weight, requires_grad=False)
+        linear.weight = nn.Parameter(self.weight)  # requires_grad as nn.Linear: compiled graphs guard on it
         if self.bias is not None:
-            linear.bias = nn.Parameter(self.bias.detach(), requires_grad=False)
+            linear.bias = nn.Parameter(self.bias.detach())
         return linear
 
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:

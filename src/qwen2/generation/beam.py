@@ -68,8 +68,8 @@ def beam_search(model: Any, plan: GenerationPlan) -> torch.Tensor | GenerateBeam
     raw_logits: list[torch.Tensor] = []
 
     cache = model._make_cache(flat_batch, max_length)
+    decode_step = model._decode_step_fn(config, flat_batch)
     logits = model._prefill(plan, cache)
-    decode_step = model._decode_step_fn(config)
     attention_mask = plan.attention_mask
     if attention_mask is not None:
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(flat_batch, max_length - prompt_length)], -1)

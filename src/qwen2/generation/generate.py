@@ -25,7 +25,7 @@ import torch
 
 from qwen2.generation.beam import beam_search
 from qwen2.generation.config import DEFAULT_GENERATION_PARAMS, GenerationConfig
-from qwen2.generation.fast import cache_length, decode_step_fn, prepare_model
+from qwen2.generation.fast import cache_length, decode_step_fn
 from qwen2.generation.logits import LogitsProcessor, apply_processors, build_logits_processors, check_supported
 from qwen2.generation.outputs import GenerateDecoderOnlyOutput
 from qwen2.generation.stopping import EosToken, MaxLength, MaxTime, StoppingCriterion, StopStrings, any_done
@@ -94,7 +94,6 @@ class GenerationMixin:
         plan = self._plan_generation(inputs, generation_config, logits_processor, stopping_criteria,
                                      tokenizer, generator, seed, kwargs)
         config = plan.config
-        prepare_model(self)
         if config.num_beams > 1:
             if streamer is not None:
                 raise ValueError("`streamer` cannot be used with beam search. Set `num_beams=1` to stream.")
@@ -145,7 +144,6 @@ class GenerationMixin:
         )
         if plan.config.num_beams > 1:
             raise ValueError("generate_stream() does not do beam search; set `num_beams=1`.")
-        prepare_model(self)
         for step in self._decode_steps(plan):
             yield step.tokens
 
@@ -184,10 +182,11 @@ class GenerationMixin:
         (N, max_length) over all cache slots. Shapes never change between steps. Returns (N, V) float32."""
         return self._forward_last_logits(tokens, attention_mask, position_ids, cache, cache_position)
 
-    def _decode_step_fn(self, config: GenerationConfig) -> Any:
+    def _decode_step_fn(self, config: GenerationConfig, rows: int) -> Any:
         """The callable the loops use for every new token (signature of `_decode_step`): the eager step or
-        its `torch.compile`d wrapper (see qwen2.generation.fast; `disable_compile` opts out)."""
-        return decode_step_fn(self, config)
+        its `torch.compile`d wrapper (see qwen2.generation.fast; `disable_compile` opts out). Called before
+        the prefill: it readies the weights for the path it picks."""
+        return decode_step_fn(self, config, rows)
 
     def _make_cache(self, batch_size: int, max_length: int) -> Any:
         from qwen2.cache import StaticCache
@@ -204,8 +203,8 @@ class GenerationMixin:
         input_ids = plan.input_ids
         batch_size, prompt_length = input_ids.shape
         cache = self._make_cache(batch_size, config.max_length)
+        decode_step = self._decode_step_fn(config, batch_size)
         logits = self._prefill(plan, cache)
-        decode_step = self._decode_step_fn(config)
         # The mask covers every cache slot up front (ones past the prompt): one static shape for all steps.
         attention_mask = plan.attention_mask
         if attention_mask is not None:
