@@ -45,6 +45,15 @@ def test_generate_streams_transformers_greedy_answer(hf_gguf_tokenizer, referenc
     assert result.stdout.strip() == reference_text(hf_gguf_tokenizer, reference, 24).strip()
 
 
+def test_generate_compiled_gives_the_same_answer(hf_gguf_tokenizer, reference):
+    """--compile compiles the decode step before answering (said on stderr) and answers as transformers does."""
+    prompt = reference["prompt_messages"][0]["content"]
+    result = run("generate", prompt, "--max-new-tokens", "24", "--compile", *GREEDY)
+    assert result.returncode == 0, result.stderr
+    assert "Decode step compiled" in result.stderr
+    assert result.stdout.strip() == reference_text(hf_gguf_tokenizer, reference, 24).strip()
+
+
 def test_generate_int8_keeps_the_reference_answer(hf_gguf_tokenizer, reference):
     prompt = reference["prompt_messages"][0]["content"]
     result = run("generate", prompt, "--max-new-tokens", "12", "--quantization", "int8", *GREEDY)
@@ -118,11 +127,13 @@ def test_unknown_option_and_dtype_are_usage_errors():
 
 
 def test_chat_repl_multi_turn_reset_interrupt_and_exit(hf_gguf_tokenizer, reference):
+    """The chat compiles its decode step by default: every answer here goes through the compiled step."""
     import pexpect
     child = pexpect.spawn(QWEN2[0], [*QWEN2[1:], "chat", *GREEDY, "--max-new-tokens", "40"],
                           env={**os.environ, "HF_HUB_OFFLINE": "1", "TERM": "dumb"}, encoding="utf-8", timeout=240)
     try:
         child.expect(">>> ")
+        assert "Decode step compiled" in child.before
         child.sendline(reference["prompt_messages"][0]["content"])
         child.expect(">>> ")
         assert reference_text(hf_gguf_tokenizer, reference, 12).strip() in child.before

@@ -33,6 +33,10 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
 def _add_sampling_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("sampling")
     group.add_argument("--max-new-tokens", type=int, default=512)
+    group.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                       help="torch.compile the decode step before the first answer: ~1.8x faster decoding for "
+                            "~40 s once per machine (2 cores), ~10 s per start afterwards (default: on for chat, "
+                            "off for generate)")
     group.add_argument("--greedy", action="store_true", help="greedy decoding (ignores the sampling options)")
     group.add_argument("--temperature", type=float, default=None)
     group.add_argument("--top-p", type=float, default=None)
@@ -96,10 +100,11 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any]:
     return model, tokenizer
 
 
-def _generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+def _generation_kwargs(args: argparse.Namespace, compile_by_default: bool) -> dict[str, Any]:
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    kwargs: dict[str, Any] = {"max_new_tokens": args.max_new_tokens}
+    compile_step = compile_by_default if args.compile is None else args.compile
+    kwargs: dict[str, Any] = {"max_new_tokens": args.max_new_tokens, "disable_compile": not compile_step}
     if args.greedy:
         kwargs["do_sample"] = False
         return kwargs
@@ -132,6 +137,16 @@ class _EchoStreamer:
         self.streamer = _Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
 
 
+def _compile_up_front(model: Any, gen_kwargs: dict[str, Any]) -> None:
+    """Compile the decode step with a two-token warm-up, so the one-time cost is a start-up step and not a
+    pause inside the first answer."""
+    if not gen_kwargs["disable_compile"]:
+        import torch
+
+        model.generate(torch.zeros(1, 1, dtype=torch.long, device=model.device), max_new_tokens=2, min_new_tokens=2,
+                       do_sample=False, disable_compile=False)
+
+
 def _respond(model: Any, tokenizer: Any, prompt: str, gen_kwargs: dict[str, Any], echo: _EchoStreamer) -> None:
     inputs = tokenizer([prompt], return_tensors="pt").to(model.device)
     model.generate(**inputs, streamer=echo.streamer, **gen_kwargs)
@@ -143,8 +158,9 @@ def _chat_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    gen_kwargs = _generation_kwargs(args)
+    gen_kwargs = _generation_kwargs(args, compile_by_default=False)  # one answer: rarely repays the compile
     model, tokenizer = _load(args)
+    _compile_up_front(model, gen_kwargs)
     if not args.raw:
         messages = [{"role": "system", "content": args.system}] if args.system else []
         prompt = _chat_prompt(tokenizer, messages + [{"role": "user", "content": prompt}])
@@ -153,8 +169,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    gen_kwargs = _generation_kwargs(args)
+    gen_kwargs = _generation_kwargs(args, compile_by_default=True)
     model, tokenizer = _load(args)
+    _compile_up_front(model, gen_kwargs)
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict[str, str]] = list(system)
     print("Chat with the model. /reset clears the history, /exit (or Ctrl-D) quits, "
@@ -218,6 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("qwen2.generation.fast").setLevel(logging.INFO)  # say so before a long first compile
     try:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
