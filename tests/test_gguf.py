@@ -27,6 +27,7 @@ from qwen2.loading.dequant import SUPPORTED_TYPES, dequantize
 from qwen2.loading.gguf import (GGUFError, GGUFFile, config_dict_from_gguf, convert_gguf, gguf_config,
                                 gguf_to_directory, load_gguf_state_dict)
 from qwen2.loading.names import GGUF_TO_HF, gguf_to_hf, hf_to_gguf
+from qwen2.loading.safetensors import CheckpointError, checkpoint_files
 
 # Byte offsets of the float16 scale fields in each block layout (ggml-common.h), so random blocks can
 # be given realistic scales; the remaining bytes are uniformly random quants.
@@ -423,15 +424,21 @@ def test_random_header_corruption_is_an_error_or_a_valid_file(tiny, tmp_path, de
 # --------------------------------------------------------------------------------------------- conversion
 
 def test_conversion_is_cached_and_complete(tiny, cache):
+    """The cache holds config and tokenizer files and a record of the GGUF; the weights come from the GGUF."""
+    from qwen2 import Qwen2ForCausalLM
+
     path, reference = tiny
     target = gguf_to_directory(path, progress=False)
     assert target.parent == cache / "gguf" and len(target.name) == 64
     assert sorted(p.name for p in target.iterdir()) == [
-        "config.json", "generation_config.json", "merges.txt", "model.safetensors", "tokenizer.json",
+        "config.json", "generation_config.json", "gguf_source.json", "merges.txt", "tokenizer.json",
         "tokenizer_config.json", "vocab.json"]
-    weights = load_file(target / "model.safetensors")
+    assert checkpoint_files(target) == ([path.resolve()], None)
     expected = load_gguf_state_dict(path)
-    assert weights.keys() == expected.keys() and all(torch.equal(weights[k], expected[k]) for k in weights)
+    for dtype in (torch.float32, torch.bfloat16):
+        weights = Qwen2ForCausalLM.from_pretrained(target, dtype=dtype).state_dict()
+        assert weights.keys() == expected.keys()
+        assert all(torch.equal(weights[k], expected[k].to(dtype)) for k in weights)
     assert json.loads((target / "generation_config.json").read_text()) == {
         "bos_token_id": 62, "eos_token_id": 63, "pad_token_id": 62}
     assert not list(target.parent.glob(".*partial"))
@@ -441,10 +448,10 @@ def test_conversion_is_cached_and_complete(tiny, cache):
 
 
 def test_failed_conversion_leaves_nothing(tiny, cache, monkeypatch):
-    def explode(path, *args):
-        Path(path).write_bytes(b"half a model")
+    def explode(directory, *args):
+        (Path(directory) / "gguf_source.json").write_text("{")
         raise RuntimeError("disk full")
-    monkeypatch.setattr(qgguf, "_write_safetensors", explode)
+    monkeypatch.setattr(qgguf, "_record_source", explode)
     with pytest.raises(RuntimeError, match="disk full"):
         gguf_to_directory(tiny[0], progress=False)
     assert [p.name for p in (cache / "gguf").iterdir()] == ["sha256.json"]
@@ -462,7 +469,7 @@ def test_concurrent_conversions_agree(tiny, cache):
 
     with ThreadPoolExecutor(3) as pool:
         targets = list(pool.map(lambda _: gguf_to_directory(tiny[0], progress=False), range(3)))
-    assert len(set(targets)) == 1 and (targets[0] / "model.safetensors").is_file()
+    assert len(set(targets)) == 1 and (targets[0] / "gguf_source.json").is_file()
     assert sorted(p.name for p in (cache / "gguf").iterdir()) == sorted([targets[0].name, "sha256.json"])
 
 
@@ -495,15 +502,88 @@ def test_convert_gguf_dtype_and_refusal_to_overwrite(tiny, tmp_path):
         convert_gguf(tiny[0], tmp_path / "x", dtype=torch.int8, progress=False)
 
 
-def test_converted_tiny_directory_loads_in_transformers(tiny, cache):
+def test_cache_follows_the_file_and_refuses_a_changed_one(tiny, tmp_path, cache):
+    """A copy elsewhere shares the cache directory and the record follows it; once the recorded file changes
+    or goes, loading the directory names it instead of reading another model's weights."""
+    from qwen2 import Qwen2ForCausalLM
+
+    first = gguf_to_directory(tiny[0], progress=False)
+    copy = tmp_path / "copy.gguf"
+    copy.write_bytes(tiny[0].read_bytes())
+    assert gguf_to_directory(copy, progress=False) == first
+    assert checkpoint_files(first)[0] == [copy.resolve()]
+    legacy = first / "model.safetensors"  # what earlier versions cached: removed on the next lookup
+    legacy.write_bytes(b"old float32 weights")
+    Qwen2ForCausalLM.from_pretrained(copy)
+    assert not legacy.exists()
+    copy.unlink()
+    with pytest.raises(CheckpointError, match="copy.gguf"):
+        Qwen2ForCausalLM.from_pretrained(first)
+
+
+def test_converted_tiny_directory_loads_in_transformers(tiny, tmp_path):
     import transformers
-    target = gguf_to_directory(tiny[0], progress=False)
+    target = convert_gguf(tiny[0], tmp_path / "converted", progress=False)
     model = transformers.AutoModelForCausalLM.from_pretrained(target)
     ours = load_gguf_state_dict(tiny[0])
     theirs = model.state_dict()
     assert ours.keys() == theirs.keys()
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
     assert model.config.eos_token_id == 63 and model.generation_config.pad_token_id == 62
+
+
+# --------------------------------------------------------------------------------------- quantised loading
+
+UNIT_ROUNDOFF = {torch.float32: 2.0 ** -24, torch.bfloat16: 2.0 ** -8}  # half an ulp, relative
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int4_load_takes_4_bit_blocks_as_they_are(tiny, dtype):
+    """int4 group 32 from a GGUF: Q4_0/Q4_1/Q4_K tensors (output, attn_output, ffn_down here) keep their codes,
+    with each block's own scale and zero, so dequantised they are gguf-py's values up to the rounding of
+    scale and zero to `dtype` (relative error <= u each, so |error| <= u (|q - 8| |scale| + |zero|)) plus
+    float32 rounding on both sides (a few 2^-24 of the largest term). Every other tensor is quantised exactly
+    as `quantize_model` quantises the float load (the dequantise-then-quantise path)."""
+    from qwen2 import Qwen2ForCausalLM
+    from qwen2.quantization import Int4WeightOnlyLinear, quantize_model
+    from qwen2.quantization.int4 import unpack_nibbles
+
+    path, reference = tiny
+    direct = Qwen2ForCausalLM.from_pretrained(path, dtype=dtype, quantization="int4", group_size=32)
+    old = quantize_model(Qwen2ForCausalLM.from_pretrained(path, dtype=dtype), "int4", 32)
+    assert direct.config.quantization_config == old.config.quantization_config
+    types = {name: info.ggml_type for name, info in GGUFFile(path).tensors.items()}
+    seen = set()
+    for name, module in direct.named_modules():
+        if not isinstance(module, Int4WeightOnlyLinear):
+            continue
+        gguf_name = hf_to_gguf(f"{name}.weight")
+        if types[gguf_name] not in (T.Q4_0, T.Q4_1, T.Q4_K):
+            theirs = old.get_submodule(name)
+            assert torch.equal(module.plain_weight(), theirs.plain_weight()), name
+            assert torch.equal(module.scales_and_zeros, theirs.scales_and_zeros), name
+            continue
+        seen.add(types[gguf_name])
+        n, k = module.out_features, module.in_features
+        codes = unpack_nibbles(module.plain_weight()).view(n, k // 32, 32).double()
+        scale, zero = (module.scales_and_zeros[..., i].t().double()[..., None] for i in (0, 1))
+        ours = (codes - 8) * scale + zero
+        expected = torch.from_numpy(np.ascontiguousarray(reference[gguf_name])).double().view(n, k // 32, 32)
+        bound = UNIT_ROUNDOFF[dtype] * ((codes - 8).abs() * scale.abs() + zero.abs()) \
+            + 2.0 ** -21 * (16 * scale.abs() + zero.abs())
+        assert ((ours - expected).abs() <= bound).all(), name
+    assert seen == {T.Q4_0, T.Q4_1, T.Q4_K}
+
+
+def test_int8_load_equals_quantising_the_float_load(tiny):
+    from qwen2 import Qwen2ForCausalLM
+    from qwen2.quantization import quantize_model
+
+    path, _ = tiny
+    loaded = Qwen2ForCausalLM.from_pretrained(path, dtype=torch.bfloat16, quantization="int8").state_dict()
+    expected = quantize_model(Qwen2ForCausalLM.from_pretrained(path, dtype=torch.bfloat16), "int8").state_dict()
+    assert loaded.keys() == expected.keys()
+    assert all(torch.equal(loaded[k], expected[k]) for k in loaded)
 
 
 # ------------------------------------------------------------------------------------- the real default GGUF
@@ -534,20 +614,6 @@ def test_real_state_dict_matches_transformers(default_gguf, hf_gguf_model):
     assert types == {T.F32, T.Q4_K, T.Q5_0, T.Q6_K, T.Q8_0}
 
 
-@pytest.fixture(scope="module")
-def converted_default(default_gguf):
-    """The default GGUF's cached conversion, in the real cache the other real-model tests share (2 GB)."""
-    start = time.perf_counter()
-    target = gguf_to_directory(default_gguf, progress=False)
-    first = time.perf_counter() - start
-    start = time.perf_counter()
-    again = gguf_to_directory(default_gguf, progress=False)
-    second = time.perf_counter() - start
-    print(f"default GGUF conversion (or cache hit) {first:.1f} s; cached lookup {second * 1000:.1f} ms")
-    assert again == target and second < 1.0
-    return target
-
-
 def _prompt_ids(tokenizer) -> torch.Tensor:
     text = "def quicksort(items):\n    if len(items) <= 1:\n        return items\n    pivot = items[0]\n" * 20
     ids = tokenizer(text, return_tensors="pt").input_ids[:, :200]
@@ -556,16 +622,18 @@ def _prompt_ids(tokenizer) -> torch.Tensor:
 
 
 @pytest.mark.slow
-def test_real_converted_directory_loads_in_transformers(converted_default, hf_gguf_model, hf_gguf_tokenizer):
+def test_real_cache_directory(default_gguf, hf_gguf_tokenizer):
+    """The default GGUF's cache directory (the real cache the other real-model tests share): found in well
+    under a second, no weights copy in it, and its tokenizer files tokenize as transformers' GGUF tokenizer."""
     import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(converted_default, dtype=torch.float32).eval()
-    ids = _prompt_ids(hf_gguf_tokenizer)
-    with torch.no_grad():
-        expected = hf_gguf_model(ids).logits[0, -1]
-        got = model(ids).logits[0, -1]
-    torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(converted_default)
+    target = gguf_to_directory(default_gguf, progress=False)
+    start = time.perf_counter()
+    assert gguf_to_directory(default_gguf, progress=False) == target
+    assert time.perf_counter() - start < 1.0
+    assert checkpoint_files(target) == ([default_gguf.resolve()], None)
+    assert not list(target.glob("*.safetensors"))
+    tokenizer = transformers.AutoTokenizer.from_pretrained(target)
     assert tokenizer(["héllo wörld\n  <|im_start|>user"]).input_ids == \
         hf_gguf_tokenizer(["héllo wörld\n  <|im_start|>user"]).input_ids
 

@@ -340,3 +340,83 @@ def test_group_size_without_int4_is_refused(hf_dir):
         Qwen2ForCausalLM.from_pretrained(directory, quantization="int8", group_size=64)
     with pytest.raises(ValueError, match="int3"):
         Qwen2ForCausalLM.from_pretrained(directory, quantization="int3")
+
+
+# ------------------------------------------------------------------------------------- the real default model
+
+# Loads in a fresh interpreter and reports its peak resident memory (VmHWM, which counts mapped file pages
+# too), the bytes of its parameters, a sha256 per state-dict tensor and the last position's logits.
+_LOAD_SCRIPT = """
+import hashlib, json, sys, torch, qwen2
+source, dtype, out = sys.argv[1], getattr(torch, sys.argv[2]), sys.argv[3]
+model = qwen2.Qwen2ForCausalLM.from_pretrained(source, dtype=dtype)
+status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+with torch.no_grad():
+    logits = model(torch.tensor([list(range(1000, 1016))])).logits[0, -1]
+torch.save({"peak": int(status["VmHWM"].split()[0]) * 1024,
+            "param_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+            "hashes": {name: hashlib.sha256(t.detach().reshape(-1).view(torch.uint8).numpy()).hexdigest()
+                       for name, t in model.state_dict().items()},
+            "logits": logits}, out)
+"""
+_PROMPT = torch.tensor([list(range(1000, 1016))])
+
+
+def _load_in_fresh_process(source, dtype: torch.dtype, tmp_path) -> dict:
+    import subprocess
+    import sys
+
+    out = tmp_path / f"result-{str(dtype)[6:]}.pt"
+    subprocess.run([sys.executable, "-c", _LOAD_SCRIPT, str(source), str(dtype)[6:], str(out)], check=True,
+                   timeout=600)
+    return torch.load(out, weights_only=True)
+
+
+def _sha256(tensor: torch.Tensor) -> str:
+    import hashlib
+
+    return hashlib.sha256(tensor.detach().reshape(-1).view(torch.uint8).numpy()).hexdigest()
+
+
+def _reference_model(state_dict: dict[str, torch.Tensor], config: Qwen2Config) -> Qwen2ForCausalLM:
+    """The model holding exactly `state_dict`, assembled by hand (meta build + assign), not by the loader."""
+    with torch.device("meta"):
+        model = Qwen2ForCausalLM(config)
+    model.load_state_dict(state_dict, assign=True, strict=True)
+    model.init_buffers()
+    return model.eval()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_real_gguf_load_peak_memory_weights_and_logits(default_gguf, tmp_path, dtype):
+    """Loading the default GGUF peaks at <= 1.3x its parameter bytes (the whole process: interpreter and
+    torch included), and gives exactly gguf-py's dequantised values cast to `dtype` (`load_gguf_state_dict`,
+    bitwise gguf-py's per test_gguf), so the same logits as a model holding those."""
+    from qwen2.loading.gguf import gguf_config, load_gguf_state_dict
+
+    result = _load_in_fresh_process(default_gguf, dtype, tmp_path)
+    print(f"{dtype}: peak {result['peak'] / 1e6:.0f} MB for {result['param_bytes'] / 1e6:.0f} MB of parameters")
+    assert result["peak"] <= 1.3 * result["param_bytes"]
+    expected = load_gguf_state_dict(default_gguf, dtype)
+    assert result["hashes"] == {name: _sha256(t) for name, t in expected.items()}
+    model = _reference_model(expected, gguf_config(default_gguf))
+    with torch.no_grad():
+        torch.testing.assert_close(result["logits"], model(_PROMPT).logits[0, -1], rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_real_safetensors_directory_load_peak_memory(default_gguf, tmp_path):
+    """A sharded bfloat16 copy loads with the same bound, in bfloat16 and converted to float32 on the way."""
+    directory = tmp_path / "bf16"
+    Qwen2ForCausalLM.from_pretrained(default_gguf, dtype=torch.bfloat16).save_pretrained(directory,
+                                                                                       max_shard_size="400MB")
+    assert len(list(directory.glob("model-*.safetensors"))) > 1
+    with safe_open(directory / "model-00001-of-00004.safetensors", "pt") as f:
+        name = next(iter(f.keys()))
+        first = f.get_tensor(name)
+    for dtype in (torch.bfloat16, torch.float32):
+        result = _load_in_fresh_process(directory, dtype, tmp_path)
+        print(f"{dtype}: peak {result['peak'] / 1e6:.0f} MB for {result['param_bytes'] / 1e6:.0f} MB of parameters")
+        assert result["peak"] <= 1.3 * result["param_bytes"]
+        assert result["hashes"][name] == _sha256(first.to(dtype))

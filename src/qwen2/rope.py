@@ -160,11 +160,16 @@ class Qwen2RotaryEmbedding(nn.Module):
         """(Re)compute the frequencies in float32 on `device` (default: where the buffers are), e.g. after the
         model was built on the meta device and loaded with `assign=True`."""
         device = torch.device(device) if device is not None else self.inv_freq.device
+        self.max_seq_len_cached = self.max_positions
+        self.long_inv_freq: torch.Tensor | None = None
+        if device.type == "meta":
+            # Built for loading: init_buffers() computes the tables once the weights are in. Arithmetic on meta
+            # tensors would import torch._dynamo (about a second and 70 MB of resident memory, once per process).
+            self.attention_scaling = 1.0
+            return
         inv_freq, self.attention_scaling = self._init(self.params, self.head_dim, self.max_positions, None, device)
         self.inv_freq = inv_freq.to(device)
         self.original_inv_freq = inv_freq.clone().to(device)
-        self.max_seq_len_cached = self.max_positions
-        self.long_inv_freq: torch.Tensor | None = None
 
     def _update_dynamic(self, position_ids: torch.Tensor) -> None:
         seq_len = torch.max(position_ids) + 1

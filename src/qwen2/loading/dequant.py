@@ -362,22 +362,28 @@ def _workers() -> ThreadPoolExecutor:
 
 
 def dequantize(blocks: Tensor, ggml_type: GGMLQuantizationType, shape: tuple[int, ...],
-               dtype: torch.dtype = torch.float32) -> Tensor:
-    """Raw `(n_blocks, type_size)` uint8 blocks of a `ggml_type` tensor -> a `dtype` tensor of `shape`."""
+               dtype: torch.dtype = torch.float32, out: Tensor | None = None) -> Tensor:
+    """Raw `(n_blocks, type_size)` uint8 blocks of a `ggml_type` tensor -> a `dtype` tensor of `shape`.
+
+    With `out` (contiguous, `shape`'s element count, any floating dtype) the values are written there
+    instead, chunk by chunk, so filling a bfloat16 parameter never holds a float32 copy of it.
+    """
     fn = DEQUANTIZERS.get(ggml_type)
     if fn is None:
         raise NotImplementedError(f"dequantising ggml type {ggml_type.name} is not supported; supported: "
                                   f"{', '.join(sorted(t.name for t in SUPPORTED_TYPES))}")
     block_size, type_size = GGML_QUANT_SIZES[ggml_type]
     blocks = blocks.reshape(-1, type_size)
+    if out is None:
+        out = torch.empty(shape, dtype=dtype, device=blocks.device)
+    elif out.numel() != blocks.shape[0] * block_size or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous tensor of {blocks.shape[0] * block_size} elements, "
+                         f"not {tuple(out.shape)}")
+    rows = out.view(-1, block_size)
     step = max(1, _CHUNK_ELEMENTS // block_size)
-    if blocks.shape[0] <= step:
-        whole = lambda: fn(blocks).reshape(shape).to(dtype)  # noqa: E731
-        return whole() if blocks.device.type != "cpu" else _workers().submit(whole).result()
-    out = torch.empty(blocks.shape[0], block_size, dtype=dtype, device=blocks.device)
 
     def run(start: int) -> None:
-        out[start:start + step] = fn(blocks[start:start + step]).reshape(-1, block_size)
+        rows[start:start + step] = fn(blocks[start:start + step]).reshape(-1, block_size)
 
     starts = range(0, blocks.shape[0], step)
     if blocks.device.type != "cpu":  # queued asynchronously on the device already
@@ -386,4 +392,4 @@ def dequantize(blocks: Tensor, ggml_type: GGMLQuantizationType, shape: tuple[int
     else:
         for done in [_workers().submit(run, start) for start in starts]:
             done.result()
-    return out.reshape(shape)
+    return out.view(shape)

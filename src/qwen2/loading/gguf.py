@@ -3,8 +3,15 @@
 Reading builds on gguf-py's `GGUFReader`, with every read bounds-checked first: on a damaged file
 the plain reader crashes with numpy errors or, given a huge array count, loops for ever. Every
 problem becomes a `GGUFError` naming the file. Weights are dequantised in torch (`dequant.py`) and
-renamed through `names.py`; `gguf_to_directory` converts a file once into a transformers-layout
-directory in the cache, keyed by the file's sha256, so later loads are a safetensors mmap.
+renamed through `names.py`. `gguf_to_directory` gives a file a transformers-layout directory in the
+cache, keyed by its sha256, with the config and tokenizer files and a record naming the GGUF, which
+stays the weights file: `iter_gguf_sources` dequantises it straight into the model's parameters.
+
+Why not a float32 safetensors conversion (what this cache held before): dequantising the default
+model's 491 MB takes about as long as reading back its 2.5 GB float32 conversion (~1.5 s on 2 cores),
+so the copy bought no speed, cost 2.5 GB of disk, a first-use conversion, and a float32 round trip
+for bfloat16 loads; and the quantised loads need the GGUF's blocks anyway (`quantization/gguf.py`).
+`convert_gguf` still writes real safetensors directories on request.
 
 The config follows transformers' GGUF loader (`integrations/ggml.py`, `modeling_gguf_pytorch_utils.py`
 in 5.24): the same `qwen2.*` keys, vocab_size from the token list, tied embeddings when the file has
@@ -35,6 +42,7 @@ from qwen2.config import Qwen2Config
 from qwen2.loading import names
 from qwen2.loading.default_model import cache_dir
 from qwen2.loading.dequant import SUPPORTED_TYPES, dequantize
+from qwen2.loading.safetensors import GGUF_SOURCE_NAME, bytes_of, read_exact, row_span
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +61,7 @@ _U64 = struct.Struct("<Q")
 _MIN_KV_SIZE = 8 + 4 + 1  # empty key, type, one byte
 _MIN_TENSOR_INFO_SIZE = 8 + 4 + 8 + 4 + 8  # empty name, n_dims, one dim, type, offset
 _SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+_READ_BYTES = 1 << 23  # blocks per file read when filling a tensor, into one buffer reused for the whole file
 
 
 class GGUFError(ValueError):
@@ -410,6 +419,52 @@ def iter_gguf_tensors(gguf: str | os.PathLike | GGUFFile,
         yield hf_name, gf.dequantize(gguf_name, dtype)
 
 
+class GGUFTensor:
+    """One tensor of a GGUF, read with plain file reads and dequantised into the caller's tensor.
+
+    Not through the memory map: mapped pages a process touched count toward its resident memory, so
+    reading the blocks through it would add the whole file to the peak of a load. `buffer` (uint8) is
+    scratch space shared by the tensors of one file, so reading allocates nothing per chunk.
+    """
+
+    dtype = torch.float32  # what the blocks dequantise to
+
+    def __init__(self, f: Any, path: Path, info: TensorInfo, buffer: torch.Tensor) -> None:
+        self.f, self.path, self.name, self.buffer = f, path, info.name, buffer
+        self.ggml_type, self.shape, self.offset = info.ggml_type, info.shape, info.offset
+        self.block_size, self.type_size = GGML_QUANT_SIZES[info.ggml_type]
+
+    def blocks(self, first: int, count: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The raw `(n, type_size)` uint8 blocks of elements `first:first + count` (whole blocks), in `out`'s
+        storage when given."""
+        if first % self.block_size or count % self.block_size:
+            raise ValueError(f"{self.name}: elements {first}..{first + count} do not fall on "
+                             f"{self.block_size}-element block boundaries")
+        n = count // self.block_size * self.type_size
+        out = torch.empty(n, dtype=torch.uint8) if out is None else out.view(-1)[:n]
+        read_exact(self.f, self.offset + first // self.block_size * self.type_size, bytes_of(out), self.path)
+        return out.view(-1, self.type_size)
+
+    def read_into(self, out: torch.Tensor, start: int = 0) -> None:
+        first, count = row_span(self.shape, out, start)
+        step = max(1, self.buffer.numel() // self.type_size) * self.block_size
+        flat = out.view(-1)
+        for lo in range(0, count, step):
+            n = min(step, count - lo)
+            blocks = self.blocks(first + lo, n, self.buffer)
+            dequantize(blocks, self.ggml_type, (n,), out.dtype, out=flat[lo:lo + n])
+
+
+def iter_gguf_sources(gguf: str | os.PathLike | GGUFFile) -> Iterator[tuple[str, GGUFTensor]]:
+    """`(our_name, source)` for every weight after checking the file; a source is valid until the next."""
+    gf = _open(gguf)
+    tensors = _checked_tensors(gf)
+    buffer = torch.empty(_READ_BYTES, dtype=torch.uint8)
+    with open(gf.path, "rb", buffering=0) as f:
+        for gguf_name, hf_name, _ in tensors:
+            yield hf_name, GGUFTensor(f, gf.path, gf.tensors[gguf_name], buffer)
+
+
 def load_gguf_state_dict(gguf: str | os.PathLike | GGUFFile,
                          dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """Our (transformers-named) state dict of a Qwen2 GGUF, dequantised to `dtype`."""
@@ -449,7 +504,8 @@ def _write_safetensors(path: Path, gf: GGUFFile, tensors: list[tuple[str, str, t
             pending.result()
 
 
-def _write_model_dir(gf: GGUFFile, out_dir: Path, dtype: torch.dtype, progress: bool) -> None:
+def _write_model_dir(gf: GGUFFile, out_dir: Path, dtype: torch.dtype, progress: bool, weights: bool = True) -> None:
+    """Config, generation config and tokenizer files, then (if `weights`) model.safetensors in `dtype`."""
     from tqdm.auto import tqdm
 
     from qwen2.tokenizer.gguf import write_tokenizer_files
@@ -467,6 +523,8 @@ def _write_model_dir(gf: GGUFFile, out_dir: Path, dtype: torch.dtype, progress: 
         raise
     except (ValueError, KeyError, IndexError) as err:
         raise GGUFError(f"{gf.path}: its tokenizer metadata cannot be converted: {err}") from None
+    if not weights:
+        return
     total = sum(math.prod(shape) for *_, shape in tensors) * torch.empty((), dtype=dtype).element_size()
     with tqdm(total=total, unit="B", unit_scale=True, desc=f"Converting {gf.path.name}",
               disable=not progress) as bar:
@@ -569,25 +627,49 @@ def file_sha256(path: str | os.PathLike, progress: bool = False) -> str:
     return digest.hexdigest()
 
 
-def gguf_to_directory(gguf_path: str | os.PathLike, *, progress: bool = True) -> Path:
-    """The transformers-layout float32 directory for a Qwen2 GGUF, converted on first use into
-    `cache_dir()/gguf/<sha256>/` and published by an atomic rename, so the cache never holds half a model."""
-    path = Path(gguf_path)
-    target = cache_dir() / "gguf" / file_sha256(path, progress=progress)
-    if target.is_dir():
-        return target
-    gf = GGUFFile(path)  # refuse a bad file before touching the cache
-    target.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_partials(target.parent)
-    partial = _partial_dir(target)
+def _record_source(directory: Path, gguf_path: Path, sha256: str) -> None:
+    """Point `directory`'s record at `gguf_path` (atomically; a no-op when it already does)."""
+    stat = gguf_path.stat()
+    record = {"path": str(gguf_path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": sha256}
+    record_path = directory / GGUF_SOURCE_NAME
     try:
-        _write_model_dir(gf, partial, torch.float32, progress)
+        if json.loads(record_path.read_text(encoding="utf-8")) == record:
+            return
+    except (OSError, ValueError):
+        pass
+    fd, tmp = tempfile.mkstemp(prefix=f".{GGUF_SOURCE_NAME}.", suffix=".tmp", dir=directory)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(record, f, indent=1)
+    os.replace(tmp, record_path)
+
+
+def gguf_to_directory(gguf_path: str | os.PathLike, *, progress: bool = True) -> Path:
+    """The transformers-layout directory for a Qwen2 GGUF: config, generation config and tokenizer files,
+    made on first use in `cache_dir()/gguf/<sha256>/` and published by an atomic rename, plus a record of
+    the GGUF, which `from_pretrained` reads the weights from. A copy of the same file at another path
+    shares the directory; the record names whichever path was resolved last."""
+    path = Path(gguf_path).resolve()
+    sha256 = file_sha256(path, progress=progress)
+    target = cache_dir() / "gguf" / sha256
+    if not target.is_dir():
+        gf = GGUFFile(path)  # refuse a bad file before touching the cache
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_partials(target.parent)
+        partial = _partial_dir(target)
         try:
-            os.rename(partial, target)
-        except OSError:
-            if not target.is_dir():  # another process publishing the same file first is fine
-                raise
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
-    logger.info("Converted %s into %s", path, target)
+            _write_model_dir(gf, partial, torch.float32, progress, weights=False)
+            _record_source(partial, path, sha256)
+            try:
+                os.rename(partial, target)
+            except OSError:
+                if not target.is_dir():  # another process publishing the same file first is fine
+                    raise
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
+        logger.info("Cached the config and tokenizer of %s in %s", path, target)
+    _record_source(target, path, sha256)
+    legacy = target / "model.safetensors"  # the float32 conversion earlier versions cached
+    if legacy.is_file():
+        legacy.unlink(missing_ok=True)
+        logger.info("Removed %s: the weights are now read from %s itself", legacy, path)
     return target

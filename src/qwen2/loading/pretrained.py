@@ -1,8 +1,11 @@
 """`PreTrainedModel`: transformers' `from_pretrained` / `save_pretrained` for every Qwen2 head.
 
-Loading follows gpt-fast's recipe: build the model on the meta device (no memory, no random init), stream
-tensors from memory-mapped safetensors converting dtype and device one tensor at a time, then
-`load_state_dict(assign=True)` so the loaded tensors *become* the parameters. The model contract:
+Loading follows gpt-fast's recipe: build the model on the meta device (no memory, no random init), then give
+each parameter its storage in the target dtype and device and fill it straight from the checkpoint (file reads
+into it, or a GGUF's blocks dequantised into it, a few MB at a time), and `load_state_dict(assign=True)` so
+those tensors *become* the parameters. Peak memory is the model plus a few MB: no float32 copy, no mapped
+file pages. With `quantization=` the Linears are swapped for quantised modules first and each weight is
+quantised as it is read (`qwen2.quantization.QuantizingLoader`). The model contract:
 
 - `init_buffers()` is called once every parameter is on its final device and dtype; it must (re)create each
   non-persistent buffer (rope tables, ...) there, since the meta-device build left them empty.
@@ -26,7 +29,8 @@ from torch import nn
 
 from qwen2.config import CONFIG_NAME, Qwen2Config
 from qwen2.loading.hub import resolve_model_dir
-from qwen2.loading.safetensors import checkpoint_dtype, checkpoint_files, iter_tensors, save_state_dict
+from qwen2.loading.safetensors import (TensorSource, checkpoint_dtype, checkpoint_files, iter_sources, read_tensor,
+                                      save_state_dict)
 
 logger = logging.getLogger(__name__)
 
@@ -141,8 +145,9 @@ class PreTrainedModel(nn.Module):
         `dtype` (or the older `torch_dtype`) defaults to "auto", transformers 5's default: the checkpoint's own
         dtype (config.json's `dtype`, else the first floating-point tensor's). `device_map` may be None/"cpu",
         "auto" (first GPU if any, else CPU), a device, or {"": device}; the model lives on one device.
-        `quantization` ("int8" or "int4", with `group_size` for int4) quantises the weights after loading;
-        a checkpoint saved quantised reloads as such without it.
+        `quantization` ("int8" or "int4", with `group_size` for int4) quantises the weights as they load (a
+        GGUF's 4-bit blocks go to int4 group 32 as they are); a checkpoint saved quantised reloads as such
+        without it.
         """
         output_loading_info = kwargs.pop("output_loading_info", False)
         use_safetensors = kwargs.pop("use_safetensors", None)
@@ -169,21 +174,22 @@ class PreTrainedModel(nn.Module):
         config.dtype = target_dtype
         device = _target_device(device_map)
 
-        with _default_dtype(target_dtype), torch.device("meta"):
+        with _default_dtype(target_dtype), torch.device("meta"), _no_init():
             model = cls(config, *model_args)
             if getattr(config, "quantization_config", None):
                 from qwen2.quantization import convert_for_runtime
 
                 convert_for_runtime(model, config.quantization_config)  # same module swap as when it was saved
-        info = _load_weights(model, files, device, ignore_mismatched_sizes)
-        if device_map is not None:
-            model.hf_device_map = {"": str(device)}
+        quantizer = None
         if quantization is not None:
-            from qwen2.quantization import quantize_model
+            from qwen2.quantization import QuantizingLoader
 
-            quantize_model(model, quantization, group_size)
+            quantizer = QuantizingLoader(model, quantization, group_size)
         elif group_size is not None:
             raise ValueError("group_size= applies only with quantization='int4'")
+        info = _load_weights(model, files, device, ignore_mismatched_sizes, quantizer)
+        if device_map is not None:
+            model.hf_device_map = {"": str(device)}
         model.eval()
         _load_generation_config(model, directory)
         return (model, info) if output_loading_info else model
@@ -287,6 +293,25 @@ def _default_dtype(dtype: torch.dtype | None) -> Iterator[None]:
         torch.set_default_dtype(previous)
 
 
+_INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "xavier_uniform_",
+                   "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_")
+
+
+@contextlib.contextmanager
+def _no_init() -> Iterator[None]:
+    """Modules' own random initialisation made a no-op while the model is built on meta (as transformers'
+    `no_init_weights`): the values would be thrown away, and on meta tensors torch runs it through its
+    decompositions, whose first use imports torch._dynamo and sympy (about a second and 70 MB of memory)."""
+    saved = {name: getattr(nn.init, name) for name in _INIT_FUNCTIONS}
+    for name in saved:
+        setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for name, function in saved.items():
+            setattr(nn.init, name, function)
+
+
 def _target_device(device_map: Any) -> torch.device:
     """The one device a `device_map` names; maps that split the model over devices are refused."""
     if isinstance(device_map, dict):
@@ -315,32 +340,45 @@ def _device(spec: Any) -> torch.device:
     return device
 
 
-def _load_weights(model: nn.Module, files: list[Path], device: torch.device,
-                  ignore_mismatched_sizes: bool) -> dict[str, list]:
-    """Stream the checkpoint into the meta-built `model`; returns transformers' loading-info dict."""
+def _sources(path: Path) -> Iterator[tuple[str, TensorSource]]:
+    if path.suffix == ".gguf":
+        from qwen2.loading.gguf import iter_gguf_sources
+
+        return iter_gguf_sources(path)
+    return iter_sources(path)
+
+
+def _load_weights(model: nn.Module, files: list[Path], device: torch.device, ignore_mismatched_sizes: bool,
+                  quantizer: Any = None) -> dict[str, list]:
+    """Fill the meta-built `model` from the checkpoint, one tensor at a time; returns transformers'
+    loading-info dict. `quantizer` (a `QuantizingLoader`) quantises the weights of the modules it swapped."""
     expected = model.state_dict()  # meta tensors: names and shapes only
+    quantized = quantizer.modules if quantizer is not None else {}
     rename = _key_renamer(set(expected), getattr(model, "base_model_prefix", "model"))
     loaded: dict[str, torch.Tensor] = {}
     unexpected, mismatched = [], []
     for path in files:
-        for raw_name, tensor in iter_tensors(path):
+        for raw_name, source in _sources(path):
             if raw_name.endswith(_IGNORED_SUFFIXES):
                 continue
             name = rename(raw_name)
+            if name in quantized:
+                loaded.update(quantizer.load(name, source, device))
+                continue
             if name not in expected:
                 unexpected.append(raw_name)
                 continue
-            if tensor.shape != expected[name].shape:
+            if tuple(source.shape) != tuple(expected[name].shape):
                 if not ignore_mismatched_sizes:
                     raise ValueError(
-                        f"Tensor {name!r} in {path} has shape {tuple(tensor.shape)} but the model expects "
+                        f"Tensor {name!r} in {path} has shape {tuple(source.shape)} but the model expects "
                         f"{tuple(expected[name].shape)}: the checkpoint does not match the config. Pass "
                         f"ignore_mismatched_sizes=True to re-initialise such tensors instead.")
-                mismatched.append((name, tuple(tensor.shape), tuple(expected[name].shape)))
+                mismatched.append((name, tuple(source.shape), tuple(expected[name].shape)))
                 continue
             # Floats take the dtype the model built for them (quantisation scales may differ from `dtype`).
-            target = expected[name].dtype if tensor.is_floating_point() else tensor.dtype
-            loaded[name] = tensor.to(device=device, dtype=target)
+            target = expected[name].dtype if source.dtype.is_floating_point else source.dtype
+            loaded[name] = read_tensor(source, target, device)
     model.load_state_dict(loaded, strict=False, assign=True)
     model.tie_weights()
     missing = _materialise_missing(model, set(loaded), device)

@@ -1,9 +1,11 @@
 """Checkpoint files in transformers' layout: find them, validate them, stream their tensors, write them.
 
-Reading is one tensor at a time from memory-mapped files (`safe_open`), so converting a checkpoint's dtype
-never holds two full copies of the weights. Headers are checked before `safe_open` sees the file, so a
-truncated or corrupted download fails with the file's name and what is wrong with it. Pickle checkpoints
-(`pytorch_model.bin`) are read only through `torch.load(weights_only=True)`.
+Reading hands out one `TensorSource` per tensor, which fills a tensor the loader allocated with plain file
+reads (straight into it when the dtypes agree, through a small buffer when they do not). Nothing is
+memory-mapped: mapped pages a process has touched count toward its resident memory, so a float32 file
+mapped while a bfloat16 model is filled would double the peak. Headers are checked before any tensor is
+read, so a truncated or corrupted download fails with the file's name and what is wrong with it. Pickle
+checkpoints (`pytorch_model.bin`) are read only through `torch.load(weights_only=True)`.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import re
 import struct
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Protocol
 
 import torch
 
@@ -25,11 +27,16 @@ SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 WEIGHTS_NAME = "pytorch_model.bin"
 WEIGHTS_INDEX_NAME = "pytorch_model.bin.index.json"
+GGUF_SOURCE_NAME = "gguf_source.json"  # in a cached GGUF directory: which .gguf holds the weights
 
 # The safetensors dtype codes and their element sizes in bytes (the format's own table).
 _DTYPE_SIZES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
                 "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
 _FLOAT_CODES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+_TORCH_DTYPES = {**_FLOAT_CODES, "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16,
+                 "U16": torch.uint16, "I32": torch.int32, "U32": torch.uint32, "I64": torch.int64,
+                 "U64": torch.uint64, "F8_E5M2": torch.float8_e5m2, "F8_E4M3": torch.float8_e4m3fn}
+_CHUNK_BYTES = 1 << 24  # staging buffer for dtype conversion and device copies
 _MAX_HEADER = 100_000_000  # the limit safetensors itself enforces
 
 
@@ -78,6 +85,8 @@ def read_header(path: Path) -> dict[str, Any]:
 
 def checkpoint_dtype(path: Path) -> torch.dtype | None:
     """The dtype of the first floating-point tensor, which is how transformers reads a checkpoint's dtype."""
+    if path.suffix == ".gguf":
+        return torch.float32  # what its blocks dequantise to, as in transformers
     if path.suffix == ".safetensors":
         header = read_header(path)
         for name, info in header.items():
@@ -90,20 +99,107 @@ def checkpoint_dtype(path: Path) -> torch.dtype | None:
     return None
 
 
-def iter_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, tensor) from one safetensors or `.bin` file, one tensor at a time."""
-    if path.suffix != ".safetensors":
-        yield from _iter_pickle(path)
-        return
-    from safetensors import SafetensorError, safe_open
+class TensorSource(Protocol):
+    """One checkpoint tensor, read on request into a tensor the loader allocated."""
 
-    read_header(path)
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            for name in f.keys():
-                yield name, f.get_tensor(name)
-    except SafetensorError as err:
-        raise CheckpointError(f"{path} could not be read as safetensors: {err}") from err
+    shape: tuple[int, ...]
+    dtype: torch.dtype  # of the values as stored (float32 for dequantised GGUF blocks)
+
+    def read_into(self, out: torch.Tensor, start: int = 0) -> None:
+        """Fill the contiguous CPU tensor `out` with rows `start:start + len(out)`, cast to `out.dtype`."""
+        ...
+
+
+def row_span(shape: tuple[int, ...], out: torch.Tensor, start: int) -> tuple[int, int]:
+    """(first element, element count) of the rows `out` holds, starting at row `start`."""
+    row = math.prod(shape[1:]) if shape else 1
+    if start * row + out.numel() > math.prod(shape) or not out.is_contiguous():
+        raise ValueError(f"cannot read {tuple(out.shape)} from row {start} of a {shape} tensor")
+    return start * row, out.numel()
+
+
+def bytes_of(tensor: torch.Tensor) -> memoryview:
+    """A writable byte view of a contiguous CPU tensor's storage."""
+    return memoryview(tensor.detach().reshape(-1).view(torch.uint8).numpy()).cast("B")
+
+
+def read_exact(f: BinaryIO, offset: int, buffer: memoryview, path: Path) -> None:
+    """`readinto` until `buffer` is full; a short file is a truncated checkpoint."""
+    f.seek(offset)
+    while buffer.nbytes:
+        n = f.readinto(buffer)
+        if not n:
+            raise CheckpointError(f"{path} is truncated: it ended while reading {buffer.nbytes} bytes at offset "
+                                  f"{f.tell()}; download the file again")
+        buffer = buffer[n:]
+
+
+class FileTensor:
+    """A tensor of a safetensors file: `offset` is where its data starts in the open file `f`."""
+
+    def __init__(self, f: BinaryIO, path: Path, dtype: torch.dtype, shape: tuple[int, ...], offset: int) -> None:
+        self.f, self.path, self.dtype, self.shape, self.offset = f, path, dtype, shape, offset
+
+    def read_into(self, out: torch.Tensor, start: int = 0) -> None:
+        first, count = row_span(self.shape, out, start)
+        itemsize = self.dtype.itemsize
+        offset = self.offset + first * itemsize
+        if out.dtype == self.dtype:
+            read_exact(self.f, offset, bytes_of(out), self.path)
+            return
+        step = max(1, _CHUNK_BYTES // itemsize)
+        buffer = torch.empty(min(step, count), dtype=self.dtype)
+        flat = out.view(-1)
+        for lo in range(0, count, step):
+            part = buffer[:min(step, count - lo)]
+            read_exact(self.f, offset + lo * itemsize, bytes_of(part), self.path)
+            flat[lo:lo + part.numel()] = part
+
+
+class LoadedTensor:
+    """A tensor already in memory (from a pickle checkpoint), behind the same interface."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor, self.dtype, self.shape = tensor, tensor.dtype, tuple(tensor.shape)
+
+    def read_into(self, out: torch.Tensor, start: int = 0) -> None:
+        first, count = row_span(self.shape, out, start)
+        out.view(-1).copy_(self.tensor.reshape(-1)[first:first + count])
+
+
+def read_tensor(source: TensorSource, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A new `dtype` tensor on `device` filled from `source`; off the CPU through a small staging buffer."""
+    out = torch.empty(source.shape, dtype=dtype, device=device)
+    if out.device.type == "cpu":
+        source.read_into(out)
+        return out
+    if out.dim() == 0:
+        staging = torch.empty((), dtype=dtype)
+        source.read_into(staging)
+        return out.copy_(staging)
+    rows = max(1, _CHUNK_BYTES // max(1, out[0].numel() * dtype.itemsize))
+    staging = torch.empty(min(rows, out.shape[0]), *out.shape[1:], dtype=dtype)
+    for lo in range(0, out.shape[0], rows):
+        part = staging[:min(rows, out.shape[0] - lo)]
+        source.read_into(part, lo)
+        out[lo:lo + len(part)].copy_(part)
+    return out
+
+
+def iter_sources(path: Path) -> Iterator[tuple[str, TensorSource]]:
+    """(name, source) for every tensor of one safetensors or `.bin` file; a source is valid until the next."""
+    if path.suffix != ".safetensors":
+        for name, tensor in _iter_pickle(path):
+            yield name, LoadedTensor(tensor)
+        return
+    header = read_header(path)
+    with open(path, "rb", buffering=0) as f:
+        data_start = 8 + struct.unpack("<Q", f.read(8))[0]
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            yield name, FileTensor(f, path, _TORCH_DTYPES[info["dtype"]], tuple(info["shape"]),
+                                   data_start + info["data_offsets"][0])
 
 
 def _iter_pickle(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
@@ -123,11 +219,41 @@ def _iter_pickle(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
         yield name, state_dict.pop(name)
 
 
+def gguf_weights(directory: Path) -> Path | None:
+    """The GGUF a cached GGUF directory takes its weights from (see `gguf.gguf_to_directory`), or None.
+
+    The record names the file with its size and mtime: a file changed or removed since is refused rather
+    than read as weights for the wrong model.
+    """
+    record_path = directory / GGUF_SOURCE_NAME
+    if not record_path.is_file():
+        return None
+    try:
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+        path = Path(record["path"])
+        stamp = (int(record["size"]), int(record["mtime_ns"]))
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{record_path} is not a valid GGUF record ({err}); delete {directory} and load "
+                              f"the .gguf file again") from err
+    try:
+        stat = path.stat()
+    except OSError:
+        stat = None
+    if stat is None or (stat.st_size, stat.st_mtime_ns) != stamp:
+        raise CheckpointError(f"{directory} takes its weights from {path}, which is gone or has changed since; "
+                              f"load the .gguf file itself instead of this cache directory")
+    return path
+
+
 def checkpoint_files(directory: Path, use_safetensors: bool | None = None) -> tuple[list[Path], dict | None]:
     """The weight files of a model directory, in load order, and the index metadata if it is sharded.
 
     safetensors is preferred; `.bin` is used when there is no safetensors (or `use_safetensors=False`).
+    A cached GGUF directory's weights are the GGUF itself.
     """
+    gguf = gguf_weights(directory)
+    if gguf is not None:
+        return [gguf], None
     candidates = []
     if use_safetensors is not False:
         candidates += [(SAFE_WEIGHTS_INDEX_NAME, True), (SAFE_WEIGHTS_NAME, False)]

@@ -11,6 +11,11 @@ The shape of gpt-fast's quantize.py: a handler turns a float model's weights int
     convert_for_runtime(model, config.quantization_config)           # same swap, empty modules
     model.load_state_dict(quantised_state_dict, assign=True)
 
+Quantising while loading (`QuantizingLoader`, what `from_pretrained(quantization=...)` uses) swaps the modules
+first and quantises each weight as it is read, a few thousand rows at a time, so no float copy of the model
+(or of a 151936-row head) is ever held; a GGUF's Q4_0/Q4_1/Q4_K blocks become int4 codes as they are
+(`gguf.py`).
+
 Every `nn.Linear` is converted (the attention and MLP projections and `lm_head`) except the names in
 `modules_to_not_convert`, an `lm_head` tied to the input embeddings, and the weights int4 cannot take (see
 `int4.check_shape`); all of them are recorded in `modules_to_not_convert`, so a reload converts exactly the
@@ -23,8 +28,10 @@ import logging
 from collections.abc import Iterator
 from typing import Any, Protocol
 
+import torch
 from torch import Tensor, nn
 
+from qwen2.quantization.gguf import int4_from_gguf
 from qwen2.quantization.int4 import GROUP_SIZES, Int4WeightOnlyLinear, check_shape, pack_nibbles, quantize_int4
 from qwen2.quantization.int8 import Int8WeightOnlyLinear, quantize_int8
 
@@ -33,10 +40,11 @@ logger = logging.getLogger(__name__)
 QUANT_METHOD = "qwen2_weight_only"
 SCHEMES = ("int8", "int4")
 DEFAULT_GROUP_SIZE = 32
+_SOURCE_CHUNK = 1 << 22  # weights read per chunk when quantising a checkpoint tensor as it loads
 
 __all__ = [
     "DEFAULT_GROUP_SIZE", "GROUP_SIZES", "QUANT_METHOD", "SCHEMES", "Int4Handler", "Int4WeightOnlyLinear",
-    "Int8Handler", "Int8WeightOnlyLinear", "QuantHandler", "convert_for_runtime", "get_handler",
+    "Int8Handler", "Int8WeightOnlyLinear", "QuantHandler", "QuantizingLoader", "convert_for_runtime", "get_handler",
     "handler_from_config", "is_quantized", "quantize_model",
 ]
 
@@ -50,7 +58,22 @@ class QuantHandler(Protocol):
 
     def convert_for_runtime(self, model: nn.Module) -> nn.Module: ...
 
+    def quantize_source(self, source: Any, dtype: torch.dtype) -> dict[str, Tensor]: ...
+
     def quantization_config(self) -> dict[str, Any]: ...
+
+
+def _row_chunks(source: Any, dtype: torch.dtype) -> Iterator[tuple[int, Tensor]]:
+    """(first row, rows) of a 2-D source read into one reused `dtype` buffer; both schemes work row by row,
+    so quantising the chunks gives what quantising the whole weight gives. Chunks are whole multiples of 64
+    rows, so each satisfies int4's row-count rule whenever the weight does."""
+    n, k = source.shape
+    rows = max(64, _SOURCE_CHUNK // k // 64 * 64)
+    buffer = torch.empty(min(rows, n), k, dtype=dtype)
+    for lo in range(0, n, rows):
+        part = buffer[:min(rows, n - lo)]
+        source.read_into(part, lo)
+        yield lo, part
 
 
 def _matches(name: str, patterns: tuple[str, ...]) -> bool:
@@ -88,6 +111,11 @@ class _WeightOnlyHandler:
         raise NotImplementedError
 
     def _from_linear(self, linear: nn.Linear) -> nn.Module:
+        raise NotImplementedError
+
+    def quantize_source(self, source: Any, dtype: torch.dtype) -> dict[str, Tensor]:
+        """A checkpoint weight (a `loading.safetensors.TensorSource`) quantised exactly as `_quantize` would
+        quantise it once loaded in `dtype`, without ever holding it whole in floating point."""
         raise NotImplementedError
 
     def create_quantized_state_dict(self, model: nn.Module) -> dict[str, Tensor]:
@@ -131,6 +159,13 @@ class Int8Handler(_WeightOnlyHandler):
     def _from_linear(self, linear: nn.Linear) -> nn.Module:
         return Int8WeightOnlyLinear.from_linear(linear)
 
+    def quantize_source(self, source: Any, dtype: torch.dtype) -> dict[str, Tensor]:
+        n, k = source.shape
+        q, scales = torch.empty(n, k, dtype=torch.int8), torch.empty(n, dtype=dtype)
+        for lo, part in _row_chunks(source, dtype):
+            q[lo:lo + len(part)], scales[lo:lo + len(part)] = quantize_int8(part, scale_dtype=dtype)
+        return {"weight": q, "scales": scales}
+
 
 class Int4Handler(_WeightOnlyHandler):
     """Asymmetric int4, one (scale, zero) pair per `group_size` input columns."""
@@ -156,6 +191,18 @@ class Int4Handler(_WeightOnlyHandler):
 
     def _from_linear(self, linear: nn.Linear) -> nn.Module:
         return Int4WeightOnlyLinear.from_linear(linear, self.group_size)
+
+    def quantize_source(self, source: Any, dtype: torch.dtype) -> dict[str, Tensor]:
+        direct = int4_from_gguf(source, self.group_size, dtype)  # Q4_0/Q4_1/Q4_K blocks: the codes as they are
+        if direct is not None:
+            return direct
+        n, k = source.shape
+        packed = torch.empty(n, k // 2, dtype=torch.uint8)
+        scales_and_zeros = torch.empty(k // self.group_size, n, 2, dtype=dtype)
+        for lo, part in _row_chunks(source, dtype):
+            codes, scales_and_zeros[:, lo:lo + len(part)] = quantize_int4(part, self.group_size, scale_dtype=dtype)
+            packed[lo:lo + len(part)] = pack_nibbles(codes)
+        return {"weight": packed, "scales_and_zeros": scales_and_zeros}
 
     def quantization_config(self) -> dict[str, Any]:
         return {**super().quantization_config(), "group_size": self.group_size}
@@ -183,26 +230,62 @@ def handler_from_config(quantization_config: dict[str, Any]) -> QuantHandler:
                        quantization_config.get("modules_to_not_convert", ()))
 
 
-def quantize_model(model: nn.Module, scheme: str, group_size: int | None = None,
-                   modules_to_not_convert: tuple[str, ...] | list[str] = ()) -> nn.Module:
-    """Quantise `model`'s Linear weights in place and record the scheme in `model.config.quantization_config`."""
+def _handler_for(model: nn.Module, scheme: str, group_size: int | None,
+                 modules_to_not_convert: tuple[str, ...] | list[str]) -> QuantHandler:
     if getattr(getattr(model, "config", None), "quantization_config", None):
         raise ValueError(f"This model is already quantised ({model.config.quantization_config}); "
                          "load the float checkpoint to quantise it with another scheme")
-    from qwen2.packed_linear import unpack_linears
-
-    if unpack_linears(model):  # generate() packed the float linears for oneDNN: quantise the plain ones
-        model._qwen2_packed = False  # so the linears left in float are packed again on the next generate()
     skip = tuple(modules_to_not_convert)
     if getattr(getattr(model, "config", None), "tie_word_embeddings", False) and "lm_head" not in skip:
         # The head shares the embedding matrix; tie_weights() on reload would overwrite a quantised head with it.
         logger.info("Keeping the tied lm_head in floating point (it shares the input embedding matrix)")
         skip += ("lm_head",)
-    handler = get_handler(scheme, group_size, skip)
+    return get_handler(scheme, group_size, skip)
+
+
+def quantize_model(model: nn.Module, scheme: str, group_size: int | None = None,
+                   modules_to_not_convert: tuple[str, ...] | list[str] = ()) -> nn.Module:
+    """Quantise `model`'s Linear weights in place and record the scheme in `model.config.quantization_config`."""
+    handler = _handler_for(model, scheme, group_size, modules_to_not_convert)
+    from qwen2.packed_linear import unpack_linears
+
+    if unpack_linears(model):  # generate() packed the float linears for oneDNN: quantise the plain ones
+        model._qwen2_packed = False  # so the linears left in float are packed again on the next generate()
     handler.quantize(model)
     if hasattr(model, "config"):
         model.config.quantization_config = handler.quantization_config()
     return model
+
+
+class QuantizingLoader:
+    """Quantisation applied while a checkpoint loads into a meta-built model: the modules and values
+    `quantize_model` gives after loading, made one weight at a time.
+
+    Construction swaps the Linears to convert for empty quantised modules; `load` turns one checkpoint weight
+    into the tensors of its module.
+    """
+
+    def __init__(self, model: nn.Module, scheme: str, group_size: int | None = None,
+                 modules_to_not_convert: tuple[str, ...] | list[str] = ()) -> None:
+        self.handler = _handler_for(model, scheme, group_size, modules_to_not_convert)
+        self.modules: dict[str, nn.Module] = {}  # "<module>.weight" -> its quantised module
+        for name, linear in list(self.handler.targets(model)):
+            module = self.handler._empty(linear)
+            _set_submodule(model, name, module)
+            self.modules[f"{name}.weight"] = module
+        if hasattr(model, "config"):
+            model.config.quantization_config = self.handler.quantization_config()
+
+    def load(self, weight_name: str, source: Any, device: torch.device) -> dict[str, Tensor]:
+        """The state-dict entries (`<module>.weight`, scales) quantised from the float weight `source`."""
+        module = self.modules[weight_name]
+        expected = (module.out_features, module.in_features)
+        if tuple(source.shape) != expected:
+            raise ValueError(f"Tensor {weight_name!r} has shape {tuple(source.shape)} but the model expects "
+                             f"{expected}: the checkpoint does not match the config")
+        dtype = next(t.dtype for t in module.buffers() if t.is_floating_point())
+        prefix = weight_name[:-len("weight")]
+        return {prefix + key: value.to(device) for key, value in self.handler.quantize_source(source, dtype).items()}
 
 
 def convert_for_runtime(model: nn.Module, quantization_config: dict[str, Any]) -> nn.Module:
