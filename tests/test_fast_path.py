@@ -141,18 +141,42 @@ def test_generate_compiles_once_and_matches_eager(plain_settings):
     assert isinstance(model.model.layers[0].mlp.down_proj, fast.RowLinear)
 
 
+def _compiled_single_row(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.compile(module, dynamic=False)(x)
+
+
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("shape", [(1, 1, 320), (1, 320)])
-def test_row_linear_compiled_matches_f_linear(bias, shape):
+@pytest.mark.parametrize("in_features", [320, 4864])  # 4864 > 4096: the sum is split in chunks
+def test_row_linear_compiled_matches_f_linear(bias, shape, in_features):
     """The compiled single-row reduction is F.linear up to the rounding of the bfloat16 output."""
-    linear = nn.Linear(320, 200, bias=bias, dtype=torch.bfloat16)
+    linear = nn.Linear(in_features, 200, bias=bias, dtype=torch.bfloat16)
     linear.__class__ = fast.RowLinear
-    x = torch.randn(shape, dtype=torch.bfloat16)
+    x = torch.randn(*shape[:-1], in_features, dtype=torch.bfloat16)
+    got = _compiled_single_row(linear, x)
     with torch.no_grad():
-        got = torch.compile(linear, dynamic=False)(x)
         exact = F.linear(x.double(), linear.weight.double(), None if not bias else linear.bias.double())
         torch.testing.assert_close(got.double(), exact, rtol=8e-3, atol=1e-3)  # bf16 has 8 mantissa bits
         torch.testing.assert_close(got, F.linear(x, linear.weight, linear.bias), rtol=8e-3, atol=1e-3)
+
+
+def _assert_int8_compiled_row_matches_dequantized(linear: nn.Linear, x: torch.Tensor) -> None:
+    from qwen2.quantization.int8 import Int8WeightOnlyLinear
+
+    int8 = Int8WeightOnlyLinear.from_linear(linear)
+    got = _compiled_single_row(int8, x)
+    with torch.no_grad():
+        exact = F.linear(x.double(), int8.dequantize(torch.float64),
+                         None if linear.bias is None else linear.bias.double())
+    torch.testing.assert_close(got.double(), exact, rtol=1e-2, atol=2e-3)  # bf16 output (and bias add)
+
+
+@pytest.mark.parametrize("in_features", [320, 4864])
+def test_int8_compiled_row_matches_dequantized_matmul(in_features):
+    torch.manual_seed(0)
+    linear = nn.Linear(in_features, 200, bias=True, dtype=torch.bfloat16)
+    _assert_int8_compiled_row_matches_dequantized(linear, torch.randn(1, 1, in_features, dtype=torch.bfloat16))
 
 
 def test_compile_failure_falls_back_to_eager(plain_settings, monkeypatch, caplog):
@@ -204,6 +228,25 @@ def test_packed_linear_on_real_weights(real_bf16):
             pytest.skip("the shared model was already packed by another test")
         with torch.no_grad():
             torch.testing.assert_close(PackedLinear(linear)(x), linear(x), rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_row_paths_on_real_weights(real_bf16):
+    """bf16 and int8 compiled single-row products on the real model's q_proj (bias), down_proj (K = 4864)."""
+    layer = real_bf16.model.layers[7]
+    x = torch.randn(1, 1, 896, dtype=torch.bfloat16)
+    for module, inputs in ((layer.self_attn.q_proj, x), (layer.mlp.down_proj, torch.randn(1, 1, 4864).bfloat16())):
+        linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                           dtype=torch.bfloat16)
+        with torch.no_grad():
+            linear.weight.copy_(module.weight)
+            if module.bias is not None:
+                linear.bias.copy_(module.bias)
+            expected = F.linear(inputs.double(), linear.weight.double(),
+                                None if linear.bias is None else linear.bias.double())
+        _assert_int8_compiled_row_matches_dequantized(linear, inputs)
+        linear.__class__ = fast.RowLinear
+        torch.testing.assert_close(_compiled_single_row(linear, inputs).double(), expected, rtol=8e-3, atol=2e-3)
 
 
 @pytest.mark.slow

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from qwen2.generation.fast import row_matvec
+
 QMAX = 127
 # Alignment of the CPU kernel's vector loads, in bytes (AVX-512 loads 32 bytes of bf16 input at a time).
 _ALIGN = 32
@@ -88,6 +90,10 @@ class Int8WeightOnlyLinear(nn.Module):
             # Prefill: the fused kernel is compute-bound in float32 and grows linearly with the rows; one pass
             # to dequantise and the bf16 GEMM is faster from ~24 rows on (2.6x at 512 rows, measured).
             out = F.linear(x2, self.weight.to(dtype) * self.scales[:, None])
+        elif torch.compiler.is_compiling() and x2.shape[0] == 1 and x2.device.type == "cpu":
+            # Compiled decoding: inductor's fused int8 -> float32 reduction streams the weight ~1.5-2x faster
+            # than the packed kernel on the large shapes (see qwen2.generation.fast.row_matvec).
+            out = (row_matvec(x2, self.weight) * self.scales.float()).to(dtype)
         elif self._use_cpu_kernel(x2):
             x2 = x2.contiguous()
             if not torch.compiler.is_compiling() and not _is_aligned(x2):
