@@ -5,6 +5,7 @@ save -> load round trip keep every output bit, and a reload never re-quantises."
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -304,3 +305,69 @@ def test_tied_lm_head_stays_float():
     quantize_model(model, "int8")
     assert type(model.lm_head) is nn.Linear and model.lm_head.weight is model.model.embed_tokens.weight
     assert "lm_head" in model.config.quantization_config["modules_to_not_convert"]
+
+
+# ------------------------------------------------------------------------------- GGUF 4-bit blocks, directly
+
+
+@pytest.mark.slow
+def test_real_q4_k_layer_goes_to_int4_with_its_codes(default_gguf):
+    """blk.2.ffn_down (Q4_K) taken straight into int4 group 32 for a bfloat16 model. Dequantised, it is gguf-py's
+    dequantisation up to storing each sub-block's scale and zero in bfloat16 (relative rounding <= 2^-8 each:
+    |error| <= 2^-8 (|q - 8| |scale| + |zero|), plus float32 rounding). Here the zeros stay within about 8 steps of 0
+    (each sub-block's range straddles 0), so that is under 1/16 of a quantisation step (measured: 4.8% at
+    most, 0.5% on average), where the clip-search requantisation it replaces moves weights
+    by up to half a step. The packed kernel then computes the matmul with exactly that dequantised weight."""
+    import gguf
+    from gguf import GGMLQuantizationType
+
+    from qwen2.loading.gguf import iter_gguf_sources
+    from qwen2.quantization.gguf import int4_from_gguf
+
+    sources = iter_gguf_sources(default_gguf)  # each source reads through the generator's open file
+    source = next(s for name, s in sources if name == "model.layers.2.mlp.down_proj.weight")
+    assert source.ggml_type == GGMLQuantizationType.Q4_K
+    n, k = source.shape
+    tensors = int4_from_gguf(source, 32, torch.bfloat16)
+    raw = source.blocks(0, n * k).numpy().reshape(n, -1)
+    expected = torch.from_numpy(gguf.quants.dequantize(raw, GGMLQuantizationType.Q4_K)).double().view(n, k // 32, 32)
+
+    codes = unpack_nibbles(tensors["weight"]).view(n, k // 32, 32).double()
+    scale, zero = (tensors["scales_and_zeros"][..., i].t().double()[..., None] for i in (0, 1))
+    error = ((codes - 8) * scale + zero - expected).abs()
+    bound = 2.0 ** -8 * ((codes - 8).abs() * scale.abs() + zero.abs()) + 2.0 ** -21 * (16 * scale.abs() + zero.abs())
+    assert (error <= bound).all()
+    stepped = (scale != 0).expand_as(error)  # a sub-block scale of 0 (7 of them here) is one constant value
+    assert (error[stepped] <= scale.abs().expand_as(error)[stepped] / 16).all()
+
+    module = Int4WeightOnlyLinear(k, n, bias=False, group_size=32, dtype=torch.bfloat16)
+    module.load_state_dict(tensors)
+    assert module._layout == "cpu"
+    torch.testing.assert_close(module.dequantize(torch.float64).view(n, k // 32, 32), (codes - 8) * scale + zero,
+                               rtol=0, atol=0)
+    for batch in (1, 5):
+        x = torch.randn(batch, k).to(torch.bfloat16)
+        _assert_matches(module(x), _reference(module, x), torch.bfloat16)
+
+
+@pytest.mark.slow
+def test_real_int4_load_from_the_gguf_keeps_greedy_output(default_gguf, hf_gguf_tokenizer):
+    """from_pretrained(gguf, quantization="int4") (Q4_K layers taken as they are) against the earlier path,
+    quantising the bfloat16 load: the same 32 greedy tokens on the seed prompt, or else at least as good
+    teacher-forced agreement with transformers' float32 continuation."""
+    from qwen2 import Qwen2ForCausalLM
+
+    reference = json.loads((Path(__file__).parent / "reference" / "seed_prompt_greedy.json").read_text())
+    prompt = hf_gguf_tokenizer.apply_chat_template(reference["prompt_messages"], add_generation_prompt=True,
+                                                   return_tensors="pt", return_dict=True)["input_ids"]
+    continuation = torch.tensor(reference["new_token_ids"])
+    direct = Qwen2ForCausalLM.from_pretrained(default_gguf, dtype=torch.bfloat16, quantization="int4", group_size=32)
+    requantised = quantize_model(Qwen2ForCausalLM.from_pretrained(default_gguf, dtype=torch.bfloat16), "int4", 32)
+    outputs, agreement = [], []
+    for model in (direct, requantised):
+        with torch.no_grad():
+            outputs.append(model.generate(prompt, max_new_tokens=32, do_sample=False)[0, prompt.shape[1]:])
+            logits = model(torch.cat([prompt[0], continuation])[None]).logits[0, prompt.shape[1] - 1:-1]
+        agreement.append((logits.argmax(-1) == continuation).float().mean().item())
+    print(f"teacher-forced agreement with transformers fp32: direct {agreement[0]:.3f}, requantised {agreement[1]:.3f}")
+    assert torch.equal(outputs[0], outputs[1]) or agreement[0] >= agreement[1]
