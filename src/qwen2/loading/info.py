@@ -77,5 +77,8 @@ def describe_model(source: str | os.PathLike, gguf_file: str | None = None) -> d
     if not path.exists() and path.suffix == ".gguf":
         raise FileNotFoundError(f"No GGUF file at {path}")
     from qwen2.loading.hub import resolve_model_dir
+    from qwen2.loading.safetensors import gguf_weights
 
-    return _describe_directory(resolve_model_dir(source))
+    directory = resolve_model_dir(source)
+    gguf = gguf_weights(directory)  # a GGUF's cache directory: its weights are the GGUF itself
+    return _describe_gguf(gguf) if gguf is not None else _describe_directory(directory)
