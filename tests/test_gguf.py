@@ -519,6 +519,11 @@ def test_cache_follows_the_file_and_refuses_a_changed_one(tiny, tmp_path, cache)
     copy.unlink()
     with pytest.raises(CheckpointError, match="copy.gguf"):
         Qwen2ForCausalLM.from_pretrained(first)
+    (first / "gguf_source.json").write_text("{")
+    with pytest.raises(CheckpointError, match="gguf_source.json"):
+        Qwen2ForCausalLM.from_pretrained(first)
+    assert gguf_to_directory(tiny[0], progress=False) == first  # resolving the file again repairs the record
+    assert checkpoint_files(first)[0] == [tiny[0].resolve()]
 
 
 def test_converted_tiny_directory_loads_in_transformers(tiny, tmp_path):
