@@ -179,6 +179,20 @@ def test_int8_compiled_row_matches_dequantized_matmul(in_features):
     _assert_int8_compiled_row_matches_dequantized(linear, torch.randn(1, 1, in_features, dtype=torch.bfloat16))
 
 
+def test_compiled_step_with_left_padding_matches_eager(plain_settings):
+    """Padded rows go through the compiled attention's mask (fp32: the logits agree to rounding)."""
+    model = tiny_model(torch.float32)
+    prompt = torch.randint(3, 96, (2, 7))
+    mask = torch.ones_like(prompt)
+    mask[0, :3] = 0
+    kwargs = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, return_dict_in_generate=True,
+                  output_logits=True)
+    eager = model.generate(prompt, disable_compile=True, **kwargs)
+    compiled = model.generate(prompt, disable_compile=False, **kwargs)
+    assert torch.equal(compiled.sequences, eager.sequences)
+    torch.testing.assert_close(torch.stack(compiled.logits), torch.stack(eager.logits), rtol=1e-4, atol=1e-4)
+
+
 def test_compile_failure_falls_back_to_eager(plain_settings, monkeypatch, caplog):
     model = tiny_model(torch.float32)
     prompt = torch.randint(3, 96, (1, 5))

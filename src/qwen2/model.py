@@ -145,7 +145,11 @@ class Qwen2Attention(nn.Module):
             # through SDPA's slow strided GQA path (the cache returns views of larger buffers).
             batch = q.shape[0]
             packed = q.reshape(batch, self.num_key_value_heads, groups, self.head_dim)
-            out = F.scaled_dot_product_attention(packed, k, v, attn_mask=mask, dropout_p=dropout, scale=self.scaling)
+            if torch.compiler.is_compiling() and q.device.type == "cpu" and dropout == 0.0:
+                out = _single_query_attention(packed, k, v, mask, self.scaling)
+            else:
+                out = F.scaled_dot_product_attention(packed, k, v, attn_mask=mask, dropout_p=dropout,
+                                                     scale=self.scaling)
             return out.reshape(batch, self.num_heads, 1, self.head_dim)
         if groups > 1 and mask is None:
             return F.scaled_dot_product_attention(
@@ -155,6 +159,18 @@ class Qwen2Attention(nn.Module):
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=dropout, scale=self.scaling, is_causal=is_causal and mask is None
         )
+
+
+def _single_query_attention(q, k, v, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """Decode attention written out for torch.compile on the CPU: inductor fuses it into a few loops over
+    the cache instead of 24 calls to SDPA's CPU kernel per token. q (B, Hkv, G, D), k/v (B, Hkv, S, D)."""
+    q = q.float()
+    q = q.as_strided(q.shape, q.stride())  # computed once, not once per key (see generation.fast.row_matvec)
+    scores = (q.unsqueeze(-2) * k.float().unsqueeze(2)).sum(-1) * scale  # (B, Hkv, G, S)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    return (probs.unsqueeze(-1) * v.float().unsqueeze(2)).sum(-2).to(v.dtype)  # (B, Hkv, G, D)
 
 
 class Qwen2DecoderLayer(nn.Module):
