@@ -363,7 +363,7 @@ def _load_weights(model: nn.Module, files: list[Path], device: torch.device, ign
                 continue
             name = rename(raw_name)
             if name in quantized:
-                loaded.update(quantizer.load(name, source, device))
+                quantizer.load(name, source, device)
                 continue
             if name not in expected:
                 unexpected.append(raw_name)

@@ -276,16 +276,20 @@ class QuantizingLoader:
         if hasattr(model, "config"):
             model.config.quantization_config = self.handler.quantization_config()
 
-    def load(self, weight_name: str, source: Any, device: torch.device) -> dict[str, Tensor]:
-        """The state-dict entries (`<module>.weight`, scales) quantised from the float weight `source`."""
+    def load(self, weight_name: str, source: Any, device: torch.device) -> None:
+        """Quantise the float weight `source` into its module (`weight` and scales; the bias loads as usual).
+
+        Assigned at once rather than handed back: the module repacks its codes for the CPU kernel as they
+        arrive, so the portable copy is freed here instead of piling up until the whole checkpoint is read.
+        """
         module = self.modules[weight_name]
         expected = (module.out_features, module.in_features)
         if tuple(source.shape) != expected:
             raise ValueError(f"Tensor {weight_name!r} has shape {tuple(source.shape)} but the model expects "
                              f"{expected}: the checkpoint does not match the config")
         dtype = next(t.dtype for t in module.buffers() if t.is_floating_point())
-        prefix = weight_name[:-len("weight")]
-        return {prefix + key: value.to(device) for key, value in self.handler.quantize_source(source, dtype).items()}
+        tensors = {key: value.to(device) for key, value in self.handler.quantize_source(source, dtype).items()}
+        module.load_state_dict(tensors, strict=False, assign=True)
 
 
 def convert_for_runtime(model: nn.Module, quantization_config: dict[str, Any]) -> nn.Module:
