@@ -36,6 +36,18 @@ def default_gguf() -> Path:
 # ---------------------------------------------------------------------------------------------------- worker
 
 
+def other_runnable_tasks(samples: int = 10) -> int:
+    """Runnable tasks besides this one (the 4th field of /proc/loadavg, least of a few samples over 1 s).
+
+    Unlike the load average, it does not still count the engine that ran just before."""
+    counts = []
+    for _ in range(samples):
+        with open("/proc/loadavg", encoding="ascii") as f:
+            counts.append(int(f.read().split()[3].split("/")[0]) - 1)
+        time.sleep(1 / samples)
+    return min(counts)
+
+
 def run_worker(name: str, spec: dict) -> dict:
     """Measure one engine; everything it needs is in `spec` (token ids included)."""
     import torch
@@ -43,8 +55,7 @@ def run_worker(name: str, spec: dict) -> dict:
     from engines import make_engine, memory_mb
 
     engine = make_engine(name, Path(spec["gguf"]), spec["threads"], spec["group_size"], spec["n_ctx"])
-    result: dict = {"engine": name, "load_average": os.getloadavg()[0], **engine.load()}
-    result["load_peak_rss_mb"] = memory_mb()["peak_rss_mb"]
+    result: dict = {"engine": name, "other_runnable": other_runnable_tasks(), **engine.load()}
 
     text = spec["text_ids"]
     engine.prefill(text[:128])  # warm-up: first-call allocations and kernel selection
@@ -184,10 +195,10 @@ def report(results: list[dict], spec: dict) -> str:
             ratios = [_ratio(r["prefill_tok_s"].get(n), b["prefill_tok_s"].get(n)) for n in lengths]
             ratios += [_ratio(r["decode_tok_s"].get(x), b["decode_tok_s"].get(x)) for x in batches]
             lines.append(f"| {r['engine']} | " + " | ".join(ratios) + " |")
-    busy = [f"{r['engine']} ({r['load_average']:.1f})" for r in ok.values() if r["load_average"] > 0.5]
+    busy = [f"{r['engine']} ({r['other_runnable']})" for r in ok.values() if r["other_runnable"] > 0]
     if busy:
-        lines.append(f"\nWARNING: other processes were running (1-minute load average when each engine started: "
-                     f"{', '.join(busy)}); the speed figures are not trustworthy.")
+        lines.append(f"\nWARNING: other processes were running when these engines started (runnable tasks "
+                     f"besides the engine: {', '.join(busy)}); their speed figures are not trustworthy.")
     for r in ok.values():
         d = r["decode_tok_s"]
         if d.get("1") and d.get("8"):

@@ -76,7 +76,7 @@ class TorchEngine:
                 str(self.gguf), dtype=self.dtype, quantization=self.scheme,
                 group_size=self.group_size if self.scheme == "int4" else None)
         self.model.eval()
-        info = {"load_s": time.perf_counter() - start}
+        info = {"load_s": time.perf_counter() - start, "load_peak_rss_mb": memory_mb()["peak_rss_mb"]}
         if self.library == "ours":
             # Compile the single-row decode step up front, as `qwen2 chat` does; several rows decode eagerly
             # (generate()'s CPU policy). Reported separately: paid once per process.
@@ -143,7 +143,8 @@ class LlamaCppEngine:
         start = time.perf_counter()
         self.llm = self._open(n_ctx=self.n_ctx, n_batch=2048, n_ubatch=512)
         self.eos = [self.llm.token_eos()]
-        return {"load_s": time.perf_counter() - start, "weight_mb": self.gguf.stat().st_size / 2**20}
+        return {"load_s": time.perf_counter() - start, "weight_mb": self.gguf.stat().st_size / 2**20,
+                "load_peak_rss_mb": memory_mb()["peak_rss_mb"]}
 
     def prefill(self, ids: list[int]) -> None:
         self.llm.reset()

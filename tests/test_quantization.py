@@ -371,3 +371,21 @@ def test_real_int4_load_from_the_gguf_keeps_greedy_output(default_gguf, hf_gguf_
         agreement.append((logits.argmax(-1) == continuation).float().mean().item())
     print(f"teacher-forced agreement with transformers fp32: direct {agreement[0]:.3f}, requantised {agreement[1]:.3f}")
     assert torch.equal(outputs[0], outputs[1]) or agreement[0] >= agreement[1]
+
+
+@pytest.mark.slow
+def test_real_int8_greedy_equals_bf16_for_64_tokens(default_gguf, hf_gguf_tokenizer):
+    """The int8 quality bar of the speed issue: on the seed prompt, int8's greedy output equals bfloat16's for
+    (at least) the first 64 tokens."""
+    from qwen2 import Qwen2ForCausalLM
+
+    reference = json.loads((Path(__file__).parent / "reference" / "seed_prompt_greedy.json").read_text())
+    prompt = hf_gguf_tokenizer.apply_chat_template(reference["prompt_messages"], add_generation_prompt=True,
+                                                   return_tensors="pt", return_dict=True)["input_ids"]
+    outputs = []
+    for scheme in (None, "int8"):
+        model = Qwen2ForCausalLM.from_pretrained(default_gguf, dtype=torch.bfloat16, quantization=scheme)
+        with torch.no_grad():
+            outputs.append(model.generate(prompt, max_new_tokens=64, min_new_tokens=64, do_sample=False,
+                                          disable_compile=True)[0, prompt.shape[1]:])
+    assert torch.equal(outputs[1], outputs[0])
