@@ -34,7 +34,7 @@ def _add_sampling_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("sampling")
     group.add_argument("--max-new-tokens", type=int, default=512)
     group.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                       help="torch.compile the decode step before the first answer: ~1.8x faster decoding for "
+                       help="torch.compile the decode step before the first answer: ~1.5x faster decoding for "
                             "~40 s once per machine (2 cores), ~10 s per start afterwards (default: on for chat, "
                             "off for generate)")
     group.add_argument("--greedy", action="store_true", help="greedy decoding (ignores the sampling options)")
