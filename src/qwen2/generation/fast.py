@@ -11,9 +11,10 @@ the path for a generate() call and readies the model's float linears for it:
 
 When to compile (`wants_compile`): `generate(disable_compile=...)` decides if given, else `settings.compile`,
 else auto. On the CPU auto compiles only single-row decoding of at least `compile_min_new_tokens` tokens:
-there it is ~1.5x faster (bf16; int8 ~1.7x), while several rows are as fast eager with packed weights (measured at 8 rows), and
-the first compile of the default model costs ~40 s on 2 cores (inductor's on-disk cache makes it ~10-15 s in
-later processes). On accelerators auto compiles any batch from `compile_min_new_tokens` on.
+there it is ~1.5x faster (bf16; int8 ~1.7x), while several rows are as fast eager with packed weights
+(measured at 8 rows), and the first compile of the default model costs ~40 s on 2 cores (inductor's on-disk
+cache makes it ~10-15 s in later processes). On accelerators auto compiles any batch from
+`compile_min_new_tokens` on.
 """
 
 from __future__ import annotations
