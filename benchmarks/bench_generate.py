@@ -7,8 +7,9 @@ Each engine runs in its own subprocess (so peak RSS is its own), on the same GGU
 the same thread count. Speed: load time (ours: plus a one-off compile of the batch-1 decode step, shown
 apart), prefill tok/s at each prompt length (last-position logits only, as generation does), time to
 first token, greedy decode tok/s at batch 1 and 8 (new tokens after the first, EOS ignored), peak RSS.
-Quality, against transformers float32 (run first when selected): the free-running greedy continuation of the seed chat prompt (how many leading tokens agree), top-1 agreement
-under teacher forcing on that reference, and perplexity on benchmarks/fixed_text.txt.
+Quality, against transformers float32 (run first when selected): the free-running greedy continuation of
+the seed chat prompt (how many leading tokens agree), top-1 agreement under teacher forcing on that
+reference, and perplexity on benchmarks/fixed_text.txt.
 """
 
 from __future__ import annotations
