@@ -149,7 +149,6 @@ class CompiledDecodeStep:
                 prepare_model(self.model, compiled=False)
         return self.model._decode_step(*args)
 
-
     def _first_call(self, args: tuple) -> torch.Tensor:
         logger.info("Compiling the decode step with torch.compile: ~40 s on 2 cores the first time on a machine, "
                     "~10 s once inductor's on-disk cache has it (generate(disable_compile=True) skips it).")
