@@ -15,6 +15,7 @@ from torch import nn
 import qwen2
 from qwen2.generation import fast
 from qwen2.packed_linear import PackedLinear, can_pack, is_packed, pack_linears, unpack_linears
+from qwen2.row_linear import RowLinear
 
 from conftest import REFERENCE_DIR
 
@@ -138,7 +139,7 @@ def test_generate_compiles_once_and_matches_eager(plain_settings):
             assert counters["stats"]["unique_graphs"] == graphs, "the decode step was recompiled"
         graphs = counters["stats"]["unique_graphs"]
     assert not model._qwen2_decode_step.failed
-    assert isinstance(model.model.layers[0].mlp.down_proj, fast.RowLinear)
+    assert isinstance(model.model.layers[0].mlp.down_proj, RowLinear)
 
 
 def _compiled_single_row(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -152,7 +153,7 @@ def _compiled_single_row(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def test_row_linear_compiled_matches_f_linear(bias, shape, in_features):
     """The compiled single-row reduction is F.linear up to the rounding of the bfloat16 output."""
     linear = nn.Linear(in_features, 200, bias=bias, dtype=torch.bfloat16)
-    linear.__class__ = fast.RowLinear
+    linear.__class__ = RowLinear
     x = torch.randn(*shape[:-1], in_features, dtype=torch.bfloat16)
     got = _compiled_single_row(linear, x)
     with torch.no_grad():
@@ -259,7 +260,7 @@ def test_row_paths_on_real_weights(real_bf16):
             expected = F.linear(inputs.double(), linear.weight.double(),
                                 None if linear.bias is None else linear.bias.double())
         _assert_int8_compiled_row_matches_dequantized(linear, inputs)
-        linear.__class__ = fast.RowLinear
+        linear.__class__ = RowLinear
         torch.testing.assert_close(_compiled_single_row(linear, inputs).double(), expected, rtol=8e-3, atol=2e-3)
 
 
@@ -274,6 +275,6 @@ def test_fast_path_greedy_equals_eager_on_seed_prompt(real_bf16, default_gguf, p
     eager = real_bf16.generate(prompt, disable_compile=True, **kwargs)
     fast_out = real_bf16.generate(prompt, disable_compile=False, **kwargs)
     assert not real_bf16._qwen2_decode_step.failed
-    assert isinstance(real_bf16.lm_head, fast.RowLinear) and not is_packed(real_bf16)
+    assert isinstance(real_bf16.lm_head, RowLinear) and not is_packed(real_bf16)
     assert fast_out.sequences.tolist() == eager.sequences.tolist()
     torch.testing.assert_close(torch.stack(fast_out.logits), torch.stack(eager.logits), rtol=0.05, atol=0.3)

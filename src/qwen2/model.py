@@ -165,7 +165,7 @@ def _single_query_attention(q, k, v, mask: torch.Tensor | None, scale: float) ->
     """Decode attention written out for torch.compile on the CPU: inductor fuses it into a few loops over
     the cache instead of 24 calls to SDPA's CPU kernel per token. q (B, Hkv, G, D), k/v (B, Hkv, S, D)."""
     q = q.float()
-    q = q.as_strided(q.shape, q.stride())  # computed once, not once per key (see generation.fast.row_matvec)
+    q = q.as_strided(q.shape, q.stride())  # computed once, not once per key (see row_linear.row_matvec)
     scores = (q.unsqueeze(-2) * k.float().unsqueeze(2)).sum(-1) * scale  # (B, Hkv, G, S)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))

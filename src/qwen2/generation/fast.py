@@ -5,11 +5,12 @@ the path for a generate() call and readies the model's float linears for it:
 - compiled: the model's `_decode_step` compiled once per model with inductor and cached on it; the cache
   length is a dynamic dimension, so one compiled graph serves every prompt and context length. The linears
   become `RowLinear` (same weights), whose single-row product inductor turns into a reduction streaming the
-  weight at ~2x oneDNN's bf16 gemv. If compilation fails the step logs a warning and stays eager.
+  weight at ~2x oneDNN's bf16 gemv (qwen2.row_linear). If compilation fails the step logs a warning and
+  stays eager.
 - eager: on the CPU the linears become `PackedLinear` (oneDNN's blocked layout, ~2x plain `F.linear` at a
   few rows; see qwen2.packed_linear); `qwen2.packed_linear.unpack_linears(model)` undoes it.
 
-When to compile (`wants_compile`): `generate(disable_compile=...)` decides if given, else `settings.compile`,
+When to compile (`_wants_compile`): `generate(disable_compile=...)` decides if given, else `settings.compile`,
 else auto. On the CPU auto compiles only single-row decoding of at least `compile_min_new_tokens` tokens:
 there it is ~1.5x faster (bf16; int8 ~1.7x), while several rows are as fast eager with packed weights
 (measured at 8 rows), and the first compile of the default model costs ~40 s on 2 cores (inductor's on-disk
@@ -21,14 +22,15 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qwen2.packed_linear import pack_linears, unpack_linears
+from qwen2.row_linear import RowLinear
 
 logger = logging.getLogger(__name__)
 
@@ -43,37 +45,6 @@ class FastPathSettings:
 
 
 settings = FastPathSettings()
-
-
-# Inductor's CPU sums over more than 4096 float32 elements go through a slower cascade-summation helper.
-_MAX_ROW_CHUNK = 4096
-
-
-def row_matvec(x: Tensor, weight: Tensor) -> Tensor:
-    """`x @ weight.T` in float32 for a single row `x` (..., K) written as a multiply-sum, for torch.compile
-    on the CPU: inductor turns it into one vectorised pass over the weight (any dtype it can convert to
-    float32), fused with that conversion, at close to memory bandwidth."""
-    # Materialise x in float32 once (as_strided forces inductor to), or inductor inlines x's producer (norm,
-    # SiLU(gate) * up, the dtype conversion) into the reduction and recomputes it for every output feature.
-    x = x.float()
-    x = x.as_strided(x.shape, x.stride())
-    out_features, k = weight.shape
-    chunks = next(c for c in range(1, k + 1) if k % c == 0 and k // c <= _MAX_ROW_CHUNK)
-    products = x.reshape(1, chunks, k // chunks) * weight.float().reshape(out_features, chunks, k // chunks)
-    return products.sum(-1).sum(-1).reshape(*x.shape[:-1], out_features)
-
-
-class RowLinear(nn.Linear):
-    """`nn.Linear` whose single-row products, inside `torch.compile` on the CPU, are `row_matvec`: measured
-    ~30 GB/s on the default model's shapes vs ~15-18 for oneDNN's bf16 gemv. Otherwise `F.linear`."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        if not (torch.compiler.is_compiling() and x.device.type == "cpu" and x.numel() == x.shape[-1]):
-            return F.linear(x, self.weight, self.bias)
-        y = row_matvec(x, self.weight)
-        if self.bias is not None:
-            y = y + self.bias.float()
-        return y.to(x.dtype)  # one rounding of the float32 sum, as F.linear
 
 
 def _set_linear_class(model: nn.Module, old: type, new: type) -> None:
@@ -109,7 +80,7 @@ def cache_length(max_length: int) -> int:
     return length
 
 
-def wants_compile(model: nn.Module, config: Any, rows: int) -> bool:
+def _wants_compile(model: nn.Module, config: Any, rows: int) -> bool:
     """Whether a generate() call decoding `rows` sequences uses the compiled step."""
     disable = getattr(config, "disable_compile", None)
     if disable is not None:
@@ -134,10 +105,13 @@ class CompiledDecodeStep:
         self.compiled = torch.compile(model._decode_step, dynamic=False, options={"emulate_precision_casts": True})
         self.failed = False
         self.compiled_once = False
+        self._marked_cache: Any = lambda: None  # weakref to the cache last marked: once per generate(), not per token
 
     def __call__(self, *args: Any) -> torch.Tensor:
         if not self.failed:
-            _mark_cache_length_dynamic(args[3], args[4])
+            if self._marked_cache() is not args[4]:
+                _mark_cache_length_dynamic(args[3], args[4])
+                self._marked_cache = weakref.ref(args[4])
             try:
                 if self.compiled_once:
                     return self.compiled(*args)
@@ -170,7 +144,7 @@ def _mark_cache_length_dynamic(attention_mask: Tensor | None, cache: Any) -> Non
 
 def decode_step_fn(model: nn.Module, config: Any, rows: int) -> Any:
     """The callable generate() calls for every new token; readies the model's linears for it."""
-    compiled = wants_compile(model, config, rows)
+    compiled = _wants_compile(model, config, rows)
     prepare_model(model, compiled)
     if not compiled:
         return model._decode_step

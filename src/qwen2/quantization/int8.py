@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from qwen2.generation.fast import row_matvec
+from qwen2.row_linear import row_matvec
 
 QMAX = 127
 # Alignment of the CPU kernel's vector loads, in bytes (AVX-512 loads 32 bytes of bf16 input at a time).
@@ -92,7 +92,7 @@ class Int8WeightOnlyLinear(nn.Module):
             out = F.linear(x2, self.weight.to(dtype) * self.scales[:, None])
         elif torch.compiler.is_compiling() and x2.shape[0] == 1 and x2.device.type == "cpu":
             # Compiled decoding: inductor's fused int8 -> float32 reduction streams the weight ~1.5-2x faster
-            # than the packed kernel on the large shapes (see qwen2.generation.fast.row_matvec).
+            # than the packed kernel on the large shapes (see qwen2.row_linear.row_matvec).
             out = (row_matvec(x2, self.weight) * self.scales.float()).to(dtype)
         elif self._use_cpu_kernel(x2):
             x2 = x2.contiguous()
