@@ -41,6 +41,9 @@ PAIRS = [
     (ours.ForceTokenAt(12, torch.tensor([4])), ref.ForcedEOSTokenLogitsProcessor(13, 4)),
     (ours.SuppressTokens([1, 2, 40]), ref.SuppressTokensLogitsProcessor([1, 2, 40])),
     (ours.SuppressTokens([5], at_length=12), ref.SuppressTokensAtBeginLogitsProcessor([5], 12)),
+    # ids outside the vocabulary (or negative) are ignored, as by transformers' isin over the vocabulary
+    (ours.SuppressTokens([2, 10_000, -1]), ref.SuppressTokensLogitsProcessor([2, 10_000, -1])),
+    (ours.MinLength(20, torch.tensor([3, 10_000])), ref.MinLengthLogitsProcessor(20, torch.tensor([3, 10_000]))),
     (ours.Temperature(0.6), ref.TemperatureLogitsWarper(0.6)),
     (ours.TopK(5), ref.TopKLogitsWarper(5)),
     (ours.TopK(1, min_tokens_to_keep=3), ref.TopKLogitsWarper(1, min_tokens_to_keep=3)),
