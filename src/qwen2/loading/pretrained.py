@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from qwen2.config import CONFIG_NAME, Qwen2Config
+from qwen2.loading.heap import reuse_large_blocks
 from qwen2.loading.hub import resolve_model_dir
 from qwen2.loading.safetensors import (TensorSource, checkpoint_dtype, checkpoint_files, iter_sources, read_tensor,
                                       save_state_dict)
@@ -188,6 +189,8 @@ class PreTrainedModel(nn.Module):
         elif group_size is not None:
             raise ValueError("group_size= applies only with quantization='int4'")
         info = _load_weights(model, files, device, ignore_mismatched_sizes, quantizer)
+        if device.type == "cpu":
+            reuse_large_blocks()  # after loading: the load's own peak memory is unchanged
         if device_map is not None:
             model.hf_device_map = {"": str(device)}
         model.eval()
