@@ -5,10 +5,12 @@ save -> load round trip keep every output bit, and a reload never re-quantises."
 from __future__ import annotations
 
 import json
+import platform
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from qwen2.quantization import (
@@ -117,6 +119,24 @@ def test_int4_kernel_equals_dequantized_matmul(group_size, batch, dtype):
     assert q._layout == "cpu"
     x = torch.randn(batch, 1024).to(dtype)
     _assert_matches(q(x), _reference(q, x), dtype)
+
+
+@pytest.mark.parametrize("group_size", [32, 128])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int4_prompt_rows_dequantise_the_packed_weight_exactly(group_size, dtype):
+    """From 128 rows the layer dequantises straight from the CPU layout and runs the dense GEMM: bit for bit
+    the weight `dequantize()` gives (through the plain layout), and the same product as the kernel."""
+    if platform.machine() in ("x86_64", "AMD64"):
+        assert int4_mod._cpu_block_rows() in (32, 64)  # AVX2 or AVX-512: the halves layout is recognised
+    q = Int4WeightOnlyLinear.from_linear(_linear(4864 // 19, 1024, dtype=dtype), group_size)
+    dense = q._dequantize_packed(dtype)
+    if dense is None:
+        pytest.skip("this torch build packs int4 for the CPU in a layout without blocks of halves")
+    assert torch.equal(dense, q.dequantize(dtype))
+    x = torch.randn(int4_mod._DEQUANTIZE_FROM_ROWS, 1024).to(dtype)
+    assert torch.equal(q(x), F.linear(x, dense) + q.bias)
+    kernel = torch.ops.aten._weight_int4pack_mm_for_cpu(x, q.weight, group_size, q.scales_and_zeros) + q.bias
+    _assert_matches(q(x), kernel.double(), dtype)
 
 
 def test_int4_portable_path_equals_kernel():
