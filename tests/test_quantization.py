@@ -100,8 +100,11 @@ def test_int8_survives_unaligned_input_and_weight():
 # ------------------------------------------------------------------------------------------------- int4
 
 
+@pytest.mark.parametrize("unpack", ["blocks", "gather"])
 @pytest.mark.parametrize("n, k", [(128, 896), (80, 64), (176, 256), (4864, 128)])
-def test_cpu_layout_is_the_ops_and_inverts(n, k):
+def test_cpu_layout_is_the_ops_and_inverts(n, k, unpack, monkeypatch):
+    if unpack == "gather":  # the fallback for layouts without blocks of halves
+        monkeypatch.setattr(int4_mod, "_cpu_block_rows", lambda: None)
     codes = torch.randint(0, 16, (n, k), dtype=torch.uint8)
     plain = pack_nibbles(codes)
     assert torch.equal(unpack_nibbles(plain), codes)
@@ -125,14 +128,13 @@ def test_int4_kernel_equals_dequantized_matmul(group_size, batch, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int4_prompt_rows_dequantise_the_packed_weight_exactly(group_size, dtype):
     """From 128 rows the layer dequantises straight from the CPU layout and runs the dense GEMM: bit for bit
-    the weight `dequantize()` gives (through the plain layout), and the same product as the kernel."""
+    the weight the plain layout stands for, and the same product as the kernel."""
     if platform.machine() in ("x86_64", "AMD64"):
         assert int4_mod._cpu_block_rows() in (32, 64)  # AVX2 or AVX-512: the halves layout is recognised
     q = Int4WeightOnlyLinear.from_linear(_linear(4864 // 19, 1024, dtype=dtype), group_size)
-    dense = q._dequantize_packed(dtype)
-    if dense is None:
-        pytest.skip("this torch build packs int4 for the CPU in a layout without blocks of halves")
-    assert torch.equal(dense, q.dequantize(dtype))
+    assert q._layout == "cpu"
+    dense = dequantize_int4(unpack_nibbles(q.plain_weight()), q.scales_and_zeros, group_size, dtype)
+    assert torch.equal(q.dequantize(dtype), dense)
     x = torch.randn(int4_mod._DEQUANTIZE_FROM_ROWS, 1024).to(dtype)
     assert torch.equal(q(x), F.linear(x, dense) + q.bias)
     kernel = torch.ops.aten._weight_int4pack_mm_for_cpu(x, q.weight, group_size, q.scales_and_zeros) + q.bias

@@ -172,9 +172,18 @@ def to_cpu_layout(plain: Tensor) -> Tensor:
 
 def from_cpu_layout(packed: Tensor) -> Tensor:
     """Inverse of `to_cpu_layout`; plain indexing, so it also runs after the tensor moved to another device."""
+    return pack_nibbles(_cpu_layout_codes(packed, torch.uint8))
+
+
+def _cpu_layout_codes(packed: Tensor, dtype: torch.dtype) -> Tensor:
+    """Codes (out, in) of a CPU-packed weight, as `dtype`: unpacked block by block where this build uses the
+    halves layout, else gathered through `_cpu_layout_source` (slower, but right for any interleaving)."""
     n, half_k = packed.shape
     k = 2 * half_k
-    codes = torch.empty(n, k, dtype=torch.uint8, device=packed.device)
+    codes = torch.empty(n, k, dtype=dtype, device=packed.device)
+    block = _cpu_block_rows()
+    if block is not None and n % block == 0:
+        return _unpack_cpu_blocks(packed, block, codes)
     full = n - n % _CPU_BLOCK_ROWS
     for lo, hi in ((0, full), (full, n)):
         if hi == lo:
@@ -185,7 +194,7 @@ def from_cpu_layout(packed: Tensor) -> Tensor:
         block_codes = torch.empty_like(nibbles)
         block_codes[:, source] = nibbles
         codes[lo:hi] = block_codes.view(hi - lo, k)
-    return pack_nibbles(codes)
+    return codes
 
 
 class Int4WeightOnlyLinear(nn.Module):
@@ -225,16 +234,11 @@ class Int4WeightOnlyLinear(nn.Module):
         return from_cpu_layout(self.weight) if self._layout == "cpu" else self.weight
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
-        return dequantize_int4(unpack_nibbles(self.plain_weight()), self.scales_and_zeros, self.group_size, dtype)
-
-    def _dequantize_packed(self, dtype: torch.dtype) -> Tensor | None:
-        """`dequantize(dtype)` read straight from the CPU layout (no plain round trip), or None where that
-        layout is not the blocked one `_unpack_cpu_blocks` knows."""
-        block = _cpu_block_rows()
-        if block is None or self.out_features % block:
-            return None
-        codes = torch.empty(self.out_features, self.in_features, dtype=torch.float32)
-        _unpack_cpu_blocks(self.weight, block, codes)
+        """The float weight, read straight from whichever layout the module holds (no plain round trip)."""
+        if self._layout == "cpu":
+            codes = _cpu_layout_codes(self.weight, torch.float32)
+        else:
+            codes = unpack_nibbles(self.weight).to(torch.float32)
         return _scale_codes(codes, self.scales_and_zeros, self.group_size).to(dtype)
 
     def _pack_for_cpu(self) -> None:
@@ -249,9 +253,8 @@ class Int4WeightOnlyLinear(nn.Module):
         dtype = self.scales_and_zeros.dtype
         x2 = x.reshape(-1, self.in_features).to(dtype)
         if self._layout == "cpu" and x2.device.type == "cpu" and dtype in _KERNEL_DTYPES:
-            weight = self._dequantize_packed(dtype) if x2.shape[0] >= _DEQUANTIZE_FROM_ROWS else None
-            if weight is not None:
-                out = F.linear(x2, weight)
+            if x2.shape[0] >= _DEQUANTIZE_FROM_ROWS:
+                out = F.linear(x2, self.dequantize(dtype))
             else:
                 out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), self.weight, self.group_size,
                                                                 self.scales_and_zeros)
