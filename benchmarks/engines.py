@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-ENGINES = ("ours-bf16", "ours-int8", "ours-int4", "hf-bf16", "hf-fp32", "llamacpp")
+ENGINES = ("ours-bf16", "ours-int8", "ours-int4", "ours-w8a8", "hf-bf16", "hf-fp32", "llamacpp")
 
 
 def memory_mb() -> dict[str, float]:
@@ -56,7 +56,7 @@ class TorchEngine:
         self.gguf = gguf
         self.library, variant = name.split("-")
         self.dtype = torch.float32 if variant == "fp32" else torch.bfloat16
-        self.scheme = variant if variant in ("int8", "int4") else None
+        self.scheme = variant if variant in ("int8", "int4", "w8a8") else None
         self.group_size = group_size
         torch.set_num_threads(threads)
         self.model: Any = None

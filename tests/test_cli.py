@@ -61,6 +61,24 @@ def test_generate_int8_keeps_the_reference_answer(hf_gguf_tokenizer, reference):
     assert result.stdout.strip() == reference_text(hf_gguf_tokenizer, reference, 12).strip()
 
 
+def test_generate_w8a8_is_the_librarys_w8a8_answer(default_gguf, reference):
+    """`--quantization w8a8` reaches the model: the answer is the library's own W8A8 greedy answer (which
+    leaves transformers' after a few tokens here; its fidelity is tested in test_quantization)."""
+    import torch
+
+    from qwen2 import AutoTokenizer, Qwen2ForCausalLM
+
+    result = run("generate", reference["prompt_messages"][0]["content"], "--max-new-tokens", "12",
+                 "--quantization", "w8a8", *GREEDY)
+    assert result.returncode == 0, result.stderr
+    tokenizer = AutoTokenizer.from_pretrained(str(default_gguf))
+    model = Qwen2ForCausalLM.from_pretrained(str(default_gguf), dtype=torch.float32, quantization="w8a8").eval()
+    ids = tokenizer.apply_chat_template(reference["prompt_messages"], add_generation_prompt=True,
+                                        return_tensors="pt")["input_ids"]
+    answer = model.generate(ids, max_new_tokens=12, do_sample=False)[0, ids.shape[1]:]
+    assert result.stdout.strip() == tokenizer.decode(answer, skip_special_tokens=True).strip()
+
+
 def test_generate_reads_prompt_from_stdin(hf_gguf_tokenizer, reference):
     result = run("generate", "-", "--max-new-tokens", "8", *GREEDY, stdin=reference["prompt_messages"][0]["content"])
     assert result.returncode == 0, result.stderr

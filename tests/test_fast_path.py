@@ -180,6 +180,24 @@ def test_int8_compiled_row_matches_dequantized_matmul(in_features):
     _assert_int8_compiled_row_matches_dequantized(linear, torch.randn(1, 1, in_features, dtype=torch.bfloat16))
 
 
+@pytest.mark.parametrize("in_features", [320, 4864])
+def test_w8a8_compiled_row_is_the_integer_product(in_features):
+    """Compiled single-row W8A8 (inductor's reduction over the input codes) and eager (`torch._int_mm`)
+    both compute the scaled integer product, up to the bf16 output's rounding."""
+    from qwen2.quantization.int8 import Int8DynamicActivationLinear, quantize_rows
+
+    torch.manual_seed(0)
+    module = Int8DynamicActivationLinear.from_linear(nn.Linear(in_features, 200, dtype=torch.bfloat16))
+    x = torch.randn(1, 1, in_features, dtype=torch.bfloat16)
+    codes, row_scales = quantize_rows(x.view(1, -1))
+    exact = ((codes.double() @ module.weight.double().t()) * row_scales.double() * module.scales.double()
+             + module.bias.double()).view(1, 1, -1)
+    with torch.no_grad():
+        eager = module(x)
+    for got in (_compiled_single_row(module, x), eager):
+        torch.testing.assert_close(got.double(), exact, rtol=1e-2, atol=2e-3)
+
+
 def test_compiled_step_with_left_padding_matches_eager(plain_settings):
     """Padded rows go through the compiled attention's mask (fp32: the logits agree to rounding)."""
     model = tiny_model(torch.float32)

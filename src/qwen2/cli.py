@@ -25,8 +25,9 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--gguf-file", default=None, help="GGUF file name inside --model's directory")
     group.add_argument("--dtype", default="bfloat16", choices=DTYPES, help="weight dtype (default: bfloat16)")
     group.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
-    group.add_argument("--quantization", "-q", default=None, choices=("int8", "int4"),
-                       help="weight-only quantisation applied at load (default: none)")
+    group.add_argument("--quantization", "-q", default=None, choices=("int8", "int4", "w8a8"),
+                       help="quantisation applied at load: int8/int4 weight-only, or w8a8 (int8 weights and "
+                            "activations: faster long prompts) (default: none)")
     group.add_argument("--group-size", type=int, default=None, help="int4 group size: 32, 64 or 128 (default 32)")
 
 

@@ -146,7 +146,7 @@ class PreTrainedModel(nn.Module):
         `dtype` (or the older `torch_dtype`) defaults to "auto", transformers 5's default: the checkpoint's own
         dtype (config.json's `dtype`, else the first floating-point tensor's). `device_map` may be None/"cpu",
         "auto" (first GPU if any, else CPU), a device, or {"": device}; the model lives on one device.
-        `quantization` ("int8" or "int4", with `group_size` for int4) quantises the weights as they load (a
+        `quantization` ("int8", "int4" with `group_size`, or "w8a8") quantises the weights as they load (a
         GGUF's 4-bit blocks go to int4 group 32 as they are); a checkpoint saved quantised reloads as such
         without it.
         """
