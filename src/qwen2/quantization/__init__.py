@@ -45,8 +45,8 @@ _SOURCE_CHUNK = 1 << 22  # weights read per chunk when quantising a checkpoint t
 
 __all__ = [
     "DEFAULT_GROUP_SIZE", "GROUP_SIZES", "QUANT_METHOD", "SCHEMES", "Int4Handler", "Int4WeightOnlyLinear",
-    "Int8DynamicActivationLinear", "Int8Handler", "Int8WeightOnlyLinear", "W8A8Handler", "QuantHandler", "QuantizingLoader", "convert_for_runtime", "get_handler",
-    "handler_from_config", "is_quantized", "quantize_model",
+    "Int8DynamicActivationLinear", "Int8Handler", "Int8WeightOnlyLinear", "QuantHandler", "QuantizingLoader",
+    "W8A8Handler", "convert_for_runtime", "get_handler", "handler_from_config", "is_quantized", "quantize_model",
 ]
 
 
@@ -176,8 +176,8 @@ class W8A8Handler(Int8Handler):
     prompts, at the cost of activation rounding (see `int8.Int8DynamicActivationLinear`).
 
     `lm_head` keeps float activations (weight-only int8): its input, the final norm's output, has the model's
-    largest outlier channels and its output picks the token, while generation runs it on one row, where
-    integer arithmetic gains nothing. Measured on the default model, teacher-forced top-1 agreement with
+    largest outlier channels and its output picks the token, while a prompt runs it on one row (generation
+    keeps the last position's logits), so integer GEMMs would gain nothing there. Measured on the default model, teacher-forced top-1 agreement with
     transformers' float32 over the seed answer: 94% this way, 90% with the head in W8A8 too (bf16: 98%)."""
 
     scheme = "w8a8"
