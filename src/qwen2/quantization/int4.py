@@ -96,7 +96,7 @@ def _quantize_range(w: Tensor, low: Tensor, high: Tensor, scale_dtype: torch.dty
 def dequantize_int4(codes: Tensor, scales_and_zeros: Tensor, group_size: int,
                     dtype: torch.dtype = torch.float32) -> Tensor:
     """The float weight that codes (out, in) stand for: the reference the fast kernel must match."""
-    return _scale_codes(codes.to(torch.float32), scales_and_zeros, group_size).to(dtype)
+    return _scale_codes(codes.to(torch.float32, copy=True), scales_and_zeros, group_size).to(dtype)
 
 
 def _scale_codes(codes: Tensor, scales_and_zeros: Tensor, group_size: int) -> Tensor:
