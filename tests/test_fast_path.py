@@ -173,8 +173,14 @@ def _assert_int8_compiled_row_matches_dequantized(linear: nn.Linear, x: torch.Te
     torch.testing.assert_close(got.double(), exact, rtol=1e-2, atol=2e-3)  # bf16 output (and bias add)
 
 
+@pytest.mark.parametrize("kernel", ["vnni", "float reduction"])
 @pytest.mark.parametrize("in_features", [320, 4864])
-def test_int8_compiled_row_matches_dequantized_matmul(in_features):
+def test_int8_compiled_row_matches_dequantized_matmul(in_features, kernel, monkeypatch):
+    from qwen2.quantization import vnni
+
+    if kernel == "vnni" and not vnni.load():
+        pytest.skip("no AVX512-VNNI on this CPU (or no compiler)")
+    monkeypatch.setattr(vnni, "_loaded", kernel == "vnni")
     torch.manual_seed(0)
     linear = nn.Linear(in_features, 200, bias=True, dtype=torch.bfloat16)
     _assert_int8_compiled_row_matches_dequantized(linear, torch.randn(1, 1, in_features, dtype=torch.bfloat16))

@@ -117,6 +117,19 @@ def test_w8a8_is_the_integer_product(shape, rows, dtype):
     assert (out.double() - exact).norm() / exact.norm() < 0.02
 
 
+@pytest.mark.parametrize("n, k", [(1, 32), (17, 896), (300, 4864)])  # 4864: int32 partials flushed 19 times
+def test_vnni_rowdot_is_the_integer_dot_product(n, k):
+    from qwen2.quantization import vnni
+
+    if not vnni.load():
+        pytest.skip("no AVX512-VNNI on this CPU (or no compiler): int8 decoding keeps the float reduction")
+    x = torch.randint(-32767, 32768, (k,), dtype=torch.int16)
+    w = torch.randint(-128, 128, (n, k), dtype=torch.int8)
+    x[: k // 2], w[0] = -32767, -128  # row 0: the largest int32 partial sums the kernel can meet
+    exact = x.double() @ w.double().t()
+    torch.testing.assert_close(vnni.rowdot(x, w).double(), exact, rtol=1e-6, atol=1e-6 * exact.abs().max().item())
+
+
 def test_int8_survives_unaligned_input_and_weight():
     # torch._weight_int8pack_mm's vector loads crash the process on unaligned memory; the module must copy.
     lin = _linear(64, 896, dtype=torch.bfloat16)
@@ -464,7 +477,8 @@ def test_real_int4_load_from_the_gguf_keeps_greedy_output(default_gguf, hf_gguf_
 
 
 @pytest.mark.slow
-def test_real_int8_greedy_equals_bf16_for_64_tokens(default_gguf, hf_gguf_tokenizer):
+@pytest.mark.parametrize("compiled", [False, True])  # compiled: the int8 layers' single-row kernels
+def test_real_int8_greedy_equals_bf16_for_64_tokens(default_gguf, hf_gguf_tokenizer, compiled):
     """The int8 quality bar of the speed issue: on the seed prompt, int8's greedy output equals bfloat16's for
     (at least) the first 64 tokens."""
     from qwen2 import Qwen2ForCausalLM
@@ -477,5 +491,5 @@ def test_real_int8_greedy_equals_bf16_for_64_tokens(default_gguf, hf_gguf_tokeni
         model = Qwen2ForCausalLM.from_pretrained(default_gguf, dtype=torch.bfloat16, quantization=scheme)
         with torch.no_grad():
             outputs.append(model.generate(prompt, max_new_tokens=64, min_new_tokens=64, do_sample=False,
-                                          disable_compile=True)[0, prompt.shape[1]:])
+                                          disable_compile=not (compiled and scheme))[0, prompt.shape[1]:])
     assert torch.equal(outputs[1], outputs[0])

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from qwen2.quantization import vnni
 from qwen2.row_linear import row_matvec
 
 QMAX = 127
@@ -114,9 +115,13 @@ class Int8WeightOnlyLinear(nn.Module):
             # to dequantise and the bf16 GEMM is faster from ~24 rows on (2.6x at 512 rows, measured).
             out = F.linear(x2, self.weight * self.scales[:, None])  # int8 * scales promotes: one pass, no temporary
         elif torch.compiler.is_compiling() and x2.shape[0] == 1 and x2.device.type == "cpu":
-            # Compiled decoding: inductor's fused int8 -> float32 reduction streams the weight ~1.5-2x faster
-            # than the packed kernel on the large shapes (see qwen2.row_linear.row_matvec).
-            out = (row_matvec(x2, self.weight) * self.scales.float()).to(dtype)
+            if vnni.usable(self.weight):  # integer dot products, memory-bound (see qwen2.quantization.vnni)
+                codes, scale = vnni.quantize_row_int16(x2)
+                out = (vnni.rowdot(codes, self.weight) * (scale * self.scales.float())).to(dtype).view(1, -1)
+            else:
+                # inductor's fused int8 -> float32 reduction streams the weight ~1.5-2x faster than the packed
+                # kernel on the large shapes (see qwen2.row_linear.row_matvec).
+                out = (row_matvec(x2, self.weight) * self.scales.float()).to(dtype)
         elif self._use_cpu_kernel(x2):
             x2 = x2.contiguous()
             if not torch.compiler.is_compiling() and not _is_aligned(x2):
