@@ -145,13 +145,18 @@ class Int8WeightOnlyLinear(nn.Module):
 class Int8DynamicActivationLinear(Int8WeightOnlyLinear):
     """W8A8: the weight of `Int8WeightOnlyLinear` (same tensors, same checkpoints) times int8 input rows,
     each quantised with its own scale on every call. On the CPU a call is one integer GEMM (`torch._int_mm`),
-    also for a few rows, where it beats `torch._weight_int8pack_mm` (8 rows x 896 x 4864: 0.23 vs 0.45 ms);
-    compiled single-row decoding instead uses int8's fused reduction on the input codes (38 vs 32 tok/s on
-    the default model). Off the CPU: the weight-only path on the codes, which a float input holds exactly."""
+    also for a few rows, where it beats `torch._weight_int8pack_mm` (8 rows x 896 x 4864: 0.23 vs 0.45 ms).
+    Compiled single-row decoding instead feeds the codes to the VNNI kernel as they are (int8 codes are int16
+    codes), or without it to int8's fused float reduction (38 vs 32 tok/s for `_int_mm` in the graph). Off the
+    CPU: the weight-only path on the codes, which a float input holds exactly."""
 
     def _matmul(self, x2: Tensor) -> Tensor:
         codes, row_scales = quantize_rows(x2)
-        if x2.device.type == "cpu" and not (torch.compiler.is_compiling() and x2.shape[0] == 1):
+        single_compiled_row = torch.compiler.is_compiling() and x2.shape[0] == 1
+        if single_compiled_row and x2.device.type == "cpu" and vnni.usable(self.weight):
+            products = vnni.rowdot(codes.view(-1).to(torch.int16), self.weight)  # exact, as _int_mm's
+            return (products * (row_scales.view(()) * self.scales.float())).to(x2.dtype).view(1, -1)
+        if x2.device.type == "cpu" and not single_compiled_row:
             products = torch._int_mm(codes, self.weight.t())  # int32: exact
             return products.float().mul_(row_scales).mul_(self.scales.float()).to(x2.dtype)
         return super()._matmul(codes.to(x2.dtype)) * row_scales.to(x2.dtype)
