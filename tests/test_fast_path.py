@@ -176,11 +176,11 @@ def _assert_int8_compiled_row_matches_dequantized(linear: nn.Linear, x: torch.Te
 @pytest.mark.parametrize("kernel", ["vnni", "float reduction"])
 @pytest.mark.parametrize("in_features", [320, 4864])
 def test_int8_compiled_row_matches_dequantized_matmul(in_features, kernel, monkeypatch):
-    from qwen2.quantization import vnni
+    from qwen2.quantization import kernels
 
-    if kernel == "vnni" and not vnni.load():
+    if kernel == "vnni" and not kernels.load():
         pytest.skip("no AVX512-VNNI on this CPU (or no compiler)")
-    monkeypatch.setattr(vnni, "_loaded", kernel == "vnni")
+    monkeypatch.setattr(kernels, "_loaded", kernel == "vnni")
     torch.manual_seed(0)
     linear = nn.Linear(in_features, 200, bias=True, dtype=torch.bfloat16)
     _assert_int8_compiled_row_matches_dequantized(linear, torch.randn(1, 1, in_features, dtype=torch.bfloat16))
@@ -191,12 +191,12 @@ def test_int8_compiled_row_matches_dequantized_matmul(in_features, kernel, monke
 def test_w8a8_compiled_row_is_the_integer_product(in_features, kernel, monkeypatch):
     """Compiled single-row W8A8 (the VNNI kernel on the input codes, or inductor's reduction over them) and
     eager (`torch._int_mm`) all compute the scaled integer product, up to the bf16 output's rounding."""
-    from qwen2.quantization import vnni
+    from qwen2.quantization import kernels
     from qwen2.quantization.int8 import Int8DynamicActivationLinear, quantize_rows
 
-    if kernel == "vnni" and not vnni.load():
+    if kernel == "vnni" and not kernels.load():
         pytest.skip("no AVX512-VNNI on this CPU (or no compiler)")
-    monkeypatch.setattr(vnni, "_loaded", kernel == "vnni")
+    monkeypatch.setattr(kernels, "_loaded", kernel == "vnni")
 
     torch.manual_seed(0)
     module = Int8DynamicActivationLinear.from_linear(nn.Linear(in_features, 200, dtype=torch.bfloat16))

@@ -33,6 +33,7 @@ from qwen2.quantization.int4 import (
     to_cpu_layout,
     unpack_nibbles,
 )
+from qwen2.quantization import kernels
 from qwen2.quantization.int8 import dequantize_int8, quantize_int8, quantize_rows
 
 MODULES = {"int8": Int8WeightOnlyLinear, "int4": Int4WeightOnlyLinear, "w8a8": Int8DynamicActivationLinear}
@@ -88,7 +89,17 @@ def test_int8_error_is_at_most_half_a_step():
     assert q.abs().amax(dim=1).min() == 127  # each row uses the full range
 
 
-def test_row_quantisation_error_is_at_most_half_a_step():
+def _choose_int8_kernels(which: str, monkeypatch) -> None:
+    """Run with the AVX-512 kernels (skipped where they cannot be built) or with torch's operations."""
+    if which == "torch":
+        monkeypatch.setattr(kernels, "load", lambda: False)
+    elif not kernels.load():
+        pytest.skip("no AVX512-VNNI on this CPU (or no compiler): int8 keeps torch's operations")
+
+
+@pytest.mark.parametrize("which", ["avx512", "torch"])
+def test_row_quantisation_error_is_at_most_half_a_step(which, monkeypatch):
+    _choose_int8_kernels(which, monkeypatch)
     x = torch.randn(7, 96) * torch.exp(torch.randn(7, 1))
     x[3] = 0
     original = x.clone()
@@ -117,17 +128,41 @@ def test_w8a8_is_the_integer_product(shape, rows, dtype):
     assert (out.double() - exact).norm() / exact.norm() < 0.02
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows, k", [(1, 17), (3, 896), (40, 4864)])  # 17: only the scalar tail
+def test_row_quantisation_kernel_gives_the_bits_of_torch_operations(rows, k, dtype, monkeypatch):
+    x = (torch.randn(rows, k) * torch.exp(3 * torch.randn(rows, 1))).to(dtype)
+    x[0, : k // 2] = 0
+    x[-1] = ((torch.arange(k) % 254) - 127) / 2  # with the 127 below, scale 1: every other code is a tie
+    x[-1, 0] = 127
+    _choose_int8_kernels("avx512", monkeypatch)
+    codes, scales = quantize_rows(x)
+    _choose_int8_kernels("torch", monkeypatch)
+    expected_codes, expected_scales = quantize_rows(x)
+    assert torch.equal(scales, expected_scales) and torch.equal(codes, expected_codes)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows, shape", [(2, (40, 904)), (64, (4864, 896)), (64, (896, 4864))])
+def test_w8a8_kernels_give_the_bits_of_torch_operations(rows, shape, dtype, monkeypatch):
+    # 904 inputs and 40 outputs leave 8-element tails after the 16-wide loops
+    q = Int8DynamicActivationLinear.from_linear(_linear(*shape, dtype=dtype))
+    x = torch.randn(rows, shape[1], dtype=dtype)
+    _choose_int8_kernels("avx512", monkeypatch)
+    out = q(x)
+    _choose_int8_kernels("torch", monkeypatch)
+    assert torch.equal(out, q(x))
+
+
 @pytest.mark.parametrize("n, k", [(1, 32), (17, 896), (300, 4864)])  # 4864: int32 partials flushed 19 times
 def test_vnni_rowdot_is_the_integer_dot_product(n, k):
-    from qwen2.quantization import vnni
-
-    if not vnni.load():
+    if not kernels.load():
         pytest.skip("no AVX512-VNNI on this CPU (or no compiler): int8 decoding keeps the float reduction")
     x = torch.randint(-32767, 32768, (k,), dtype=torch.int16)
     w = torch.randint(-128, 128, (n, k), dtype=torch.int8)
     x[: k // 2], w[0] = -32767, -128  # row 0: the largest int32 partial sums the kernel can meet
     exact = x.double() @ w.double().t()
-    torch.testing.assert_close(vnni.rowdot(x, w).double(), exact, rtol=1e-6, atol=1e-6 * exact.abs().max().item())
+    torch.testing.assert_close(kernels.rowdot(x, w).double(), exact, rtol=1e-6, atol=1e-6 * exact.abs().max().item())
 
 
 def test_int8_survives_unaligned_input_and_weight():

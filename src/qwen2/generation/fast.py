@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from qwen2.packed_linear import pack_linears, unpack_linears
-from qwen2.quantization import Int8WeightOnlyLinear, vnni
+from qwen2.quantization import Int8WeightOnlyLinear, kernels
 from qwen2.row_linear import RowLinear
 
 logger = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ def prepare_model(model: nn.Module, compiled: bool) -> None:
             model._qwen2_packed = False
         _set_linear_class(model, nn.Linear, RowLinear)
         if on_cpu and any(isinstance(m, Int8WeightOnlyLinear) for m in model.modules()):
-            vnni.load()  # before tracing: the int8 layers pick their single-row kernel while being compiled
+            kernels.load()  # before tracing: the int8 layers pick their single-row kernel while being compiled
     elif on_cpu and settings.pack_linears and not getattr(model, "_qwen2_packed", False):
         _set_linear_class(model, RowLinear, nn.Linear)
         pack_linears(model)

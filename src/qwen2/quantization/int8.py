@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from qwen2.quantization import vnni
+from qwen2.quantization import kernels
 from qwen2.row_linear import row_matvec
 
 QMAX = 127
@@ -60,6 +60,8 @@ def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
 
     Per row (per token) rather than per tensor: a few outlier channels then cost one token's precision, not
     the whole prompt's."""
+    if kernels.eager_usable(x):
+        return kernels.quantize_rows(x)
     # Written as separate same-dtype passes: eager mixed-dtype arithmetic (bf16 / float32) and
     # vector_norm(inf) take the slow paths, 8x slower at 512 x 4864 (measured).
     scales = x.abs().amax(dim=1, keepdim=True).float().clamp_(min=torch.finfo(torch.float32).tiny) / QMAX
@@ -115,9 +117,9 @@ class Int8WeightOnlyLinear(nn.Module):
             # to dequantise and the bf16 GEMM is faster from ~24 rows on (2.6x at 512 rows, measured).
             out = F.linear(x2, self.weight * self.scales[:, None])  # int8 * scales promotes: one pass, no temporary
         elif torch.compiler.is_compiling() and x2.shape[0] == 1 and x2.device.type == "cpu":
-            if vnni.usable(self.weight):  # integer dot products, memory-bound (see qwen2.quantization.vnni)
-                codes, scale = vnni.quantize_row_int16(x2)
-                out = (vnni.rowdot(codes, self.weight) * (scale * self.scales.float())).to(dtype).view(1, -1)
+            if kernels.usable(self.weight):  # integer dot products, memory-bound (see qwen2.quantization.kernels)
+                codes, scale = kernels.quantize_row_int16(x2)
+                out = (kernels.rowdot(codes, self.weight) * (scale * self.scales.float())).to(dtype).view(1, -1)
             else:
                 # inductor's fused int8 -> float32 reduction streams the weight ~1.5-2x faster than the packed
                 # kernel on the large shapes (see qwen2.row_linear.row_matvec).
@@ -153,10 +155,12 @@ class Int8DynamicActivationLinear(Int8WeightOnlyLinear):
     def _matmul(self, x2: Tensor) -> Tensor:
         codes, row_scales = quantize_rows(x2)
         single_compiled_row = torch.compiler.is_compiling() and x2.shape[0] == 1
-        if single_compiled_row and x2.device.type == "cpu" and vnni.usable(self.weight):
-            products = vnni.rowdot(codes.view(-1).to(torch.int16), self.weight)  # exact, as _int_mm's
+        if single_compiled_row and x2.device.type == "cpu" and kernels.usable(self.weight):
+            products = kernels.rowdot(codes.view(-1).to(torch.int16), self.weight)  # exact, as _int_mm's
             return (products * (row_scales.view(()) * self.scales.float())).to(x2.dtype).view(1, -1)
         if x2.device.type == "cpu" and not single_compiled_row:
             products = torch._int_mm(codes, self.weight.t())  # int32: exact
+            if kernels.eager_usable(x2):
+                return kernels.scale_products(products, row_scales, self.scales.float(), x2.dtype)
             return products.float().mul_(row_scales).mul_(self.scales.float()).to(x2.dtype)
         return super()._matmul(codes.to(x2.dtype)) * row_scales.to(x2.dtype)
