@@ -96,6 +96,8 @@ def run_worker(name: str, spec: dict) -> dict:
         seed = spec["seed_ids"]
         greedy, _, _ = engine.generate([seed], spec["greedy_tokens"], stop_at_eos=True)
         result["greedy"] = greedy[0]
+        if engine.name == "ours-bf16":  # the plain path, which the quantised ones are held to as well
+            result["greedy_eager"] = engine.generate([seed], spec["greedy_tokens"], stop_at_eos=True, eager=True)[0][0]
         reference = spec.get("reference")
         if reference:
             logits = engine.logits(seed + reference)[len(seed) - 1:-1]
@@ -212,17 +214,17 @@ def report(results: list[dict], spec: dict) -> str:
 
     if spec["quality"]:
         reference = spec.get("reference")
-        ours_bf16 = ok.get("ours-bf16", {}).get("greedy")
-        lines += ["", "| engine | leading greedy tokens equal to hf-fp32's | ... to ours-bf16's | teacher-forced "
-                      f"top-1 agreement with hf-fp32 | perplexity ({len(spec['ppl_ids'])} tokens) |",
-                  "|---|---|---|---|---|"]
+        references = [reference, ok.get("ours-bf16", {}).get("greedy"), ok.get("ours-bf16", {}).get("greedy_eager")]
+        lines += ["", "| engine | leading greedy tokens equal to hf-fp32's | ... to ours-bf16's | ... to ours-bf16 "
+                      f"eager's | teacher-forced top-1 agreement with hf-fp32 | perplexity ({len(spec['ppl_ids'])} "
+                      "tokens) |",
+                  "|---|---|---|---|---|---|"]
         for r in ok.values():
             if "perplexity" not in r:
                 continue
-            lead = f"{_leading_agreement(r['greedy'], reference)} / {len(reference)}" if reference else "-"
-            lead_bf16 = f"{_leading_agreement(r['greedy'], ours_bf16)} / {len(ours_bf16)}" if ours_bf16 else "-"
+            leads = [f"{_leading_agreement(r['greedy'], ref)} / {len(ref)}" if ref else "-" for ref in references]
             tf = r.get("teacher_forced_agreement")
-            lines.append(f"| {r['engine']} | {lead} | {lead_bf16} | {_fmt(tf * 100 if tf is not None else None)}% | "
+            lines.append(f"| {r['engine']} | {' | '.join(leads)} | {_fmt(tf * 100 if tf is not None else None)}% | "
                          f"{r['perplexity']:.3f} |")
     return "\n".join(lines)
 

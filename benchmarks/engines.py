@@ -97,12 +97,15 @@ class TorchEngine:
 
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], new_tokens: int, stop_at_eos: bool = False,
-                 time_first: bool = False) -> tuple[list[list[int]], float, float | None]:
-        """(new tokens per row, total seconds, seconds to the first token if `time_first`); greedy."""
+                 time_first: bool = False, eager: bool = False) -> tuple[list[list[int]], float, float | None]:
+        """(new tokens per row, total seconds, seconds to the first token if `time_first`); greedy. `eager`:
+        ours without the compiled decode step."""
         ids = torch.tensor(prompts)
         timer = _FirstTokenTimer() if time_first else None
         kwargs: dict[str, Any] = dict(max_new_tokens=new_tokens, do_sample=False, attention_mask=torch.ones_like(ids),
                                       pad_token_id=self.eos[0], streamer=timer)
+        if eager:
+            kwargs["disable_compile"] = True
         if not stop_at_eos:
             kwargs["min_new_tokens"] = new_tokens
         start = time.perf_counter()
