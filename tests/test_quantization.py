@@ -154,13 +154,14 @@ def test_w8a8_kernels_give_the_bits_of_torch_operations(rows, shape, dtype, monk
     assert torch.equal(out, q(x))
 
 
+@pytest.mark.parametrize("rows", [1, 3, 8, 13])  # 13: a block of 8 rows, then one of 5
 @pytest.mark.parametrize("n, k", [(1, 32), (17, 896), (300, 4864)])  # 4864: int32 partials flushed 19 times
-def test_vnni_rowdot_is_the_integer_dot_product(n, k):
+def test_vnni_rowdot_is_the_integer_dot_product(n, k, rows):
     if not kernels.load():
         pytest.skip("no AVX512-VNNI on this CPU (or no compiler): int8 decoding keeps the float reduction")
-    x = torch.randint(-32767, 32768, (k,), dtype=torch.int16)
+    x = torch.randint(-32767, 32768, (rows, k), dtype=torch.int16)
     w = torch.randint(-128, 128, (n, k), dtype=torch.int8)
-    x[: k // 2], w[0] = -32767, -128  # row 0: the largest int32 partial sums the kernel can meet
+    x[:, : k // 2], w[0] = -32767, -128  # weight row 0: the largest int32 partial sums the kernel can meet
     exact = x.double() @ w.double().t()
     torch.testing.assert_close(kernels.rowdot(x, w).double(), exact, rtol=1e-6, atol=1e-6 * exact.abs().max().item())
 
@@ -511,20 +512,42 @@ def test_real_int4_load_from_the_gguf_keeps_greedy_output(default_gguf, hf_gguf_
     assert torch.equal(outputs[0], outputs[1]) or agreement[0] >= agreement[1]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("compiled", [False, True])  # compiled: the int8 layers' single-row kernels
-def test_real_int8_greedy_equals_bf16_for_64_tokens(default_gguf, hf_gguf_tokenizer, compiled):
-    """The int8 quality bar of the speed issue: on the seed prompt, int8's greedy output equals bfloat16's for
-    (at least) the first 64 tokens."""
+@pytest.fixture(scope="module")
+def seed_greedy_64(default_gguf, hf_gguf_tokenizer):
+    """Greedy 64-token answers to the seed prompt: {(scheme, compiled): token ids}, computed on demand."""
     from qwen2 import Qwen2ForCausalLM
 
     reference = json.loads((Path(__file__).parent / "reference" / "seed_prompt_greedy.json").read_text())
     prompt = hf_gguf_tokenizer.apply_chat_template(reference["prompt_messages"], add_generation_prompt=True,
                                                    return_tensors="pt", return_dict=True)["input_ids"]
-    outputs = []
-    for scheme in (None, "int8"):
-        model = Qwen2ForCausalLM.from_pretrained(default_gguf, dtype=torch.bfloat16, quantization=scheme)
-        with torch.no_grad():
-            outputs.append(model.generate(prompt, max_new_tokens=64, min_new_tokens=64, do_sample=False,
-                                          disable_compile=not (compiled and scheme))[0, prompt.shape[1]:])
-    assert torch.equal(outputs[1], outputs[0])
+    models, answers = {}, {}
+
+    def answer(scheme: str | None, compiled: bool) -> list[int]:
+        if (scheme, compiled) not in answers:
+            if scheme not in models:
+                models[scheme] = Qwen2ForCausalLM.from_pretrained(default_gguf, dtype=torch.bfloat16,
+                                                                  quantization=scheme)
+            with torch.no_grad():
+                out = models[scheme].generate(prompt, max_new_tokens=64, min_new_tokens=64, do_sample=False,
+                                              disable_compile=not compiled, return_dict_in_generate=True,
+                                              output_logits=True)
+            answers[scheme, compiled] = out.sequences[0, prompt.shape[1]:].tolist(), torch.stack(out.logits)[:, 0]
+        return answers[scheme, compiled]
+
+    return answer
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("compiled", [False, True])  # the int8 layers' eager and compiled single-row paths
+def test_real_int8_greedy_equals_bf16_for_64_tokens(seed_greedy_64, compiled):
+    """The int8 quality bar of the speed issue: on the seed prompt, int8's greedy output equals bfloat16's for
+    (at least) the first 64 tokens. bf16 has two answers here: its eager and compiled paths part at a
+    near-tie (token 42, 0.05 logits apart in float32), where any rounding change picks the other token; int8
+    must give one of them in full, and the two may only part where bf16's own top two are that close."""
+    int8, _ = seed_greedy_64("int8", compiled)
+    (eager, eager_logits), (fast, _) = seed_greedy_64(None, False), seed_greedy_64(None, True)
+    assert int8 in (eager, fast)
+    parted = [i for i, (a, b) in enumerate(zip(eager, fast)) if a != b]
+    if parted:
+        top2 = eager_logits[parted[0]].float().topk(2).values
+        assert top2[0] - top2[1] < 0.25, "bf16's eager and compiled answers part at a clear choice"

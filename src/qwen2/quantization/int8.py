@@ -1,10 +1,11 @@
 """int8 weights, one symmetric scale per output channel: weight-only (activations stay in floating point), or
 W8A8 with each input row quantised to int8 as it arrives (`Int8DynamicActivationLinear`).
 
-Modelled on gpt-fast's `WeightOnlyInt8Linear`. For decoding (a few rows) on CPU the matmul is PyTorch's fused
-`torch._weight_int8pack_mm` (reads the int8 weight once, scales in registers); anywhere else it is the
-portable `F.linear(x, w.to(dtype)) * scales`, which computes the same thing and which inductor fuses on GPU.
-Prompts (many rows) dequantise the weight once and use the dense GEMM, which is faster there.
+Modelled on gpt-fast's `WeightOnlyInt8Linear`. For decoding (a few rows) on CPU the matmul is the VNNI row
+kernel (qwen2.quantization.kernels: the rows quantised to int16, integer dot products) where the CPU has it,
+else PyTorch's fused `torch._weight_int8pack_mm` (reads the int8 weight once, scales in registers); anywhere
+else it is the portable `F.linear(x, w.to(dtype)) * scales`, which computes the same thing and which inductor
+fuses on GPU. Prompts (many rows) dequantise the weight once and use the dense GEMM, which is faster there.
 
 `torch._weight_int8pack_mm` needs care: its AVX-512/AVX2 kernels use aligned vector loads, so the input rows
 and the weight must start on a 32-byte boundary and `in_features` must be a multiple of 16. Unaligned
@@ -32,6 +33,7 @@ _K_MULTIPLE = 16
 _KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _ROW_CHUNK = 8192
 _DEQUANTIZE_FROM_ROWS = 32
+_INT_MM_FROM_ROWS = 8  # w8a8: from 8 rows torch._int_mm matches the VNNI row kernel (0.26 vs 0.2-0.39 ms)
 
 
 def quantize_int8(weight: Tensor, scale_dtype: torch.dtype = torch.bfloat16) -> tuple[Tensor, Tensor]:
@@ -102,6 +104,14 @@ class Int8WeightOnlyLinear(nn.Module):
         return (x.device.type == "cpu" and self.weight.device.type == "cpu"
                 and self.scales.dtype in _KERNEL_DTYPES and self.in_features % _K_MULTIPLE == 0)
 
+    def _decoding_rows_use_rowdot(self, x2: Tensor) -> bool:
+        """Whether these rows go to the VNNI kernel: a compiled single row (several compiled rows are left to
+        inductor), or eager rows, the kernels then built on first use."""
+        if x2.device.type != "cpu":
+            return False
+        ready = x2.shape[0] == 1 if torch.compiler.is_compiling() else kernels.eager_usable(x2)
+        return ready and kernels.usable(self.weight)
+
     def forward(self, x: Tensor) -> Tensor:
         x2 = x.reshape(-1, self.in_features).to(self.scales.dtype)
         out = self._matmul(x2)
@@ -116,14 +126,15 @@ class Int8WeightOnlyLinear(nn.Module):
             # Prefill: the fused kernel is compute-bound in float32 and grows linearly with the rows; one pass
             # to dequantise and the bf16 GEMM is faster from ~24 rows on (2.6x at 512 rows, measured).
             out = F.linear(x2, self.weight * self.scales[:, None])  # int8 * scales promotes: one pass, no temporary
+        elif dtype != torch.float32 and self._decoding_rows_use_rowdot(x2):
+            # Integer dot products, memory-bound (qwen2.quantization.kernels). Not for float32, whose rows
+            # would lose precision to the int16 rounding (below a 16-bit float's own, not float32's).
+            codes, row_scales = kernels.quantize_rows_int16(x2)
+            out = (kernels.rowdot(codes, self.weight) * row_scales * self.scales.float()).to(dtype)
         elif torch.compiler.is_compiling() and x2.shape[0] == 1 and x2.device.type == "cpu":
-            if kernels.usable(self.weight):  # integer dot products, memory-bound (see qwen2.quantization.kernels)
-                codes, scale = kernels.quantize_row_int16(x2)
-                out = (kernels.rowdot(codes, self.weight) * (scale * self.scales.float())).to(dtype).view(1, -1)
-            else:
-                # inductor's fused int8 -> float32 reduction streams the weight ~1.5-2x faster than the packed
-                # kernel on the large shapes (see qwen2.row_linear.row_matvec).
-                out = (row_matvec(x2, self.weight) * self.scales.float()).to(dtype)
+            # inductor's fused int8 -> float32 reduction streams the weight ~1.5-2x faster than the packed
+            # kernel on the large shapes (see qwen2.row_linear.row_matvec).
+            out = (row_matvec(x2, self.weight) * self.scales.float()).to(dtype)
         elif self._use_cpu_kernel(x2):
             x2 = x2.contiguous()
             if not torch.compiler.is_compiling() and not _is_aligned(x2):
@@ -146,18 +157,18 @@ class Int8WeightOnlyLinear(nn.Module):
 
 class Int8DynamicActivationLinear(Int8WeightOnlyLinear):
     """W8A8: the weight of `Int8WeightOnlyLinear` (same tensors, same checkpoints) times int8 input rows,
-    each quantised with its own scale on every call. On the CPU a call is one integer GEMM (`torch._int_mm`),
-    also for a few rows, where it beats `torch._weight_int8pack_mm` (8 rows x 896 x 4864: 0.23 vs 0.45 ms).
-    Compiled single-row decoding instead feeds the codes to the VNNI kernel as they are (int8 codes are int16
-    codes), or without it to int8's fused float reduction (38 vs 32 tok/s for `_int_mm` in the graph). Off the
+    each quantised with its own scale on every call. On the CPU a call is one integer GEMM (`torch._int_mm`);
+    below 8 rows (and for a compiled single row) the codes go to the VNNI row kernel as they are (int8 codes
+    are int16 codes), or without it compiled single rows take int8's fused float reduction (38 vs 32 tok/s
+    for `_int_mm` in the graph). Off the
     CPU: the weight-only path on the codes, which a float input holds exactly."""
 
     def _matmul(self, x2: Tensor) -> Tensor:
         codes, row_scales = quantize_rows(x2)
+        if x2.shape[0] < _INT_MM_FROM_ROWS and self._decoding_rows_use_rowdot(x2):
+            products = kernels.rowdot(codes.to(torch.int16), self.weight)  # exact, as _int_mm's
+            return (products * row_scales * self.scales.float()).to(x2.dtype)
         single_compiled_row = torch.compiler.is_compiling() and x2.shape[0] == 1
-        if single_compiled_row and x2.device.type == "cpu" and kernels.usable(self.weight):
-            products = kernels.rowdot(codes.view(-1).to(torch.int16), self.weight)  # exact, as _int_mm's
-            return (products * (row_scales.view(()) * self.scales.float())).to(x2.dtype).view(1, -1)
         if x2.device.type == "cpu" and not single_compiled_row:
             products = torch._int_mm(codes, self.weight.t())  # int32: exact
             if kernels.eager_usable(x2):
