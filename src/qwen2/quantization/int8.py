@@ -57,17 +57,19 @@ def dequantize_int8(q: Tensor, scales: Tensor, dtype: torch.dtype = torch.float3
     return (q.to(torch.float32) * scales.to(torch.float32)[:, None]).to(dtype)
 
 
-def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
-    """(int8 codes, float32 scales (rows, 1)) with `x ~= codes * scales`: one symmetric scale per row of a 2-D x.
+def quantize_rows(x: Tensor, dtype: torch.dtype = torch.int8) -> tuple[Tensor, Tensor]:
+    """(integer codes, float32 scales (rows, 1)) with `x ~= codes * scales`: one symmetric scale per row of a
+    2-D x. int8 for W8A8; int16 for the VNNI row kernel's input.
 
     Per row (per token) rather than per tensor: a few outlier channels then cost one token's precision, not
     the whole prompt's."""
-    if kernels.eager_usable(x):
+    if dtype == torch.int8 and kernels.eager_usable(x):
         return kernels.quantize_rows(x)
     # Written as separate same-dtype passes: eager mixed-dtype arithmetic (bf16 / float32) and
     # vector_norm(inf) take the slow paths, 8x slower at 512 x 4864 (measured).
-    scales = x.abs().amax(dim=1, keepdim=True).float().clamp_(min=torch.finfo(torch.float32).tiny) / QMAX
-    return x.to(torch.float32, copy=True).div_(scales).round_().to(torch.int8), scales
+    qmax = torch.iinfo(dtype).max
+    scales = x.abs().amax(dim=1, keepdim=True).float().clamp_(min=torch.finfo(torch.float32).tiny) / qmax
+    return x.to(torch.float32, copy=True).div_(scales).round_().to(dtype), scales
 
 
 def _is_aligned(t: Tensor) -> bool:
@@ -129,7 +131,7 @@ class Int8WeightOnlyLinear(nn.Module):
         elif dtype != torch.float32 and self._decoding_rows_use_rowdot(x2):
             # Integer dot products, memory-bound (qwen2.quantization.kernels). Not for float32, whose rows
             # would lose precision to the int16 rounding (below a 16-bit float's own, not float32's).
-            codes, row_scales = kernels.quantize_rows_int16(x2)
+            codes, row_scales = quantize_rows(x2, torch.int16)
             out = (kernels.rowdot(codes, self.weight) * row_scales * self.scales.float()).to(dtype)
         elif torch.compiler.is_compiling() and x2.shape[0] == 1 and x2.device.type == "cpu":
             # inductor's fused int8 -> float32 reduction streams the weight ~1.5-2x faster than the packed
@@ -160,8 +162,8 @@ class Int8DynamicActivationLinear(Int8WeightOnlyLinear):
     each quantised with its own scale on every call. On the CPU a call is one integer GEMM (`torch._int_mm`);
     below 8 rows (and for a compiled single row) the codes go to the VNNI row kernel as they are (int8 codes
     are int16 codes), or without it compiled single rows take int8's fused float reduction (38 vs 32 tok/s
-    for `_int_mm` in the graph). Off the
-    CPU: the weight-only path on the codes, which a float input holds exactly."""
+    for `_int_mm` in the graph). Off the CPU: the weight-only path on the codes, which a float input holds
+    exactly."""
 
     def _matmul(self, x2: Tensor) -> Tensor:
         codes, row_scales = quantize_rows(x2)

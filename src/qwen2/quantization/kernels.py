@@ -32,7 +32,6 @@ from torch import Tensor
 logger = logging.getLogger(__name__)
 
 K_MULTIPLE = 32  # rowdot reads 32 int8 weights per step
-INT16_MAX = 32767
 ROW_DTYPES = (torch.float32, torch.bfloat16)  # what quantize_rows reads and scale_products writes
 
 _SOURCE = r"""
@@ -276,14 +275,6 @@ def scale_products(products: Tensor, row_scales: Tensor, col_scales: Tensor, dty
     """`(products.float() * row_scales * col_scales).to(dtype)` in one pass: int32 products (M, N), float32
     row scales (M, 1) and column scales (N,), dtype float32 or bfloat16."""
     return torch.ops.qwen2_int8.scale_products(products, row_scales, col_scales, dtype)
-
-
-def quantize_rows_int16(x: Tensor) -> tuple[Tensor, Tensor]:
-    """(int16 codes (M, K), float32 scales (M, 1)) with `x ~= codes * scales`, one symmetric scale per row of
-    a 2-D x: `rowdot`'s input."""
-    x = x.float()
-    scales = x.abs().amax(dim=1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny) / INT16_MAX
-    return torch.round(x / scales).to(torch.int16), scales
 
 
 def rowdot(x: Tensor, weight: Tensor) -> Tensor:
