@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from collections import Counter
@@ -147,8 +148,10 @@ def test_unknown_option_and_dtype_are_usage_errors():
 def test_chat_repl_multi_turn_reset_interrupt_and_exit(hf_gguf_tokenizer, reference):
     """The chat compiles its decode step by default: every answer here goes through the compiled step."""
     import pexpect
+    # Ctrl-C as a terminal delivers it, also where the test runner was started with SIGINT ignored (nohup, &)
     child = pexpect.spawn(QWEN2[0], [*QWEN2[1:], "chat", *GREEDY, "--max-new-tokens", "40"],
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", "TERM": "dumb"}, encoding="utf-8", timeout=240)
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "TERM": "dumb"}, encoding="utf-8", timeout=240,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         child.expect(">>> ")
         assert "Decode step compiled" in child.before
@@ -164,6 +167,7 @@ def test_chat_repl_multi_turn_reset_interrupt_and_exit(hf_gguf_tokenizer, refere
         child.expect(">>> ")
         # Ctrl-C while an answer streams stops that answer, and the session goes on.
         child.sendline("Count from 1 to 500, one number per line.")
+        child.expect(r"per line\.\r\n")  # the terminal's echo of the question: its digits are not the answer's
         child.expect(r"\d")
         child.sendintr()
         child.expect(r"\(stopped\)")

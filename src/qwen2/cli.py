@@ -7,8 +7,11 @@ exit status 1 (argparse's own usage errors exit 2); tracebacks are kept for `--v
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -121,7 +124,11 @@ def _generation_kwargs(args: argparse.Namespace, compile_by_default: bool) -> di
 
 
 class _EchoStreamer:
-    """Writes decoded text to stdout as it is finalised and keeps it, so an interrupted answer is not lost."""
+    """Writes decoded text to stdout as it is finalised and keeps it, so an interrupted answer is not lost.
+
+    Ctrl-C during an answer only sets a flag, which the streamer turns into KeyboardInterrupt between tokens
+    (`interruptible`): raised wherever the signal lands, the exception can hit the guard code of the compiled
+    decode step, which swallows it, and the answer ran on to its end (torch 2.13, measured)."""
 
     def __init__(self, tokenizer: Any) -> None:
         from qwen2 import TextStreamer
@@ -129,13 +136,38 @@ class _EchoStreamer:
         outer = self
 
         class _Streamer(TextStreamer):
+            def put(self, value: Any) -> None:
+                if outer.interrupted:
+                    raise KeyboardInterrupt
+                super().put(value)
+
             def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
                 outer.text += text
                 sys.stdout.write(text + ("\n" if stream_end else ""))
                 sys.stdout.flush()
 
         self.text = ""
+        self.interrupted = False
         self.streamer = _Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+
+    @contextlib.contextmanager
+    def interruptible(self) -> Any:
+        """Within: SIGINT sets `interrupted` (acted on at the next token, or on leaving)."""
+        previous = signal.getsignal(signal.SIGINT)
+        if threading.current_thread() is not threading.main_thread() or previous is not signal.default_int_handler:
+            yield  # signals go to the main thread only; an ignored or custom SIGINT stays as it is
+            return
+
+        def note(signum: int, frame: Any) -> None:
+            self.interrupted = True
+
+        signal.signal(signal.SIGINT, note)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        if self.interrupted:
+            raise KeyboardInterrupt
 
 
 def _compile_up_front(model: Any, gen_kwargs: dict[str, Any]) -> None:
@@ -150,7 +182,8 @@ def _compile_up_front(model: Any, gen_kwargs: dict[str, Any]) -> None:
 
 def _respond(model: Any, tokenizer: Any, prompt: str, gen_kwargs: dict[str, Any], echo: _EchoStreamer) -> None:
     inputs = tokenizer([prompt], return_tensors="pt").to(model.device)
-    model.generate(**inputs, streamer=echo.streamer, **gen_kwargs)
+    with echo.interruptible():
+        model.generate(**inputs, streamer=echo.streamer, **gen_kwargs)
 
 
 def _chat_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
