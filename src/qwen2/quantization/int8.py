@@ -114,6 +114,10 @@ class Int8WeightOnlyLinear(nn.Module):
         ready = x2.shape[0] == 1 if torch.compiler.is_compiling() else kernels.eager_usable(x2)
         return ready and kernels.usable(self.weight)
 
+    def _scaled_rowdot(self, codes: Tensor, row_scales: Tensor, dtype: torch.dtype) -> Tensor:
+        """The VNNI kernel's product of int16 row codes and the weight, scaled back to `dtype`."""
+        return (kernels.rowdot(codes, self.weight) * row_scales * self.scales.float()).to(dtype)
+
     def forward(self, x: Tensor) -> Tensor:
         x2 = x.reshape(-1, self.in_features).to(self.scales.dtype)
         out = self._matmul(x2)
@@ -131,8 +135,7 @@ class Int8WeightOnlyLinear(nn.Module):
         elif dtype != torch.float32 and self._decoding_rows_use_rowdot(x2):
             # Integer dot products, memory-bound (qwen2.quantization.kernels). Not for float32, whose rows
             # would lose precision to the int16 rounding (below a 16-bit float's own, not float32's).
-            codes, row_scales = quantize_rows(x2, torch.int16)
-            out = (kernels.rowdot(codes, self.weight) * row_scales * self.scales.float()).to(dtype)
+            out = self._scaled_rowdot(*quantize_rows(x2, torch.int16), dtype)
         elif torch.compiler.is_compiling() and x2.shape[0] == 1 and x2.device.type == "cpu":
             # inductor's fused int8 -> float32 reduction streams the weight ~1.5-2x faster than the packed
             # kernel on the large shapes (see qwen2.row_linear.row_matvec).
@@ -168,8 +171,7 @@ class Int8DynamicActivationLinear(Int8WeightOnlyLinear):
     def _matmul(self, x2: Tensor) -> Tensor:
         codes, row_scales = quantize_rows(x2)
         if x2.shape[0] < _INT_MM_FROM_ROWS and self._decoding_rows_use_rowdot(x2):
-            products = kernels.rowdot(codes.to(torch.int16), self.weight)  # exact, as _int_mm's
-            return (products * row_scales * self.scales.float()).to(x2.dtype)
+            return self._scaled_rowdot(codes.to(torch.int16), row_scales, x2.dtype)  # exact, as _int_mm's
         single_compiled_row = torch.compiler.is_compiling() and x2.shape[0] == 1
         if x2.device.type == "cpu" and not single_compiled_row:
             products = torch._int_mm(codes, self.weight.t())  # int32: exact
