@@ -336,6 +336,26 @@ def test_save_and_reload_both_ways(ours, hf, texts, tmp_path):
         assert reloaded.eos_token == hf.eos_token and len(reloaded) == len(hf)
 
 
+def test_transformers_save_over_our_directory(slow, hf, texts, tmp_path):
+    """transformers 5 re-saving a directory our save_pretrained (or `qwen2 convert`) wrote keeps vocab.json and
+    merges.txt but rewrites tokenizer_config.json without added_tokens_decoder: the added tokens are then only in
+    tokenizer.json, and the slow class must read them from there (it used to know 2 of the 22)."""
+    slow.save_pretrained(tmp_path)
+    transformers.AutoTokenizer.from_pretrained(str(tmp_path)).save_pretrained(tmp_path)
+    assert "added_tokens_decoder" not in json.loads((tmp_path / "tokenizer_config.json").read_text(encoding="utf-8"))
+    assert (tmp_path / "vocab.json").is_file() and (tmp_path / "merges.txt").is_file()
+    reference = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    messages = [{"role": "user", "content": "Write <tool_call> quicksort"}, {"role": "assistant", "content": "ok"}]
+    sample = texts[::40] + ["<|im_start|>user\nhi<|im_end|>\n<|fim_prefix|>a<|fim_suffix|>"]
+    for cls in (Qwen2Tokenizer, Qwen2TokenizerFast):
+        reloaded = cls.from_pretrained(tmp_path)
+        assert len(reloaded.added_tokens_decoder) == len(reference.added_tokens_decoder) == 22
+        assert [reloaded.encode(t) for t in sample] == [reference.encode(t) for t in sample]
+        assert reloaded.apply_chat_template(messages, return_dict=False) == \
+            reference.apply_chat_template(messages, return_dict=False)
+        assert reloaded.encode("<|im_start|>") == [151644]
+
+
 def test_save_vocabulary_roundtrip(slow, tok_dir, tmp_path):
     paths = slow.save_vocabulary(tmp_path)
     assert [Path(p).name for p in paths] == ["vocab.json", "merges.txt"]

@@ -64,13 +64,19 @@ class Qwen2Tokenizer(Qwen2TokenizerBase):
     def _from_directory(cls, directory: Path, config: dict[str, Any]) -> "Qwen2Tokenizer":
         vocab_path, merges_path, json_path = (directory / files.VOCAB_FILE, directory / files.MERGES_FILE,
                                               directory / files.TOKENIZER_FILE)
-        added = config.pop("added_tokens_decoder", None) or {}
+        # transformers 5 saves the added tokens only in tokenizer.json; tokenizer_config.json's
+        # added_tokens_decoder (older saves) overrides them, as in the fast class.
+        added: dict[Any, Any] = {}
+        if json_path.is_file():
+            for entry in files.tokenizer_json_added_tokens(json_path):
+                if not isinstance(entry, dict) or type(entry.get("id")) is not int:
+                    raise files.TokenizerFileError(f"{json_path}: added_tokens entry {entry!r} has no integer 'id'")
+                added[str(entry["id"])] = entry
+        added.update(config.pop("added_tokens_decoder", None) or {})
         if vocab_path.is_file() and (merges_path.is_file() or not json_path.is_file()):
             sources: dict[str, Any] = {"vocab_file": vocab_path, "merges_file": merges_path}
         elif json_path.is_file():
             sources = {"tokenizer_file": json_path}
-            if not added:
-                added = {entry["id"]: entry for entry in files.tokenizer_json_added_tokens(json_path)}
         else:
             raise files.TokenizerFileError(
                 f"{directory}: no tokenizer files; Qwen2Tokenizer needs vocab.json and merges.txt (or tokenizer.json)"
