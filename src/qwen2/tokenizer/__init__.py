@@ -14,6 +14,7 @@ from qwen2.tokenizer.added import AddedToken
 from qwen2.tokenizer.encoding import BatchEncoding
 from qwen2.tokenizer.files import TokenizerFileError
 from qwen2.tokenizer.slow import Qwen2Tokenizer
+from qwen2.tokenizer.tool_schema import get_json_schema
 
 
 def __getattr__(name: str) -> Any:
@@ -35,5 +36,6 @@ def load_tokenizer(name_or_path: str | os.PathLike, use_fast: bool = True, **kwa
 
 
 __all__ = [
-    "AddedToken", "BatchEncoding", "Qwen2Tokenizer", "Qwen2TokenizerFast", "TokenizerFileError", "load_tokenizer",
+    "AddedToken", "BatchEncoding", "Qwen2Tokenizer", "Qwen2TokenizerFast", "TokenizerFileError", "get_json_schema",
+    "load_tokenizer",
 ]

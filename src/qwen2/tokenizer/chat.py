@@ -166,13 +166,22 @@ def _messages(conversation: Any) -> list[dict[str, Any]]:
 def _tool_schemas(tools: list[Any] | None) -> list[dict[str, Any]] | None:
     if tools is None:
         return None
+    import inspect
+
+    from qwen2.tokenizer.tool_schema import get_json_schema
+
+    schemas = []
     for tool in tools:
-        if not isinstance(tool, dict):
-            raise TypeError(
-                f"tools must be JSON schemas (dicts); got {type(tool).__name__}. Convert a Python function first, "
-                "e.g. with transformers.utils.get_json_schema"
+        if isinstance(tool, dict):
+            schemas.append(tool)
+        elif inspect.isfunction(tool) or inspect.ismethod(tool):
+            schemas.append(get_json_schema(tool))
+        else:
+            raise ValueError(
+                f"tools must be JSON schemas (dicts) or Python functions with type hints and a Google-style "
+                f"docstring; got {type(tool).__name__}"
             )
-    return plain_data(list(tools))
+    return plain_data(schemas)
 
 
 def _mark_final_message(chat: list[dict[str, Any]], field: str, template: str) -> str:
