@@ -120,17 +120,30 @@ class AddedTokenSplitter:
         """Same, for tokens with `normalized=True`, applied after NFC."""
         return _split(self._normalized[split_special_tokens], self._ids, text)
 
+    def spans_raw(self, text: str, split_special_tokens: bool) -> list[tuple[int, int, int | None]]:
+        """`split_raw` as (start, end, added token id or None for plain text) character spans."""
+        return _spans(self._raw[split_special_tokens], self._ids, text)
 
-def _split(pattern: regex.Pattern | None, ids: dict[str, int], text: str) -> list[str | int]:
+    def spans_normalized(self, text: str, split_special_tokens: bool) -> list[tuple[int, int, int | None]]:
+        return _spans(self._normalized[split_special_tokens], self._ids, text)
+
+
+def _spans(pattern: regex.Pattern | None, ids: dict[str, int], text: str) -> list[tuple[int, int, int | None]]:
     if pattern is None or not text:
-        return [text] if text else []
-    pieces: list[str | int] = []
+        return [(0, len(text), None)] if text else []
+    spans: list[tuple[int, int, int | None]] = []
     start = 0
     for match in pattern.finditer(text):
         if match.start() > start:
-            pieces.append(text[start:match.start()])
-        pieces.append(ids[match.group(match.lastindex)])
+            spans.append((start, match.start(), None))
+        spans.append((match.start(), match.end(), ids[match.group(match.lastindex)]))
         start = match.end()
     if start < len(text):
-        pieces.append(text[start:])
-    return pieces
+        spans.append((start, len(text), None))
+    return spans
+
+
+def _split(pattern: regex.Pattern | None, ids: dict[str, int], text: str) -> list[str | int]:
+    if pattern is None:
+        return [text] if text else []
+    return [text[start:end] if index is None else index for start, end, index in _spans(pattern, ids, text)]

@@ -56,6 +56,10 @@ class Qwen2TokenizerBase(VocabularyMixin, EncodingMixin):
     def _encode_texts(self, texts: list[str], split_special_tokens: bool) -> list[list[int]]:
         raise NotImplementedError
 
+    def _encode_aligned(self, texts: list[str], split_special_tokens: bool) -> list[Any]:
+        """Like `_encode_texts`, as `alignment.Encoding`s: each token's character offsets and word."""
+        raise NotImplementedError
+
     def _decode_ids(self, ids: list[int], skip_special_tokens: bool) -> str:
         raise NotImplementedError
 

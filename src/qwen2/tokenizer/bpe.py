@@ -51,15 +51,24 @@ class ByteLevelBPE:
 
     def encode_normalized(self, text: str) -> list[int]:
         ids: list[int] = []
-        cache = self._cache
         for piece in self._split(text):
-            piece_ids = cache.get(piece)
-            if piece_ids is None:
-                piece_ids = self._merge(piece)
-                if len(cache) < _CACHE_LIMIT:
-                    cache[piece] = piece_ids
-            ids += piece_ids
+            ids += self.encode_piece(piece)
         return ids
+
+    def encode_piece(self, piece: str) -> list[int]:
+        """Ids of one pre-tokenised piece (cached: text repeats its words)."""
+        piece_ids = self._cache.get(piece)
+        if piece_ids is None:
+            piece_ids = self._merge(piece)
+            if len(self._cache) < _CACHE_LIMIT:
+                self._cache[piece] = piece_ids
+        return piece_ids
+
+    def byte_chars(self, piece: str) -> list[int]:
+        """For each byte of `piece` the merge sees, the index of the character it belongs to."""
+        byte_ids = self._byte_ids
+        return [index for index, ch in enumerate(piece) for b in ch.encode("utf-8")
+                if self._complete or byte_ids[b] is not None]
 
     def _merge(self, piece: str) -> list[int]:
         byte_ids = self._byte_ids

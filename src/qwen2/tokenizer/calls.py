@@ -6,9 +6,11 @@ padding and truncation follow `tokenizers`' rules (see `padding.py`).
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
+from qwen2.tokenizer.alignment import Encoding, truncate_and_merge
 from qwen2.tokenizer.encoding import BatchEncoding, to_python
 from qwen2.tokenizer.padding import VERY_LARGE_INTEGER, pad_length, pad_rows, resolve_strategies, truncate
 
@@ -85,19 +87,18 @@ class EncodingMixin:
             raise ValueError("sanitize_control_tokens is an apply_chat_template option: pass it there")
         if options:
             raise TypeError(f"unexpected keyword arguments {sorted(options)}")
-        if return_overflowing_tokens or return_offsets_mapping:
-            raise NotImplementedError(
-                "return_overflowing_tokens and return_offsets_mapping are not supported by qwen2's tokenizers"
-            )
         if text is None and text_target is None:
             raise ValueError("You need to specify either `text` or `text_target`.")
         padding, truncation, max_length = resolve_strategies(
             padding, truncation, max_length, pad_to_multiple_of, self.model_max_length, self.pad_token is not None
         )
+        if stride < 0:
+            raise ValueError(f"stride={stride} must be >= 0")
         common = dict(
-            padding=padding, truncation=truncation, pad_to_multiple_of=pad_to_multiple_of,
+            padding=padding, truncation=truncation, stride=stride, pad_to_multiple_of=pad_to_multiple_of,
             padding_side=padding_side, return_tensors=return_tensors, return_token_type_ids=return_token_type_ids,
-            return_attention_mask=return_attention_mask, return_special_tokens_mask=return_special_tokens_mask,
+            return_attention_mask=return_attention_mask, return_overflowing_tokens=return_overflowing_tokens,
+            return_special_tokens_mask=return_special_tokens_mask, return_offsets_mapping=return_offsets_mapping,
             return_length=return_length, is_split_into_words=is_split_into_words,
             split_special_tokens=split_special_tokens,
         )
@@ -122,15 +123,19 @@ class EncodingMixin:
         padding: str,
         truncation: str,
         max_length: int | None,
+        stride: int,
         pad_to_multiple_of: int | None,
         padding_side: str | None,
         return_tensors: str | None,
         return_token_type_ids: bool | None,
         return_attention_mask: bool | None,
+        return_overflowing_tokens: bool,
         return_special_tokens_mask: bool,
+        return_offsets_mapping: bool,
         return_length: bool,
         is_split_into_words: bool,
         split_special_tokens: bool,
+        aligned: bool = False,
     ) -> BatchEncoding:
         _check_text(text, is_split_into_words, "text")
         if text_pair is not None:
@@ -148,11 +153,69 @@ class EncodingMixin:
         else:
             firsts, seconds = [text], [text_pair] if text_pair else None
 
+        want_types = self._wants("token_type_ids", return_token_type_ids)
+        want_mask = self._wants("attention_mask", return_attention_mask)
+        side = padding_side or self.padding_side
+        samples: list[int] = []
+        if aligned or return_offsets_mapping or return_overflowing_tokens:
+            encodings, samples = self._aligned_rows(
+                firsts, seconds, truncation, max_length, stride, padding, pad_to_multiple_of, side,
+                is_split_into_words, split_special_tokens, return_overflowing_tokens,
+            )
+            rows: dict[str, list[Any]] = {"input_ids": [e.ids for e in encodings]}
+            fields = [("token_type_ids", "type_ids", want_types), ("attention_mask", "attention_mask", want_mask),
+                      ("special_tokens_mask", "special_tokens_mask", return_special_tokens_mask),
+                      ("offset_mapping", "offsets", return_offsets_mapping)]
+            for key, name, wanted in fields:
+                if wanted:
+                    rows[key] = [getattr(e, name) for e in encodings]
+        else:
+            rows = self._id_rows(firsts, seconds, truncation, max_length, is_split_into_words, split_special_tokens,
+                                 want_types, want_mask, return_special_tokens_mask)
+            target = pad_length([len(ids) for ids in rows["input_ids"]], padding, max_length, pad_to_multiple_of)
+            if target is not None:
+                rows = pad_rows(rows, target, side, {
+                    "input_ids": self.pad_token_id, "token_type_ids": self.pad_token_type_id,
+                    "attention_mask": 0, "special_tokens_mask": 1,
+                })
+            # The alignment (word_ids(), char_to_token(), ...) is computed only if asked for.
+            aligned_call = functools.partial(
+                self._encode_plus, text, text_pair, padding=padding, truncation=truncation, max_length=max_length,
+                stride=stride, pad_to_multiple_of=pad_to_multiple_of, padding_side=padding_side, return_tensors=None,
+                return_token_type_ids=False, return_attention_mask=False, return_overflowing_tokens=False,
+                return_special_tokens_mask=False, return_offsets_mapping=False, return_length=False,
+                is_split_into_words=is_split_into_words, split_special_tokens=split_special_tokens, aligned=True,
+            )
+
+            def encodings() -> list[Encoding]:
+                return aligned_call().encodings
+        if return_length:
+            rows["length"] = [len(ids) for ids in rows["input_ids"]]
+        if return_overflowing_tokens:
+            rows["overflow_to_sample_mapping"] = samples
+        if self.model_max_length < VERY_LARGE_INTEGER and max_length is None:
+            for ids in rows["input_ids"]:
+                if len(ids) > self.model_max_length:
+                    logger.warning(
+                        "Token indices sequence length is longer than the specified maximum sequence length for "
+                        "this model (%d > %d). Running this sequence through the model will result in indexing "
+                        "errors", len(ids), self.model_max_length,
+                    )
+                    break
+        n_sequences = 2 if seconds else 1
+        if not batched and return_tensors is None and not return_overflowing_tokens:
+            single = {key: value[0] if key != "length" else value for key, value in rows.items()}
+            return BatchEncoding(single, encoding=encodings, n_sequences=n_sequences)
+        return BatchEncoding(rows, encoding=encodings, tensor_type=return_tensors, n_sequences=n_sequences)
+
+    def _id_rows(
+        self, firsts: list[Any], seconds: list[Any] | None, truncation: str, max_length: int | None,
+        is_split_into_words: bool, split_special_tokens: bool, want_types: bool, want_mask: bool, want_special: bool,
+    ) -> dict[str, list[list[int]]]:
+        """The rows of ids (and masks) of each text or pair, truncated, not yet padded."""
         first_ids = self._encode_inputs(firsts, is_split_into_words, split_special_tokens)
         second_ids = self._encode_inputs(seconds, is_split_into_words, split_special_tokens) if seconds else None
         rows: dict[str, list[list[int]]] = {"input_ids": []}
-        want_types = self._wants("token_type_ids", return_token_type_ids)
-        want_mask = self._wants("attention_mask", return_attention_mask)
         types = []
         for index, ids in enumerate(first_ids):
             pair = second_ids[index] if second_ids is not None else None
@@ -163,29 +226,50 @@ class EncodingMixin:
             rows["token_type_ids"] = types
         if want_mask:
             rows["attention_mask"] = [[1] * len(ids) for ids in rows["input_ids"]]
-        if return_special_tokens_mask:
+        if want_special:
             rows["special_tokens_mask"] = [[0] * len(ids) for ids in rows["input_ids"]]
-        target = pad_length([len(ids) for ids in rows["input_ids"]], padding, max_length, pad_to_multiple_of)
+        return rows
+
+    def _aligned_rows(
+        self, firsts: list[Any], seconds: list[Any] | None, truncation: str, max_length: int | None, stride: int,
+        padding: str, pad_to_multiple_of: int | None, side: str, is_split_into_words: bool,
+        split_special_tokens: bool, overflowing: bool,
+    ) -> tuple[list[Encoding], list[int]]:
+        """Encodings of each text or pair, truncated (overflowing windows as extra rows if asked) and padded,
+        with the index of the input each row came from."""
+        first = self._aligned_inputs(firsts, is_split_into_words, split_special_tokens, 0)
+        second = self._aligned_inputs(seconds, is_split_into_words, split_special_tokens, 1) if seconds else None
+        encodings = [
+            truncate_and_merge(e, second[i] if second else None, truncation, max_length, stride, self.truncation_side)
+            for i, e in enumerate(first)
+        ]
+        rows, samples = [], []
+        for index, encoding in enumerate(encodings):
+            windows = [encoding] + (encoding.overflowing if overflowing else [])
+            rows += windows
+            samples += [index] * len(windows)
+        target = pad_length([len(e) for e in rows], padding, max_length, pad_to_multiple_of)
         if target is not None:
-            rows = pad_rows(rows, target, padding_side or self.padding_side, {
-                "input_ids": self.pad_token_id, "token_type_ids": self.pad_token_type_id,
-                "attention_mask": 0, "special_tokens_mask": 1,
-            })
-        if return_length:
-            rows["length"] = [len(ids) for ids in rows["input_ids"]]
-        if self.model_max_length < VERY_LARGE_INTEGER and max_length is None:
-            for ids in rows["input_ids"]:
-                if len(ids) > self.model_max_length:
-                    logger.warning(
-                        "Token indices sequence length is longer than the specified maximum sequence length for "
-                        "this model (%d > %d). Running this sequence through the model will result in indexing "
-                        "errors", len(ids), self.model_max_length,
-                    )
-                    break
-        if not batched and return_tensors is None:
-            single = {key: value[0] if key != "length" else value for key, value in rows.items()}
-            return BatchEncoding(single, n_sequences=2 if seconds else 1)
-        return BatchEncoding(rows, tensor_type=return_tensors, n_sequences=2 if seconds else 1)
+            for encoding in encodings:
+                encoding.pad(target, side, self.pad_token_id, self.pad_token, self.pad_token_type_id)
+        return rows, samples
+
+    def _aligned_inputs(
+        self, inputs: list[Any], is_split_into_words: bool, split_special_tokens: bool, sequence_id: int
+    ) -> list[Encoding]:
+        if not is_split_into_words:
+            encoded = self._encode_aligned(inputs, split_special_tokens)
+            return [Encoding(e.ids, e.tokens, e.offsets, e.word_ids, sequence_id) for e in encoded]
+        # Pre-split words: each is encoded alone (offsets are within the word) and is one word.
+        flat = iter(self._encode_aligned([word for words in inputs for word in words], split_special_tokens))
+        out = []
+        for words in inputs:
+            parts = [next(flat) for _ in words]
+            out.append(Encoding(
+                [i for p in parts for i in p.ids], [t for p in parts for t in p.tokens],
+                [o for p in parts for o in p.offsets], [w for w, p in enumerate(parts) for _ in p.ids], sequence_id,
+            ))
+        return out
 
     def _wants(self, field: str, requested: bool | None) -> bool:
         """Whether to return `field`: as requested, else if the model takes it."""

@@ -7,6 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from qwen2.tokenizer.alignment import CharSpan, TokenSpan
+
 TENSOR_TYPES = ("pt", "np")
 
 
@@ -31,6 +33,7 @@ class BatchEncoding(UserDict):
         n_sequences: int | None = None,
     ) -> None:
         super().__init__(data)
+        # The per-row `Encoding`s, or a callable computing them on first use (they cost extra work).
         self._encodings = encoding
         self._n_sequences = n_sequences
         self.convert_to_tensors(tensor_type, prepend_batch_axis=prepend_batch_axis)
@@ -40,7 +43,10 @@ class BatchEncoding(UserDict):
         return self._n_sequences
 
     @property
-    def encodings(self) -> Any:
+    def encodings(self) -> list[Any] | None:
+        """The `Encoding` of each row: its tokens, offsets, words and sequences."""
+        if callable(self._encodings):
+            self._encodings = self._encodings()
         return self._encodings
 
     @property
@@ -52,9 +58,9 @@ class BatchEncoding(UserDict):
             return self.data[item]
         if isinstance(item, slice):
             return {key: value[item] for key, value in self.data.items()}
-        if self._encodings is not None:
-            return self._encodings[item]
-        raise KeyError(f"BatchEncoding keys are field names or slices, got {item!r}")
+        if isinstance(item, int) and self._encodings is not None:
+            return self.encodings[item]
+        raise KeyError(f"BatchEncoding keys are field names, row indices or slices, got {item!r}")
 
     def __getattr__(self, item: str) -> Any:
         if item.startswith("__") or item in ("data", "_encodings", "_n_sequences"):
@@ -65,12 +71,76 @@ class BatchEncoding(UserDict):
             raise AttributeError(f"BatchEncoding has no field {item!r}; it has {sorted(self.data)}") from None
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"data": self.data, "encodings": self._encodings, "n_sequences": self._n_sequences}
+        encodings = None if callable(self._encodings) else self._encodings  # a pending computation is not kept
+        return {"data": self.data, "encodings": encodings, "n_sequences": self._n_sequences}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.data = state.get("data", {})
         self._encodings = state.get("encodings")
         self._n_sequences = state.get("n_sequences")
+
+    # ---- alignment between tokens, words and characters (transformers' BatchEncoding methods) --------
+    def _encoding(self, method: str, batch_index: int) -> Any:
+        encodings = self.encodings
+        if not encodings:
+            raise ValueError(f"{method}() needs the token alignment, which this BatchEncoding does not have "
+                             "(it was not made by a tokenizer call)")
+        if not -len(encodings) <= batch_index < len(encodings):
+            raise IndexError(f"batch index {batch_index} is out of range for {len(encodings)} rows")
+        return encodings[batch_index]
+
+    def _locate(self, method: str, first: int, second: int | None) -> tuple[Any, int]:
+        """(encoding, index) from the `(index)` or `(batch_index, index)` call forms."""
+        batch_index, index = (0, first) if second is None else (first, second)
+        encoding = self._encoding(method, batch_index)
+        return encoding, index
+
+    def tokens(self, batch_index: int = 0) -> list[str]:
+        """The token strings of a row."""
+        return self._encoding("tokens", batch_index).tokens
+
+    def sequence_ids(self, batch_index: int = 0) -> list[int | None]:
+        """For each token of a row: 0 or 1 for the text of a pair it came from, None for padding."""
+        return self._encoding("sequence_ids", batch_index).sequence_ids
+
+    def word_ids(self, batch_index: int = 0) -> list[int | None]:
+        """For each token of a row: the index of the word (pre-tokenizer piece) it came from, None for padding."""
+        return self._encoding("word_ids", batch_index).word_ids
+
+    def token_to_sequence(self, batch_or_token_index: int, token_index: int | None = None) -> int | None:
+        encoding, index = self._locate("token_to_sequence", batch_or_token_index, token_index)
+        return encoding.token_to_sequence(index if index >= 0 else len(encoding) + index)
+
+    def token_to_word(self, batch_or_token_index: int, token_index: int | None = None) -> int | None:
+        encoding, index = self._locate("token_to_word", batch_or_token_index, token_index)
+        return encoding.token_to_word(index if index >= 0 else len(encoding) + index)
+
+    def token_to_chars(self, batch_or_token_index: int, token_index: int | None = None) -> CharSpan | None:
+        encoding, index = self._locate("token_to_chars", batch_or_token_index, token_index)
+        span = encoding.token_to_chars(index if index >= 0 else len(encoding) + index)
+        return CharSpan(*span) if span is not None else None
+
+    def word_to_tokens(self, batch_or_word_index: int, word_index: int | None = None,
+                       sequence_index: int = 0) -> TokenSpan | None:
+        encoding, index = self._locate("word_to_tokens", batch_or_word_index, word_index)
+        span = encoding.word_to_tokens(index, sequence_index)
+        return TokenSpan(*span) if span is not None else None
+
+    def word_to_chars(self, batch_or_word_index: int, word_index: int | None = None,
+                      sequence_index: int = 0) -> CharSpan | None:
+        encoding, index = self._locate("word_to_chars", batch_or_word_index, word_index)
+        span = encoding.word_to_chars(index, sequence_index)
+        return CharSpan(*span) if span is not None else None
+
+    def char_to_token(self, batch_or_char_index: int, char_index: int | None = None,
+                      sequence_index: int = 0) -> int | None:
+        encoding, index = self._locate("char_to_token", batch_or_char_index, char_index)
+        return encoding.char_to_token(index, sequence_index)
+
+    def char_to_word(self, batch_or_char_index: int, char_index: int | None = None,
+                     sequence_index: int = 0) -> int | None:
+        encoding, index = self._locate("char_to_word", batch_or_char_index, char_index)
+        return encoding.char_to_word(index, sequence_index)
 
     def convert_to_tensors(self, tensor_type: str | None = None, prepend_batch_axis: bool = False) -> "BatchEncoding":
         """Turn the lists into int64 tensors ('pt') or arrays ('np'); ragged batches are an error."""

@@ -13,6 +13,7 @@ from typing import Any
 
 from qwen2.tokenizer import files
 from qwen2.tokenizer.added import AddedToken
+from qwen2.tokenizer.alignment import Encoding
 from qwen2.tokenizer.base import Qwen2TokenizerBase
 from qwen2.tokenizer.byte_level import PRETOKENIZE_REGEX
 from qwen2.tokenizer.vocabulary import added_tokens_from_config
@@ -155,6 +156,14 @@ class Qwen2TokenizerFast(Qwen2TokenizerBase):
         if len(texts) == 1:
             return [tokenizer.encode(texts[0], add_special_tokens=False).ids]
         return [encoding.ids for encoding in tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
+
+    def _encode_aligned(self, texts: list[str], split_special_tokens: bool) -> list[Encoding]:
+        """Ids with offsets and words, straight from `tokenizers`' own Encoding."""
+        tokenizer = self._tokenizer
+        if tokenizer.encode_special_tokens != split_special_tokens:
+            tokenizer.encode_special_tokens = split_special_tokens
+        return [Encoding(e.ids, e.tokens, e.offsets, e.word_ids)
+                for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
 
     def _encode_plain(self, text: str) -> list[int]:
         tokenizer = self._tokenizer

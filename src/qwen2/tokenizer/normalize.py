@@ -69,3 +69,75 @@ def pretokenize(text: str) -> list[str]:
     if text.isascii() or not UNASSIGNED.any_in(text):
         return _fast_split(text)
     return _exact_split().findall(text)
+
+
+def nfc_aligned(text: str) -> tuple[str, list[int] | None]:
+    """NFC text, and for each of its characters the index of the original character `tokenizers`
+    aligns it with (None when NFC changes nothing).
+
+    `tokenizers` replays the normaliser's output as (character, change) pairs: a character with
+    change <= 0 takes the next original character's place and drops -change more of them (a composed
+    "é" from "e" + U+0301 aligns with the "e"; the accent is gone), one with change > 0 is inserted
+    and aligns with the original character before it. Decomposition marks every character after the
+    first as inserted; composition folds the absorbed character's change into its starter, minus one.
+    """
+    normalized = nfc(text)
+    if normalized == text:
+        return text, None
+    chars: list[str] = []
+    origin: list[int] = []
+    start = 0
+    for index in range(len(text) + 1):
+        if index < len(text) and not (ord(text[index]) >= 0x80 and ord(text[index]) in NFC_INERT):
+            continue
+        _replay(_changes(text[start:index]), start, chars, origin)
+        if index < len(text):  # a character the old Unicode data lacks stands alone
+            chars.append(text[index])
+            origin.append(index)
+        start = index + 1
+    return "".join(chars), origin
+
+
+def _changes(segment: str) -> list[tuple[str, int]]:
+    """NFC of `segment` as (character, change) pairs: decompose, reorder marks, recompose."""
+    decomposed: list[tuple[str, int]] = []
+    for ch in segment:
+        parts = unicodedata.normalize("NFD", ch)
+        decomposed += [(c, 0 if k == 0 else 1) for k, c in enumerate(parts)]
+    # Canonical ordering: stable sort of each run of combining marks by combining class.
+    ordered: list[tuple[str, int]] = []
+    run: list[tuple[str, int]] = []
+    for item in decomposed + [("", 0)]:
+        if item[0] and unicodedata.combining(item[0]):
+            run.append(item)
+            continue
+        ordered += sorted(run, key=lambda pair: unicodedata.combining(pair[0]))
+        run = []
+        if item[0]:
+            ordered.append(item)
+    composed: list[tuple[str, int]] = []
+    starter: int | None = None
+    last_class: int | None = None  # combining class of the last character kept since the starter
+    for ch, change in ordered:
+        klass = unicodedata.combining(ch)
+        if starter is not None and (last_class is None or (last_class != 0 and last_class < klass)):
+            pair = unicodedata.normalize("NFC", composed[starter][0] + ch)
+            if len(pair) == 1:
+                composed[starter] = (pair, composed[starter][1] + change - 1)
+                continue
+        if klass == 0:
+            starter, last_class = len(composed), None
+        else:
+            last_class = klass
+        composed.append((ch, change))
+    return composed
+
+
+def _replay(pairs: list[tuple[str, int]], offset: int, chars: list[str], origin: list[int]) -> None:
+    for ch, change in pairs:
+        if change > 0:
+            origin.append(max(offset - 1, 0))
+        else:
+            origin.append(offset)
+            offset += 1 - change
+        chars.append(ch)

@@ -87,11 +87,16 @@ def truncate(
         if strategy == "only_second":
             raise ValueError("truncation='only_second' needs a second sequence (text_pair)")
         return _cut(first, max_length, side), None
-    total = len(first) + len(second)
-    if total <= max_length:
+    if len(first) + len(second) <= max_length:
         return first, second
+    n_first, n_second = pair_lengths(len(first), len(second), strategy, max_length)
+    return _cut(first, n_first, side), _cut(second, n_second, side)
+
+
+def pair_lengths(n_first: int, n_second: int, strategy: str, max_length: int) -> tuple[int, int]:
+    """How many tokens of each text of a pair longer than `max_length` are kept."""
     if strategy == "longest_first":
-        n1, n2 = len(first), len(second)
+        n1, n2 = n_first, n_second
         swapped = n1 > n2
         if swapped:
             n1, n2 = n2, n1
@@ -99,23 +104,21 @@ def truncate(
         if n1 + n2 > max_length:
             n1 = max_length // 2
             n2 = n1 + max_length % 2
-        if swapped:
-            n1, n2 = n2, n1
-        return _cut(first, n1, side), _cut(second, n2, side)
-    excess = total - max_length
+        return (n2, n1) if swapped else (n1, n2)
+    excess = n_first + n_second - max_length
     if strategy == "only_first":
-        if excess > len(first):
+        if excess >= n_first:  # `tokenizers` refuses to cut a text to nothing
             raise ValueError(
                 f"truncation='only_first' cannot reach max_length={max_length}: the second sequence alone "
-                f"has {len(second)} tokens"
+                f"has {n_second} tokens"
             )
-        return _cut(first, len(first) - excess, side), second
-    if excess > len(second):
+        return n_first - excess, n_second
+    if excess >= n_second:
         raise ValueError(
             f"truncation='only_second' cannot reach max_length={max_length}: the first sequence alone "
-            f"has {len(first)} tokens"
+            f"has {n_first} tokens"
         )
-    return first, _cut(second, len(second) - excess, side)
+    return n_first, n_second - excess
 
 
 def pad_length(lengths: list[int], strategy: str, max_length: int | None, multiple: int | None) -> int | None:

@@ -8,9 +8,10 @@ from typing import Any
 
 from qwen2.tokenizer import files
 from qwen2.tokenizer.added import AddedToken, AddedTokenSplitter
+from qwen2.tokenizer.alignment import Encoding
 from qwen2.tokenizer.base import Qwen2TokenizerBase
 from qwen2.tokenizer.bpe import ByteLevelBPE, token_to_bytes
-from qwen2.tokenizer.normalize import nfc
+from qwen2.tokenizer.normalize import nfc, nfc_aligned, pretokenize
 from qwen2.tokenizer.vocabulary import added_tokens_from_config
 
 
@@ -135,6 +136,59 @@ class Qwen2Tokenizer(Qwen2TokenizerBase):
                 else:
                     ids += encode(part)
         return ids
+
+    def _encode_aligned(self, texts: list[str], split_special_tokens: bool) -> list[Encoding]:
+        return [self._align_one(text, split_special_tokens) for text in texts]
+
+    def _align_one(self, text: str, split_special_tokens: bool) -> Encoding:
+        """`_encode_one` with each token's character offsets and word, as `tokenizers` computes them:
+        a token covers the whole characters its bytes came from, mapped back through NFC."""
+        ids: list[int] = []
+        offsets: list[tuple[int, int]] = []
+        words: list[int] = []
+
+        word = 0
+
+        def add(token_ids: list[int], spans: list[tuple[int, int]]) -> None:
+            nonlocal word  # each piece is a word, as each split is in `tokenizers`
+            ids.extend(token_ids)
+            offsets.extend(spans)
+            words.extend([word] * len(token_ids))
+            word += 1
+
+        for start, end, index in self._splitter.spans_raw(text, split_special_tokens):
+            if index is not None:
+                add([index], [(start, end)])
+                continue
+            normalized, origin = nfc_aligned(text[start:end])
+
+            def original(a: int, b: int, start: int = start, origin: list[int] | None = origin) -> tuple[int, int]:
+                return (start + a, start + b) if origin is None else (start + origin[a], start + origin[b - 1] + 1)
+
+            parts = (self._splitter.spans_normalized(normalized, split_special_tokens)
+                     if self._has_normalized_added else [(0, len(normalized), None)])
+            for a, b, part_index in parts:
+                if part_index is not None:
+                    add([part_index], [original(a, b)])
+                    continue
+                position = a
+                for piece in pretokenize(normalized[a:b]):
+                    piece_ids = self._bpe.encode_piece(piece)
+                    add(piece_ids, [original(position + c0, position + c1) for c0, c1 in self._piece_chars(piece, piece_ids)])
+                    position += len(piece)
+        return Encoding(ids, [self._id_to_token(i) for i in ids], offsets, words)
+
+    def _piece_chars(self, piece: str, piece_ids: list[int]) -> list[tuple[int, int]]:
+        """Character span within `piece` of each of its tokens (a token holding part of a character's
+        bytes covers that whole character)."""
+        char_of_byte = self._bpe.byte_chars(piece)
+        lengths = self._bpe.token_bytes()
+        spans, at = [], 0
+        for index in piece_ids:
+            size = len(lengths[index])
+            spans.append((char_of_byte[at], char_of_byte[at + size - 1] + 1))
+            at += size
+        return spans
 
     def _encode_plain(self, text: str) -> list[int]:
         return self._bpe.encode_normalized(nfc(text))
