@@ -251,3 +251,68 @@ def test_sanitized_batch_and_explicit_control_tokens(ours, hf, tok_dir):
         theirs.apply_chat_template(INJECTION, sanitize_control_tokens=True, return_dict=False)
     with pytest.raises(ValueError, match="tokenize=True"):
         ours.apply_chat_template(INJECTION, sanitize_control_tokens=True, tokenize=False)
+
+
+# ---- return_assistant_tokens_mask ------------------------------------------------------------------
+GENERATION_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{% if message['role'] == 'assistant' %}"
+    "{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\\n' }}"
+    "{% else %}{{ message['content'] + '<|im_end|>\\n' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+GENERATION_CHATS = [
+    MULTI_TURN + [{"role": "assistant", "content": "はい、400です。 😀 e\u0301"}],
+    SYSTEM_USER_ASSISTANT,
+    [{"role": "user", "content": "code?"}, {"role": "assistant", "content": "def f(x):\n    return x  # <tool_call>"}],
+]
+
+
+def _plain_out(out):
+    return {key: value.tolist() if hasattr(value, "tolist") else value for key, value in out.items()}
+
+
+@pytest.mark.parametrize("kwargs", [
+    {}, {"padding": True}, {"padding": True, "padding_side": "left"}, {"padding": True, "return_tensors": "pt"},
+    {"truncation": True, "max_length": 20}, {"truncation": True, "max_length": 30, "truncation_side": "left"},
+    {"add_generation_prompt": True},
+], ids=lambda k: ",".join(f"{a}={b}" for a, b in k.items()) or "plain")
+def test_assistant_tokens_mask_matches_transformers(ours, hf, tok_dir, kwargs):
+    kwargs = dict(kwargs)
+    side = kwargs.pop("truncation_side", "right")
+    padding_side = kwargs.pop("padding_side", None)
+    mine = type(ours).from_pretrained(tok_dir, truncation_side=side, **({"padding_side": padding_side} if padding_side else {}))
+    theirs = transformers.AutoTokenizer.from_pretrained(str(tok_dir), truncation_side=side,
+                                                       **({"padding_side": padding_side} if padding_side else {}))
+    common = {"chat_template": GENERATION_TEMPLATE, "return_assistant_tokens_mask": True, "return_dict": True, **kwargs}
+    batch = kwargs.get("padding") is True
+    conversation = GENERATION_CHATS if batch else GENERATION_CHATS[0]
+    got, expected = mine.apply_chat_template(conversation, **common), theirs.apply_chat_template(conversation, **common)
+    assert _plain_out(got) == _plain_out(expected)
+    masks = got["assistant_masks"]
+    masks = masks.tolist() if hasattr(masks, "tolist") else masks
+    assert any(1 in row for row in (masks if batch else [masks]))  # the spans really are found
+    if not kwargs:  # the masked tokens decode to exactly the assistant turns
+        ids = got["input_ids"]
+        text = mine.decode([i for i, m in zip(ids, masks) if m])
+        assert text == "4<|im_end|>40, because 4 × 10 = 40.<|im_end|>はい、400です。 😀 \u00e9<|im_end|>"  # NFC
+
+
+def test_assistant_tokens_mask_without_generation_blocks_and_errors(ours, hf):
+    kwargs = {"return_assistant_tokens_mask": True, "return_dict": True}
+    got, expected = ours.apply_chat_template(SYSTEM_USER_ASSISTANT, **kwargs), \
+        hf.apply_chat_template(SYSTEM_USER_ASSISTANT, **kwargs)
+    assert dict(got) == dict(expected) and set(got["assistant_masks"]) == {0}
+    with pytest.raises(ValueError, match="requires return_dict=True and tokenize=True"):
+        ours.apply_chat_template(SYSTEM_USER_ASSISTANT, tokenize=False, return_assistant_tokens_mask=True)
+    with pytest.raises(ValueError, match="requires return_dict=True"):
+        ours.apply_chat_template(SYSTEM_USER_ASSISTANT, return_dict=False, return_assistant_tokens_mask=True)
+    with pytest.raises(ValueError, match="continue_final_message"):
+        ours.apply_chat_template(SYSTEM_USER_ASSISTANT, continue_final_message=True, **kwargs)
+    with pytest.raises(ValueError, match="sanitize_control_tokens"):
+        ours.apply_chat_template(SYSTEM_USER_ASSISTANT, sanitize_control_tokens=True, **kwargs)
+    # The tracked rendering is the plain one.
+    assert ours.apply_chat_template(GENERATION_CHATS[0], chat_template=GENERATION_TEMPLATE, tokenize=False) == \
+        hf.apply_chat_template(GENERATION_CHATS[0], chat_template=GENERATION_TEMPLATE, tokenize=False)

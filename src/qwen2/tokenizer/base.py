@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -225,9 +226,19 @@ class Qwen2TokenizerBase(VocabularyMixin, EncodingMixin):
         """
         from qwen2.tokenizer import chat
 
-        if return_assistant_tokens_mask:
-            raise NotImplementedError("return_assistant_tokens_mask is not supported by qwen2's tokenizers")
+        if return_assistant_tokens_mask and not (return_dict and tokenize):
+            raise ValueError("return_assistant_tokens_mask=True requires return_dict=True and tokenize=True")
         template = self.get_chat_template(chat_template, tools)
+        spans: list[list[tuple[int, int]]] | None = None
+        if return_assistant_tokens_mask:
+            if continue_final_message:
+                raise ValueError("continue_final_message is not compatible with return_assistant_tokens_mask")
+            if sanitize_control_tokens:
+                raise ValueError("sanitize_control_tokens is not compatible with return_assistant_tokens_mask")
+            if not re.search(r"\{%-?\s*generation\s*-?%\}", template):
+                logger.warning("return_assistant_tokens_mask=True, but the chat template has no {% generation %} "
+                               "block: every token's mask is 0")
+            spans = []
         if isinstance(conversation, (list, tuple)) and not conversation:
             raise ValueError("Cannot apply a chat template to an empty conversation: give at least one message")
         batched = isinstance(conversation, (list, tuple)) and isinstance(conversation[0], (list, tuple))
@@ -240,7 +251,8 @@ class Qwen2TokenizerBase(VocabularyMixin, EncodingMixin):
             tools, documents, kwargs = (chat.mark_control_tokens(v, controls) for v in (tools, documents, kwargs))
         rendered = chat.render_conversations(
             template, conversations, tools=tools, documents=documents, add_generation_prompt=add_generation_prompt,
-            continue_final_message=continue_final_message, **{**self.special_tokens_map, **kwargs},
+            continue_final_message=continue_final_message, generation_spans=spans,
+            **{**self.special_tokens_map, **kwargs},
         )
         text = rendered if batched else rendered[0]
         if not tokenize:
@@ -250,6 +262,10 @@ class Qwen2TokenizerBase(VocabularyMixin, EncodingMixin):
         else:
             out = self(text, padding=padding, truncation=truncation, max_length=max_length, add_special_tokens=False,
                        return_tensors=return_tensors, **(tokenizer_kwargs or {}))
+        if spans is not None:
+            masks = chat.assistant_masks([e.offsets for e in out.encodings], spans)
+            out["assistant_masks"] = masks if batched or return_tensors else masks[0]
+            out.convert_to_tensors(return_tensors)
         return out if return_dict else out["input_ids"]
 
     def _encode_marked(self, rendered: list[str], batched: bool, padding: Any, truncation: Any,

@@ -13,11 +13,16 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Mapping
+from contextvars import ContextVar
 from datetime import datetime
 from functools import lru_cache
 from typing import Any
 
 _CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
+# While a render is tracked: (the chunks output so far, the spans of generation blocks found).
+_GENERATION_TRACKING: ContextVar[tuple[list[str], list[tuple[int, int]]] | None] = ContextVar(
+    "qwen2_generation_tracking", default=None
+)
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 _NO_TEMPLATE = (
     "Cannot use chat template functions because tokenizer.chat_template is not set and no template argument "
@@ -58,7 +63,8 @@ def compile_template(source: str) -> Any:
         raise ImportError(f"jinja2 {jinja2.__version__} has known sandbox escapes; chat templates need >= 3.1.6")
 
     class GenerationBlock(jinja2.ext.Extension):
-        """`{% generation %}...{% endgeneration %}` marks assistant text; we render the body as is."""
+        """`{% generation %}...{% endgeneration %}` marks assistant text: rendered as is, and, while a render
+        is tracked, its character span in the output is recorded (for `return_assistant_tokens_mask`)."""
 
         tags = {"generation"}
 
@@ -68,7 +74,14 @@ def compile_template(source: str) -> Any:
             return jinja2.nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
 
         def _render(self, caller: Any) -> str:
-            return caller()
+            text = caller()
+            tracking = _GENERATION_TRACKING.get()
+            if tracking is not None:
+                # Everything the template output before this block has been consumed already.
+                emitted, spans = tracking
+                start = sum(map(len, emitted))
+                spans.append((start, start + len(text)))
+            return text
 
     class Namespace(jinja2.utils.Namespace):
         """Jinja's namespace, refusing underscore names so templates cannot shadow internals."""
@@ -224,9 +237,12 @@ def render_conversations(
     documents: list[dict[str, str]] | None = None,
     add_generation_prompt: bool = False,
     continue_final_message: bool | str = False,
+    generation_spans: list[list[tuple[int, int]]] | None = None,
     **kwargs: Any,
 ) -> list[str]:
-    """Render each conversation; extra keyword arguments become template variables."""
+    """Render each conversation; extra keyword arguments become template variables. Given a
+    `generation_spans` list, the character spans of each rendering's `{% generation %}` blocks are
+    appended to it."""
     if continue_final_message and add_generation_prompt:
         raise ValueError(
             "continue_final_message and add_generation_prompt are not compatible: use continue_final_message to "
@@ -245,11 +261,41 @@ def render_conversations(
             if not chat:
                 raise ValueError("continue_final_message is set but the conversation is empty!")
             final = _mark_final_message(chat, field, template)
-        text = compiled.render(
-            messages=chat, tools=schemas, documents=documents, add_generation_prompt=add_generation_prompt, **kwargs
-        )
+        variables = dict(messages=chat, tools=schemas, documents=documents,
+                         add_generation_prompt=add_generation_prompt, **kwargs)
+        if generation_spans is None:
+            text = compiled.render(**variables)
+        else:
+            emitted: list[str] = []
+            spans: list[tuple[int, int]] = []
+            token = _GENERATION_TRACKING.set((emitted, spans))
+            try:
+                for chunk in compiled.generate(**variables):
+                    emitted.append(chunk)
+            finally:
+                _GENERATION_TRACKING.reset(token)
+            text = "".join(emitted)
+            generation_spans.append(spans)
         rendered.append(_cut_after_final(text, final) if final is not None else text)
     return rendered
+
+
+def assistant_masks(offsets: list[list[tuple[int, int]]], spans: list[list[tuple[int, int]]]) -> list[list[int]]:
+    """1 for each token whose characters overlap a `{% generation %}` span (so a span cut by truncation keeps
+    its remaining tokens), 0 elsewhere and for padding."""
+    masks = []
+    for row_offsets, row_spans in zip(offsets, spans):
+        mask = [0] * len(row_offsets)
+        at = 0  # spans and tokens are both in text order: one pass
+        for index, (start, end) in enumerate(row_offsets):
+            while at < len(row_spans) and start >= row_spans[at][1]:
+                at += 1
+            if at == len(row_spans):
+                break
+            if end > row_spans[at][0]:
+                mask[index] = 1
+        masks.append(mask)
+    return masks
 
 
 # ---- sanitize_control_tokens: control tokens in user input are encoded as plain text ----------------
