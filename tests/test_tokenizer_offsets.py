@@ -8,6 +8,8 @@ import unicodedata
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from qwen2.tokenizer import Qwen2Tokenizer, Qwen2TokenizerFast
 from qwen2.tokenizer.normalize import nfc, nfc_aligned
@@ -34,6 +36,11 @@ def pair(tok_dir):
 @pytest.fixture(params=[0, 1], ids=["slow", "fast"])
 def ours(request, pair):
     return pair[request.param]
+
+
+@pytest.fixture(scope="module")
+def left_truncating(tok_dir):
+    return {cls: cls.from_pretrained(tok_dir, truncation_side="left") for cls in (Qwen2Tokenizer, Qwen2TokenizerFast)}
 
 
 @pytest.fixture(scope="module")
@@ -157,13 +164,13 @@ PAIRS = ["What is it?", "naïve e\u0301 question with several words in it", "a b
 
 @pytest.mark.parametrize("kwargs,kind", OVERFLOW_CASES, ids=[str(c) for c in OVERFLOW_CASES])
 @pytest.mark.parametrize("side", ["right", "left"])
-def test_overflowing_tokens_match_transformers(ours, hf, kwargs, kind, side):
+def test_overflowing_tokens_match_transformers(ours, hf, left_truncating, kwargs, kind, side):
     kwargs = {"truncation": True, "return_overflowing_tokens": True, "return_offsets_mapping": True, **kwargs}
     first, second = {None: (LONG, None), "pair": (LONG, PAIRS), "swapped": (PAIRS, LONG)}[kind]
     hf.truncation_side = side
     try:
         theirs = hf(first, second, **kwargs)
-        mine = type(ours).from_pretrained(ours.name_or_path, truncation_side=side)(first, second, **kwargs)
+        mine = (ours if side == "right" else left_truncating[type(ours)])(first, second, **kwargs)
     finally:
         hf.truncation_side = "right"
     assert _rows(mine) == _rows(theirs)
@@ -230,3 +237,17 @@ def test_added_normalized_token_offsets(tok_dir):
         got = mine(text, return_offsets_mapping=True)
         assert dict(got) == dict(expected)
         assert got.word_ids() == expected.word_ids()
+
+
+MARKS = "\u0301\u0300\u0323\u0307\u0327\u0308\u031b\u0345\u05b0\u0f71\u0f72\u0f80\u302a\u3099\u309a\u0e38\u0c56"
+STARTERS = "aeouAEOUıиαωxq \u1100\u1161\u11a8\u0915\u0b47\u0b3e\u0fb2\u0f80\u3046\u304b\u30cf\u00e9\u212b\u1e9b😀\n"
+
+
+@given(st.text(alphabet=st.sampled_from(MARKS + STARTERS) | st.characters(blacklist_categories=("Cs",)), max_size=24))
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_slow_offsets_on_random_text(pair, hf, text):
+    """The pure-Python alignment (NFC replayed as `tokenizers` aligns it) on text dense in combining marks,
+    Hangul jamo and characters NFC composes, reorders or decomposes."""
+    mine, theirs = pair[0](text, return_offsets_mapping=True), hf(text, return_offsets_mapping=True)
+    assert dict(mine) == dict(theirs)
+    assert mine.word_ids() == theirs.word_ids()
