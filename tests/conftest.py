@@ -27,6 +27,34 @@ def default_gguf() -> Path:
 
 
 @pytest.fixture(scope="session")
+def tok_dir(default_gguf, tmp_path_factory) -> Path:
+    """The real Qwen2.5 tokenizer files, written once from the default GGUF (tokenizer tests need no model)."""
+    from tokenizer_corpus import write_real_tokenizer_files
+
+    return write_real_tokenizer_files(default_gguf, tmp_path_factory.getbasetemp() / "qwen2_tokenizer_files")
+
+
+@pytest.fixture(scope="session")
+def hf(tok_dir):
+    """transformers' Qwen2 tokenizer on those files: the oracle of the tokenizer tests."""
+    import transformers
+    return transformers.AutoTokenizer.from_pretrained(str(tok_dir))
+
+
+@pytest.fixture(scope="session")
+def both(tok_dir):
+    from qwen2.tokenizer import Qwen2Tokenizer, Qwen2TokenizerFast
+
+    return Qwen2Tokenizer.from_pretrained(tok_dir), Qwen2TokenizerFast.from_pretrained(tok_dir)
+
+
+@pytest.fixture(params=[0, 1], ids=["slow", "fast"])
+def ours(request, both):
+    """Each of our tokenizers in turn (test modules about models define their own `ours`)."""
+    return both[request.param]
+
+
+@pytest.fixture(scope="session")
 def hf_gguf_model(default_gguf):
     """transformers' own float32 load of the default GGUF: the reference for real-model parity."""
     import transformers

@@ -5,36 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
 
 import jinja2
 import pytest
 
 from qwen2.tokenizer import Qwen2Tokenizer, Qwen2TokenizerFast
 from conftest import REFERENCE_DIR
-from tokenizer_corpus import write_real_tokenizer_files
 
 import transformers  # noqa: E402  (the oracle; a test dependency)
-
-
-@pytest.fixture(scope="session")
-def tok_dir(default_gguf, tmp_path_factory) -> Path:
-    return write_real_tokenizer_files(default_gguf, tmp_path_factory.getbasetemp() / "qwen2_tokenizer_files")
-
-
-@pytest.fixture(scope="session")
-def hf(tok_dir):
-    return transformers.AutoTokenizer.from_pretrained(str(tok_dir))
-
-
-@pytest.fixture(scope="session")
-def both(tok_dir):
-    return Qwen2Tokenizer.from_pretrained(tok_dir), Qwen2TokenizerFast.from_pretrained(tok_dir)
-
-
-@pytest.fixture(params=[0, 1], ids=["slow", "fast"])
-def ours(request, both):
-    return both[request.param]
 
 
 WEATHER_TOOL = {

@@ -5,7 +5,6 @@ Qwen2.5 vocabulary written from the default GGUF."""
 from __future__ import annotations
 
 import unicodedata
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -13,29 +12,9 @@ from hypothesis import strategies as st
 
 from qwen2.tokenizer import Qwen2Tokenizer, Qwen2TokenizerFast
 from qwen2.tokenizer.normalize import nfc, nfc_aligned
-from tokenizer_corpus import corpus, write_real_tokenizer_files
+from tokenizer_corpus import corpus
 
 import transformers  # noqa: E402  (the oracle; a test dependency)
-
-
-@pytest.fixture(scope="module")
-def tok_dir(default_gguf, tmp_path_factory) -> Path:
-    return write_real_tokenizer_files(default_gguf, tmp_path_factory.getbasetemp() / "qwen2_tokenizer_files")
-
-
-@pytest.fixture(scope="module")
-def hf(tok_dir):
-    return transformers.AutoTokenizer.from_pretrained(str(tok_dir))
-
-
-@pytest.fixture(scope="module")
-def pair(tok_dir):
-    return Qwen2Tokenizer.from_pretrained(tok_dir), Qwen2TokenizerFast.from_pretrained(tok_dir)
-
-
-@pytest.fixture(params=[0, 1], ids=["slow", "fast"])
-def ours(request, pair):
-    return pair[request.param]
 
 
 @pytest.fixture(scope="module")
@@ -245,9 +224,9 @@ STARTERS = "aeouAEOUıиαωxq \u1100\u1161\u11a8\u0915\u0b47\u0b3e\u0fb2\u0f80\
 
 @given(st.text(alphabet=st.sampled_from(MARKS + STARTERS) | st.characters(blacklist_categories=("Cs",)), max_size=24))
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-def test_slow_offsets_on_random_text(pair, hf, text):
+def test_slow_offsets_on_random_text(both, hf, text):
     """The pure-Python alignment (NFC replayed as `tokenizers` aligns it) on text dense in combining marks,
     Hangul jamo and characters NFC composes, reorders or decomposes."""
-    mine, theirs = pair[0](text, return_offsets_mapping=True), hf(text, return_offsets_mapping=True)
+    mine, theirs = both[0](text, return_offsets_mapping=True), hf(text, return_offsets_mapping=True)
     assert dict(mine) == dict(theirs)
     assert mine.word_ids() == theirs.word_ids()

@@ -13,7 +13,6 @@ import torch
 from qwen2.tokenizer import Qwen2Tokenizer, Qwen2TokenizerFast
 from qwen2.tokenizer import tool_schema
 from qwen2.tokenizer.tool_schema import get_json_schema
-from tokenizer_corpus import write_real_tokenizer_files
 
 import transformers  # noqa: E402  (the oracle; a test dependency)
 from transformers.utils import chat_template_utils as hf_utils  # noqa: E402
@@ -306,11 +305,6 @@ def test_errors_match_transformers(func, kind, message):
 
 
 # ---- through the real Qwen2.5 chat template ------------------------------------------------------
-@pytest.fixture(scope="module")
-def tok_dir(default_gguf, tmp_path_factory) -> Path:
-    return write_real_tokenizer_files(default_gguf, tmp_path_factory.getbasetemp() / "qwen2_tokenizer_files")
-
-
 @pytest.mark.parametrize("cls", [Qwen2Tokenizer, Qwen2TokenizerFast], ids=["slow", "fast"])
 def test_function_tools_render_like_transformers(tok_dir, cls):
     ours = cls.from_pretrained(tok_dir)
