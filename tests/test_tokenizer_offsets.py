@@ -230,3 +230,20 @@ def test_slow_offsets_on_random_text(both, hf, text):
     mine, theirs = both[0](text, return_offsets_mapping=True), hf(text, return_offsets_mapping=True)
     assert dict(mine) == dict(theirs)
     assert mine.word_ids() == theirs.word_ids()
+
+
+def test_copies_and_pickles_keep_the_alignment(ours, hf):
+    import copy
+    import pickle
+
+    texts = ["hello world", "e\u0301 <|im_end|>"]
+    expected = [hf(texts, padding=True).word_ids(i) for i in range(2)]
+    pending = ours(texts, padding=True)
+    clone = copy.deepcopy(pending)  # shares the pending computation instead of copying the tokenizer
+    assert [clone.word_ids(i) for i in range(2)] == expected
+    assert [pending.word_ids(i) for i in range(2)] == expected
+    restored = pickle.loads(pickle.dumps(pending))
+    assert [restored.word_ids(i) for i in range(2)] == expected and restored["input_ids"] == pending["input_ids"]
+    assert pickle.loads(pickle.dumps(ours(texts[1]))).word_ids() == expected[1]  # computed when pickled
+    with pytest.raises(ValueError, match="needs the token alignment"):
+        ours.pad({"input_ids": [[1, 2], [3]]}).word_ids()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections import UserDict
 from typing import Any
 
@@ -71,13 +72,22 @@ class BatchEncoding(UserDict):
             raise AttributeError(f"BatchEncoding has no field {item!r}; it has {sorted(self.data)}") from None
 
     def __getstate__(self) -> dict[str, Any]:
-        encodings = None if callable(self._encodings) else self._encodings  # a pending computation is not kept
-        return {"data": self.data, "encodings": encodings, "n_sequences": self._n_sequences}
+        return {"data": self.data, "encodings": self.encodings, "n_sequences": self._n_sequences}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.data = state.get("data", {})
         self._encodings = state.get("encodings")
         self._n_sequences = state.get("n_sequences")
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> "BatchEncoding":
+        # A pending alignment is a call on the tokenizer: share it rather than copy the whole tokenizer.
+        pending = self._encodings if callable(self._encodings) else None
+        state = {"data": self.data, "encodings": None if pending else self._encodings, "n_sequences": self._n_sequences}
+        state = copy.deepcopy(state, memo)
+        clone = BatchEncoding.__new__(BatchEncoding)
+        clone.__setstate__(state)
+        clone._encodings = pending if pending is not None else state["encodings"]
+        return clone
 
     # ---- alignment between tokens, words and characters (transformers' BatchEncoding methods) --------
     def _encoding(self, method: str, batch_index: int) -> Any:
