@@ -482,8 +482,10 @@ def test_small_vocabulary_without_every_byte(tmp_path):
     reference = transformers.Qwen2Tokenizer.from_pretrained(str(tmp_path))
     for cls in (Qwen2Tokenizer, Qwen2TokenizerFast):
         tokenizer = cls.from_pretrained(tmp_path)
-        for text in ("ab cz xab!", "ééé", "<|endoftext|>ab"):
+        for text in ("ab cz xab!", "ééé", "<|endoftext|>ab", "zz ab éa"):
             assert tokenizer.encode(text) == reference.encode(text)
+            mine, theirs = tokenizer(text, return_offsets_mapping=True), reference(text, return_offsets_mapping=True)
+            assert dict(mine) == dict(theirs) and mine.word_ids() == theirs.word_ids()
 
 
 @pytest.mark.parametrize("with_decoder", [True, False], ids=["added_tokens_decoder", "legacy_files_only"])

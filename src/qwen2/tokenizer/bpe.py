@@ -64,12 +64,6 @@ class ByteLevelBPE:
                 self._cache[piece] = piece_ids
         return piece_ids
 
-    def byte_chars(self, piece: str) -> list[int]:
-        """For each byte of `piece` the merge sees, the index of the character it belongs to."""
-        byte_ids = self._byte_ids
-        return [index for index, ch in enumerate(piece) for b in ch.encode("utf-8")
-                if self._complete or byte_ids[b] is not None]
-
     def _merge(self, piece: str) -> list[int]:
         byte_ids = self._byte_ids
         word = [byte_ids[b] for b in piece.encode("utf-8")]

@@ -141,47 +141,45 @@ class Qwen2Tokenizer(Qwen2TokenizerBase):
         return [self._align_one(text, split_special_tokens) for text in texts]
 
     def _align_one(self, text: str, split_special_tokens: bool) -> Encoding:
-        """`_encode_one` with each token's character offsets and word, as `tokenizers` computes them:
-        a token covers the whole characters its bytes came from, mapped back through NFC."""
+        """`_encode_one` with each token's character offsets and word, as `tokenizers` computes them: every
+        piece (added token or pre-tokenizer split) is a word, and a token covers the whole characters its
+        bytes came from, mapped back through NFC."""
         ids: list[int] = []
         offsets: list[tuple[int, int]] = []
         words: list[int] = []
-
-        word = 0
+        pieces = 0
 
         def add(token_ids: list[int], spans: list[tuple[int, int]]) -> None:
-            nonlocal word  # each piece is a word, as each split is in `tokenizers`
+            nonlocal pieces  # a piece that gives no token still takes a word index, as in `tokenizers`
             ids.extend(token_ids)
             offsets.extend(spans)
-            words.extend([word] * len(token_ids))
-            word += 1
+            words.extend([pieces] * len(token_ids))
+            pieces += 1
 
         for start, end, index in self._splitter.spans_raw(text, split_special_tokens):
             if index is not None:
                 add([index], [(start, end)])
                 continue
             normalized, origin = nfc_aligned(text[start:end])
-
-            def original(a: int, b: int, start: int = start, origin: list[int] | None = origin) -> tuple[int, int]:
-                return (start + a, start + b) if origin is None else (start + origin[a], start + origin[b - 1] + 1)
-
+            if origin is None:
+                origin = list(range(len(normalized)))
             parts = (self._splitter.spans_normalized(normalized, split_special_tokens)
                      if self._has_normalized_added else [(0, len(normalized), None)])
             for a, b, part_index in parts:
                 if part_index is not None:
-                    add([part_index], [original(a, b)])
+                    add([part_index], [(start + origin[a], start + origin[b - 1] + 1)])
                     continue
-                position = a
-                for piece in pretokenize(normalized[a:b]):
+                for piece_start, piece in _positions(a, pretokenize(normalized[a:b])):
                     piece_ids = self._bpe.encode_piece(piece)
-                    add(piece_ids, [original(position + c0, position + c1) for c0, c1 in self._piece_chars(piece, piece_ids)])
-                    position += len(piece)
+                    add(piece_ids, [(start + origin[piece_start + c0], start + origin[piece_start + c1 - 1] + 1)
+                                    for c0, c1 in self._piece_chars(piece, piece_ids)])
         return Encoding(ids, [self._id_to_token(i) for i in ids], offsets, words)
 
     def _piece_chars(self, piece: str, piece_ids: list[int]) -> list[tuple[int, int]]:
         """Character span within `piece` of each of its tokens (a token holding part of a character's
-        bytes covers that whole character)."""
-        char_of_byte = self._bpe.byte_chars(piece)
+        bytes covers that whole character). As in `tokenizers`, tokens are laid end to end from the
+        piece's start: bytes the vocabulary cannot spell were dropped and take no room."""
+        char_of_byte = [index for index, ch in enumerate(piece) for _ in ch.encode("utf-8")]
         lengths = self._bpe.token_bytes()
         spans, at = [], 0
         for index in piece_ids:
@@ -217,3 +215,12 @@ class Qwen2Tokenizer(Qwen2TokenizerBase):
 
     def _save_model_files(self, directory: Path, filename_prefix: str | None) -> tuple[str, ...]:
         return self.save_vocabulary(directory, filename_prefix)
+
+
+def _positions(start: int, pieces: list[str]) -> list[tuple[int, str]]:
+    """Each consecutive piece with the index it starts at."""
+    out = []
+    for piece in pieces:
+        out.append((start, piece))
+        start += len(piece)
+    return out
