@@ -10,6 +10,8 @@ from typing import Any, Literal, Optional, Union
 import pytest
 import torch
 
+import qwen2
+
 from qwen2.tokenizer import Qwen2Tokenizer, Qwen2TokenizerFast
 from qwen2.tokenizer import tool_schema
 from qwen2.tokenizer.tool_schema import get_json_schema
@@ -221,6 +223,7 @@ GOOD = [get_weather, multiply, search, containers, unions, literals, enums, choi
 @pytest.mark.parametrize("func", GOOD, ids=lambda f: f.__name__)
 def test_schema_matches_transformers(func):
     assert get_json_schema(func) == hf_utils.get_json_schema(func)
+    assert qwen2.get_json_schema is get_json_schema
 
 
 def no_docstring(x: int) -> None:

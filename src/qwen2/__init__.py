@@ -30,6 +30,7 @@ _EXPORTS = {
     "Qwen2Tokenizer": "qwen2.tokenizer",
     "Qwen2TokenizerFast": "qwen2.tokenizer",
     "BatchEncoding": "qwen2.tokenizer",
+    "get_json_schema": "qwen2.tokenizer",
     "GenerationConfig": "qwen2.generation",
     "TextStreamer": "qwen2.generation",
     "TextIteratorStreamer": "qwen2.generation",
