@@ -103,16 +103,22 @@ def test_alignment_methods_match_transformers(ours, hf, texts):
 
 def test_pairs_and_pretokenized_words(ours, hf):
     kwargs = {"return_offsets_mapping": True, "return_token_type_ids": True}
-    first, second = ["Hello world", "naïve café", "x"], ["How are you?", "😀 <|im_end|> ok", "e\u0301"]
+    first, second = ["Hello world", "naïve café", "x", ""], ["How are you?", "😀 <|im_end|> ok", "e\u0301", "abc def"]
     for mine, theirs in [(ours(first, second, **kwargs), hf(first, second, **kwargs)),
-                         (ours(first, second, padding=True, **kwargs), hf(first, second, padding=True, **kwargs))]:
+                         (ours(first, second, padding=True, **kwargs), hf(first, second, padding=True, **kwargs)),
+                         (ours(first, second, padding=True, padding_side="left", **kwargs),
+                          hf(first, second, padding=True, padding_side="left", **kwargs))]:
         assert _rows(mine) == _rows(theirs)
         for row in range(len(first)):
             assert _alignment(mine.encodings[row]) == _alignment(theirs.encodings[row])
+            assert mine.encodings[row].n_sequences == theirs.encodings[row].n_sequences == 2
             for char in range(12):
-                assert mine.char_to_token(row, char, sequence_index=1) == \
-                    theirs.char_to_token(row, char, sequence_index=1)
-            assert mine.word_to_tokens(row, 1, sequence_index=1) == theirs.word_to_tokens(row, 1, sequence_index=1)
+                for sequence in (0, 1):
+                    assert mine.char_to_token(row, char, sequence_index=sequence) == \
+                        theirs.char_to_token(row, char, sequence_index=sequence)
+            for sequence in (0, 1):
+                assert mine.word_to_tokens(row, 0, sequence_index=sequence) == \
+                    theirs.word_to_tokens(row, 0, sequence_index=sequence)
     words = [["Hello", " wor ld", "x<|im_end|>y", "日本語"], ["e\u0301", "a"]]
     mine = ours(words, is_split_into_words=True, return_offsets_mapping=True, padding=True)
     theirs = hf(words, is_split_into_words=True, return_offsets_mapping=True, padding=True)

@@ -40,7 +40,8 @@ class Encoding:
     """
 
     __slots__ = ("ids", "type_ids", "tokens", "offsets", "word_ids", "sequence_ids", "attention_mask",
-                 "special_tokens_mask", "overflowing")
+                 "special_tokens_mask", "overflowing", "sequence_ranges")
+    _PER_TOKEN = __slots__[:-2]
 
     def __init__(self, ids: list[int], tokens: list[str], offsets: list[Offset], word_ids: list[int | None],
                  sequence_id: int = 0) -> None:
@@ -53,6 +54,7 @@ class Encoding:
         self.attention_mask = [1] * len(ids)
         self.special_tokens_mask = [0] * len(ids)
         self.overflowing: list[Encoding] = []
+        self.sequence_ranges: dict[int, tuple[int, int]] = {}  # a pair's texts: {0: (start, end), 1: ...}
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -66,27 +68,26 @@ class Encoding:
 
     @property
     def n_sequences(self) -> int:
-        return len({s for s in self.sequence_ids if s is not None}) or 1
+        return len(self.sequence_ranges) or 1
 
     def _slice(self, start: int, stop: int) -> "Encoding":
         part = Encoding.__new__(Encoding)
-        for name in Encoding.__slots__[:-1]:
+        for name in Encoding._PER_TOKEN:
             setattr(part, name, getattr(self, name)[start:stop])
-        part.overflowing = []
+        part.overflowing, part.sequence_ranges = [], {}
         return part
 
     def _concat(self, other: "Encoding") -> "Encoding":
         joined = Encoding.__new__(Encoding)
-        for name in Encoding.__slots__[:-1]:
+        for name in Encoding._PER_TOKEN:
             setattr(joined, name, getattr(self, name) + getattr(other, name))
         joined.overflowing = []
+        joined.sequence_ranges = {0: (0, len(self)), 1: (len(self), len(self) + len(other))}
         return joined
 
     def _sequence_range(self, sequence_index: int) -> range:
-        positions = [i for i, s in enumerate(self.sequence_ids) if s == sequence_index]
-        if not positions or self.n_sequences == 1:
-            return range(len(self.ids))  # as `tokenizers`: an unknown sequence means the whole encoding
-        return range(positions[0], positions[-1] + 1)
+        # As in `tokenizers`, a sequence the encoding does not know means the whole encoding.
+        return range(*self.sequence_ranges.get(sequence_index, (0, len(self.ids))))
 
     # ---- the alignment queries -------------------------------------------------------------------
     def token_to_sequence(self, token_index: int) -> int | None:
@@ -148,9 +149,9 @@ class Encoding:
                 if windows[-1][0] == 0:
                     break
         parts = [self._slice(start, stop) for start, stop in windows]
-        for name in Encoding.__slots__[:-1]:
+        for name in Encoding._PER_TOKEN:
             setattr(self, name, getattr(parts[0], name))
-        self.overflowing = parts[1:]
+        self.overflowing, self.sequence_ranges = parts[1:], {}
 
     def pad(self, length: int, side: str, pad_id: int, pad_token: str, pad_type_id: int) -> None:
         """Pad to `length` tokens (this encoding and its overflowing windows)."""
@@ -164,6 +165,8 @@ class Encoding:
         for name, fill in fills.items():
             values = getattr(self, name)
             setattr(self, name, values + [fill] * gap if side == "right" else [fill] * gap + values)
+        if side == "left":
+            self.sequence_ranges = {k: (start + gap, end + gap) for k, (start, end) in self.sequence_ranges.items()}
 
 
 def truncate_and_merge(
