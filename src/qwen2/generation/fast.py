@@ -68,12 +68,13 @@ class DecodeLinears(TorchFunctionMode):
         if func is F.linear:
             x, weight = args[0], args[1] if len(args) > 1 else kwargs["weight"]
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
-            if x.device.type == "cpu" and weight.device.type == "cpu":
+            same_dtype = x.dtype == weight.dtype and (bias is None or bias.dtype == x.dtype)  # else F.linear raises
+            if same_dtype and x.device.type == "cpu" and weight.device.type == "cpu":
                 if torch.compiler.is_compiling():
                     if x.numel() == x.shape[-1]:
                         return row_linear(x, weight, bias)
-                elif (x.dtype == weight.dtype == torch.bfloat16 and (bias is None or bias.dtype == x.dtype)
-                      and settings.onednn_linears and not torch.is_grad_enabled() and _onednn_bf16()):
+                elif (x.dtype == torch.bfloat16 and settings.onednn_linears and not torch.is_grad_enabled()
+                      and _onednn_bf16()):
                     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
         return func(*args, **kwargs)
 
@@ -168,10 +169,10 @@ def decode_step_fn(model: nn.Module, config: Any, rows: int) -> Any:
     """The callable generate() calls for every new token (the signature of `model._decode_step`)."""
     if not _wants_compile(model, config, rows):
         return functools.partial(_with_decode_linears, model)
+    if next(model.parameters()).device.type == "cpu" and any(
+            isinstance(m, Int8WeightOnlyLinear) for m in model.modules()):
+        kernels.load()  # before tracing: the int8 layers pick their single-row kernel while being compiled
     step = _compiled_steps.get(model)
     if step is None:
-        if next(model.parameters()).device.type == "cpu" and any(
-                isinstance(m, Int8WeightOnlyLinear) for m in model.modules()):
-            kernels.load()  # before tracing: the int8 layers pick their single-row kernel while being compiled
         step = _compiled_steps[model] = CompiledDecodeStep()
     return functools.partial(step, model)
