@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
+import types
 import weakref
 from dataclasses import dataclass
 from typing import Any
@@ -99,8 +100,11 @@ class CompiledDecodeStep:
     reference to the model (it is called with it), so the registry below lets the model go."""
 
     def __init__(self) -> None:
-        self.compiled = torch.compile(_with_decode_linears, dynamic=False,
-                                      options={"emulate_precision_casts": True})
+        # A code object of its own: dynamo keeps compiled graphs, and its limit of recompilations (8), per code
+        # object, so one model's step neither uses up another's budget (which silently decodes eagerly) nor
+        # outlives its model in dynamo's cache.
+        own = types.FunctionType(_with_decode_linears.__code__.replace(), _with_decode_linears.__globals__)
+        self.compiled = torch.compile(own, dynamic=False, options={"emulate_precision_casts": True})
         self.failed = False
         self.compiled_once = False
         self._marked_cache: Any = lambda: None  # weakref to the cache last marked: once per generate(), not per token
