@@ -17,14 +17,16 @@ from qwen2.generation import fast
 from qwen2.packed_linear import PackedLinear, can_pack, is_packed, pack_linears, unpack_linears
 from qwen2.row_linear import RowLinear
 
-from conftest import REFERENCE_DIR
+from conftest import REFERENCE_DIR, cpu_flags, require_int8_kernels
 
 TINY = dict(
     vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
     num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1, eos_token_id=2, rope_theta=10000.0,
 )
-needs_onednn = pytest.mark.skipif(not can_pack(torch.empty(1, dtype=torch.bfloat16)),
-                                  reason="this CPU/build has no oneDNN bf16 inner product")
+# oneDNN's bf16 inner product needs AVX-512 (avx512_core) or AVX-NE-CONVERT: only a CPU without them may skip;
+# on one with them, a torch build or check that refuses to pack fails the tests below.
+ONEDNN_BF16_CPU = {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= cpu_flags() or "avx_ne_convert" in cpu_flags()
+needs_onednn = pytest.mark.skipif(not ONEDNN_BF16_CPU, reason="this CPU has no bf16 instructions for oneDNN")
 
 
 def tiny_model(dtype: torch.dtype) -> qwen2.Qwen2ForCausalLM:
@@ -40,6 +42,11 @@ def plain_settings(monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------ packed linear
+
+
+@needs_onednn
+def test_onednn_packs_bf16_where_the_cpu_can():
+    assert can_pack(torch.empty(1, dtype=torch.bfloat16)), "oneDNN refuses bf16 on a CPU with AVX-512"
 
 
 @needs_onednn
@@ -178,8 +185,8 @@ def _assert_int8_compiled_row_matches_dequantized(linear: nn.Linear, x: torch.Te
 def test_int8_compiled_row_matches_dequantized_matmul(in_features, kernel, monkeypatch):
     from qwen2.quantization import kernels
 
-    if kernel == "vnni" and not kernels.load():
-        pytest.skip("no AVX512-VNNI on this CPU (or no compiler)")
+    if kernel == "vnni":
+        require_int8_kernels()
     monkeypatch.setattr(kernels, "_loaded", kernel == "vnni")
     torch.manual_seed(0)
     linear = nn.Linear(in_features, 200, bias=True, dtype=torch.bfloat16)
@@ -194,8 +201,8 @@ def test_w8a8_compiled_row_is_the_integer_product(in_features, kernel, monkeypat
     from qwen2.quantization import kernels
     from qwen2.quantization.int8 import Int8DynamicActivationLinear, quantize_rows
 
-    if kernel == "vnni" and not kernels.load():
-        pytest.skip("no AVX512-VNNI on this CPU (or no compiler)")
+    if kernel == "vnni":
+        require_int8_kernels()
     monkeypatch.setattr(kernels, "_loaded", kernel == "vnni")
 
     torch.manual_seed(0)

@@ -5,6 +5,7 @@ model-level swap and the save -> load round trip keep every output bit, and a re
 from __future__ import annotations
 
 import json
+import logging
 import platform
 from pathlib import Path
 
@@ -35,6 +36,8 @@ from qwen2.quantization.int4 import (
 )
 from qwen2.quantization import kernels
 from qwen2.quantization.int8 import dequantize_int8, quantize_int8, quantize_rows
+
+from conftest import require_int8_kernels
 
 MODULES = {"int8": Int8WeightOnlyLinear, "int4": Int4WeightOnlyLinear, "w8a8": Int8DynamicActivationLinear}
 
@@ -93,8 +96,30 @@ def _choose_int8_kernels(which: str, monkeypatch) -> None:
     """Run with the AVX-512 kernels (skipped where they cannot be built) or with torch's operations."""
     if which == "torch":
         monkeypatch.setattr(kernels, "load", lambda: False)
-    elif not kernels.load():
-        pytest.skip("no AVX512-VNNI on this CPU (or no compiler): int8 keeps torch's operations")
+    else:
+        require_int8_kernels()
+
+
+def test_int8_kernels_build_where_the_cpu_and_a_compiler_allow():
+    require_int8_kernels()  # fails, naming the compiler's error, where the kernels should have built
+    assert kernels.usable(torch.zeros(8, kernels.K_MULTIPLE, dtype=torch.int8))
+
+
+def test_failed_kernel_build_warns_naming_the_compilers_error(monkeypatch, caplog):
+    from torch.utils import cpp_extension
+
+    def failed_build(*args, **kwargs):  # what torch raises when the compiler fails (abridged)
+        raise RuntimeError("Error building extension 'qwen2_int8': [1/2] c++ -MMD -c main.cpp -o main.o\n"
+                           "FAILED: [code=1] main.o\nmain.cpp:46:28: error: expected ',' before 'oops'\n")
+
+    monkeypatch.setattr(cpp_extension, "load_inline", failed_build)
+    monkeypatch.setattr(kernels, "_cpu_has_vnni", lambda: True)
+    monkeypatch.setattr(kernels, "_loaded", False)
+    monkeypatch.setattr(kernels, "_build_error", None)
+    with caplog.at_level(logging.WARNING, logger=kernels.__name__):
+        assert kernels.load.__wrapped__() is False  # uncached: the real load() keeps its answer
+    assert "main.cpp:46:28: error: expected ',' before 'oops'" in kernels.build_error()
+    assert kernels.build_error() in caplog.text and not kernels._loaded
 
 
 @pytest.mark.parametrize("which", ["avx512", "torch"])
@@ -157,8 +182,7 @@ def test_w8a8_kernels_give_the_bits_of_torch_operations(rows, shape, dtype, monk
 @pytest.mark.parametrize("rows", [1, 3, 8, 13])  # 13: a block of 8 rows, then one of 5
 @pytest.mark.parametrize("n, k", [(1, 32), (17, 896), (300, 4864)])  # 4864: int32 partials flushed 19 times
 def test_vnni_rowdot_is_the_integer_dot_product(n, k, rows):
-    if not kernels.load():
-        pytest.skip("no AVX512-VNNI on this CPU (or no compiler): int8 decoding keeps the float reduction")
+    require_int8_kernels()
     x = torch.randint(-32767, 32768, (rows, k), dtype=torch.int16)
     w = torch.randint(-128, 128, (n, k), dtype=torch.int8)
     x[:, : k // 2], w[0] = -32767, -128  # weight row 0: the largest int32 partial sums the kernel can meet
