@@ -22,9 +22,9 @@ from conftest import REFERENCE_DIR
 pytestmark = pytest.mark.slow
 
 QWEN2 = [sys.executable, "-m", "qwen2.cli"]
-# The bf16 conversion's logits against float32's, relative (bf16 weights: ~2^-9 each); bf16 keeps 96-98% of
-# float32's next-token choices (recorded: benchmarks/README.md, test_quantization)
-CONVERTED_BF16_LOGIT_ERROR = 0.05
+# The bf16 conversion's logits against float32's on the seed answer, relative (measured 0.0025, with every
+# next-token choice kept)
+CONVERTED_BF16_LOGIT_ERROR = 0.005
 GREEDY = ["--greedy", "--dtype", "float32", "--threads", "2"]
 
 
@@ -131,7 +131,8 @@ def test_convert_writes_a_directory_transformers_loads(default_gguf, hf_gguf_mod
         float32 = hf_gguf_model(sequence).logits[0, len(prompt) - 1:-1]
     error = ((logits - float32).norm() / float32.norm()).item()
     agreement = (logits.argmax(-1) == torch.tensor(answer)).float().mean().item()
-    assert error < CONVERTED_BF16_LOGIT_ERROR and agreement >= 0.9, (error, agreement)
+    print(f"converted bf16 vs transformers fp32: relative logit error {error:.4f}, agreement {agreement:.3f}")
+    assert error < CONVERTED_BF16_LOGIT_ERROR and agreement >= 0.95, (error, agreement)
     del converted
     again = run("convert", str(default_gguf), str(out))
     assert again.returncode == 1 and "convert: error:" in again.stderr and "--overwrite" in again.stderr

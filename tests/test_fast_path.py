@@ -29,7 +29,9 @@ ONEDNN_BF16_CPU = {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= cpu_flags()
 needs_onednn = pytest.mark.skipif(not ONEDNN_BF16_CPU, reason="this CPU has no bf16 instructions for oneDNN")
 
 
-BF16_COMPILED_ERROR_RATIO = 1.5  # compiled bf16 logits at most this much further from float32 than eager's
+# compiled bf16 logits at most this much further from float32 than eager's (measured 0.97: 6.63e-3 against
+# 6.85e-3 relative; with the compiled linears' outputs 0.2% off, 1.17)
+BF16_COMPILED_ERROR_RATIO = 1.1
 
 
 def tiny_model(dtype: torch.dtype) -> qwen2.Qwen2ForCausalLM:
@@ -339,10 +341,10 @@ def test_fast_path_greedy_equals_eager_on_seed_prompt(real_bf16, default_gguf, h
 @pytest.mark.slow
 def test_fast_path_float32_matches_transformers(default_gguf, hf_gguf_model, plain_settings):
     """float32: compiled and eager decoding of the seed prompt both give transformers' float32 logits at each of
-    12 steps, to the 1e-3 the eager model is held to elsewhere (only summation order differs)."""
+    12 steps to 1e-4 (only summation order differs; measured 2.2e-5 for both)."""
     model = qwen2.Qwen2ForCausalLM.from_pretrained(str(default_gguf), dtype=torch.float32).eval()  # compiled: its own
     eager, compiled, float32 = _eager_and_compiled(model, _seed_prompt(default_gguf), hf_gguf_model)
     print(f"max |logit - transformers fp32|: eager {(eager - float32).abs().max():.2e}, "
           f"compiled {(compiled - float32).abs().max():.2e}")
     for logits in (eager, compiled):
-        torch.testing.assert_close(logits, float32, rtol=0, atol=1e-3)
+        torch.testing.assert_close(logits, float32, rtol=0, atol=1e-4)

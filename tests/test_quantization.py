@@ -39,10 +39,11 @@ from qwen2.quantization.int8 import dequantize_int8, quantize_int8, quantize_row
 
 from conftest import require_int8_kernels
 
-# int4 straight from the default GGUF: the least share of transformers' float32 next-token choices it keeps,
-# teacher-forced on the seed answer (recorded: 85% there, 81.8% on benchmarks' 99-token text; a broken
-# int4 layout or scale falls far below)
-INT4_AGREEMENT = 0.75
+# int4 straight from the default GGUF against transformers' float32, teacher-forced on the seed answer: the least
+# share of its next-token choices kept (measured 41 of 48, 0.854; with the Q4_K scales 5% off, 38) and the
+# largest relative logit error (measured 0.0920; 5% off: 0.1004)
+INT4_AGREEMENT = 0.8
+INT4_LOGIT_ERROR = 0.095
 
 MODULES = {"int8": Int8WeightOnlyLinear, "int4": Int4WeightOnlyLinear, "w8a8": Int8DynamicActivationLinear}
 
@@ -532,8 +533,9 @@ def test_real_q4_k_layer_goes_to_int4_with_its_codes(default_gguf):
 def test_real_int4_load_from_the_gguf_keeps_greedy_output(default_gguf, hf_gguf_model, hf_gguf_tokenizer):
     """from_pretrained(gguf, quantization="int4") (Q4_K layers taken as they are) against transformers'
     float32 model, teacher-forced on the seed prompt and its float32 greedy answer: its next-token choices agree
-    with float32's at least INT4_AGREEMENT of the time. And against the earlier path, quantising the bfloat16
-    load: the same 32 greedy tokens, or else at least as good agreement."""
+    with float32's at least INT4_AGREEMENT of the time and its logits are within INT4_LOGIT_ERROR of float32's.
+    And against the earlier path, quantising the bfloat16 load: the same 32 greedy tokens, or else at least as
+    good agreement."""
     from qwen2 import Qwen2ForCausalLM
 
     reference = json.loads((Path(__file__).parent / "reference" / "seed_prompt_greedy.json").read_text())
@@ -555,7 +557,7 @@ def test_real_int4_load_from_the_gguf_keeps_greedy_output(default_gguf, hf_gguf_
         error.append(((logits - float32).norm() / float32.norm()).item())
     print(f"vs transformers fp32: agreement direct {agreement[0]:.3f}, requantised {agreement[1]:.3f}; "
           f"relative logit error direct {error[0]:.4f}, requantised {error[1]:.4f}")
-    assert agreement[0] >= INT4_AGREEMENT
+    assert agreement[0] >= INT4_AGREEMENT and error[0] < INT4_LOGIT_ERROR
     assert torch.equal(outputs[0], outputs[1]) or agreement[0] >= agreement[1]
 
 
