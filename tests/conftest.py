@@ -4,6 +4,7 @@ transformers (the oracle) loads it once per run, since that alone takes about a 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,29 @@ import torch
 
 # Outputs of transformers on the default model (see reference/README.md).
 REFERENCE_DIR = Path(__file__).resolve().parent / "reference"
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's instruction-set flags as /proc/cpuinfo lists them (empty where there is no such file)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return next((set(line.split(":", 1)[1].split()) for line in text.splitlines() if line.startswith("flags")), set())
+
+
+def require_int8_kernels() -> None:
+    """Skip only where the AVX-512 int8 kernels cannot exist (no AVX512-VNNI, or no C++ compiler to build
+    them); where they can, a failed build fails the test instead of hiding behind the torch fallback."""
+    from qwen2.quantization import kernels
+
+    if not {"avx512_vnni", "avx512bw"} <= cpu_flags():
+        pytest.skip("no AVX512-VNNI on this CPU: int8 keeps torch's operations")
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        pytest.skip("no C++ compiler to build the AVX-512 int8 kernels")
+    if not kernels.load():
+        pytest.fail(f"the AVX-512 int8 kernels failed to build on a CPU with AVX512-VNNI and a compiler: "
+                    f"{kernels.build_error()}")
 
 
 @pytest.fixture(autouse=True)

@@ -120,13 +120,36 @@ def test_bad_values_are_rejected_like_transformers(make, message):
         make()
 
 
-def test_reference_rejects_the_same_values():
-    """The values refused above are refused by transformers too (so we refuse no more, no less)."""
-    for make in (lambda: ref.TemperatureLogitsWarper(-0.5), lambda: ref.TopPLogitsWarper(1.5),
-                 lambda: ref.TopKLogitsWarper(-1), lambda: ref.MinPLogitsWarper(2.0),
-                 lambda: ref.RepetitionPenaltyLogitsProcessor(0.0), lambda: ref.NoRepeatNGramLogitsProcessor(0)):
-        with pytest.raises(ValueError):
-            make()
+EOS_IDS = torch.tensor([3, 7])
+
+
+@pytest.mark.parametrize(
+    "mine, theirs, values",
+    [
+        (ours.Temperature, ref.TemperatureLogitsWarper, [-0.5, 0.0, 0, 1, 1e-9, 0.7, 2.0, float("inf")]),
+        (ours.TopK, ref.TopKLogitsWarper, [-1, 0, 0.0, 1.5, 1, 5, True]),
+        (ours.TopP, ref.TopPLogitsWarper, [-0.1, 0, 0.0, 0.5, 1, 1.0, 1.5]),
+        (ours.MinP, ref.MinPLogitsWarper, [-0.1, 0, 0.0, 0.5, 1.0, 2.0]),
+        (ours.TypicalP, ref.TypicalLogitsWarper, [-0.1, 0.0, 0.5, 0.99, 1, 1.0, 1.5]),
+        (ours.EpsilonCutoff, ref.EpsilonLogitsWarper, [-0.1, 0.0, 0.5, 1, 1.0, 1.5]),
+        (lambda v: ours.EpsilonCutoff(v, eta=True), ref.EtaLogitsWarper, [-0.1, 0.0, 0.5, 1.0, 1.5]),
+        (ours.RepetitionPenalty, ref.RepetitionPenaltyLogitsProcessor, [-1.0, 0, 0.0, 1, 0.5, 1.0, 2.0]),
+        (ours.NoRepeatNGram, ref.NoRepeatNGramLogitsProcessor, [-1, 0, 1.5, 1, 3]),
+        (lambda v: ours.MinLength(v, EOS_IDS), lambda v: ref.MinLengthLogitsProcessor(v, EOS_IDS), [-1, 1.5, 0, 3]),
+    ],
+)
+def test_values_are_refused_exactly_where_transformers_refuses_them(mine, theirs, values):
+    """Ours raises ValueError for a value if and only if transformers' processor does (boundaries, ints
+    for floats, floats for ints): we refuse no more, no less."""
+
+    def refused(make, value) -> bool:
+        try:
+            make(value)
+        except ValueError:
+            return True
+        return False
+
+    assert [refused(mine, v) for v in values] == [refused(theirs, v) for v in values]
 
 
 def test_unsupported_fields_are_refused_by_name():

@@ -17,7 +17,9 @@ quantisation and rescaling around W8A8's integer GEMMs.
 
 Built by `torch.utils.cpp_extension` (a C++ compiler and ninja; inductor needs the compiler too) and cached by
 torch per machine. Without AVX512-VNNI (read from /proc/cpuinfo: the instructions would kill the process, not
-raise) or if the build fails, `load()` returns False and callers keep the torch operations.
+raise) or if the build fails, `load()` returns False and callers keep the torch operations; a failed build logs a
+warning naming the compiler's error (`build_error()`), and the tests fail on it where the CPU and a compiler
+could have built the kernels.
 """
 
 from __future__ import annotations
@@ -209,6 +211,21 @@ TORCH_LIBRARY_IMPL(qwen2_int8, CPU, m) {
 """
 
 _loaded = False
+_build_error: str | None = None
+
+
+def _describe(err: Exception) -> str:
+    """The exception's type and first line, and the compiler's first `error:` line: a failed build's first
+    line is only ninja's command."""
+    lines = str(err).splitlines() or [""]
+    compiler = next((line.strip() for line in lines[1:] if "error:" in line), None)
+    return f"{type(err).__name__}: {lines[0][:200]}" + (f" ... {compiler}" if compiler else "")
+
+
+def build_error() -> str | None:
+    """Why `load()` could not build the kernels on a CPU that has AVX512-VNNI (None if it did, or has not
+    been called): the warning's text, for tests and bug reports."""
+    return _build_error
 
 
 def _cpu_has_vnni() -> bool:
@@ -223,7 +240,7 @@ def _cpu_has_vnni() -> bool:
 def load() -> bool:
     """Build (once per machine) and register the kernels; whether they can be used. Call it before
     `torch.compile` traces a model: layers choose their path while being traced."""
-    global _loaded
+    global _loaded, _build_error
     if not _cpu_has_vnni():
         return False
     threads = torch.get_num_threads()
@@ -238,8 +255,9 @@ def load() -> bool:
         torch.ops.qwen2_int8.rowdot(torch.zeros(1, K_MULTIPLE, dtype=torch.int16),
                                     torch.zeros(64, K_MULTIPLE, dtype=torch.int8))
     except Exception as err:  # noqa: BLE001 - no compiler, no ninja, a failed build: keep the float path
-        logger.warning("The AVX-512 int8 kernels could not be built (%s: %s); int8 and w8a8 keep torch's "
-                       "operations.", type(err).__name__, str(err).splitlines()[0] if str(err) else "")
+        _build_error = _describe(err)
+        logger.warning("The AVX-512 int8 kernels could not be built (%s); int8 and w8a8 keep torch's operations, "
+                       "slower.", _build_error)
         return False
     finally:
         torch.set_num_threads(threads)
