@@ -233,14 +233,11 @@ class Qwen2PreTrainedModel(PreTrainedModel):
             if isinstance(module, Qwen2RotaryEmbedding):
                 module.reset_tables(device)
 
-    def _base(self) -> Qwen2Model:
-        return getattr(self, self.base_model_prefix, self)
-
     def get_input_embeddings(self) -> nn.Embedding:
-        return self._base().embed_tokens
+        return self.base_model.embed_tokens
 
     def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self._base().embed_tokens = value
+        self.base_model.embed_tokens = value
 
     def get_output_embeddings(self) -> nn.Module | None:
         return getattr(self, "lm_head", None)

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from qwen2.generation.api import GenerationApiMixin
 from qwen2.generation.beam import beam_search
 from qwen2.generation.config import DEFAULT_GENERATION_PARAMS, GenerationConfig
 from qwen2.generation.fast import cache_length, decode_step_fn
@@ -68,7 +69,7 @@ class DecodeStep:
     cache: Any
 
 
-class GenerationMixin:
+class GenerationMixin(GenerationApiMixin):
     """Adds transformers' `generate()` to a causal LM whose forward takes transformers' arguments."""
 
     # ------------------------------------------------------------------ public API
