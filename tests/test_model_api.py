@@ -12,7 +12,7 @@ import torch
 import transformers
 
 import qwen2
-from qwen2.heads import Qwen2ForQuestionAnswering, Qwen2ForSequenceClassification
+from qwen2.heads import Qwen2ForQuestionAnswering, Qwen2ForSequenceClassification, Qwen2ForTokenClassification
 
 ATOL = 1e-4
 TINY = dict(
@@ -74,11 +74,14 @@ def test_resize_on_a_head_without_lm_head_and_bad_arguments():
 def test_memory_footprint_base_model_and_main_input_name():
     for ours_cls, hf_cls in [(qwen2.Qwen2ForCausalLM, transformers.Qwen2ForCausalLM),
                              (Qwen2ForQuestionAnswering, transformers.Qwen2ForQuestionAnswering),
+                             (Qwen2ForSequenceClassification, transformers.Qwen2ForSequenceClassification),
+                             (Qwen2ForTokenClassification, transformers.Qwen2ForTokenClassification),
                              (qwen2.Qwen2Model, transformers.Qwen2Model)]:
         ours, hf = _pair(hf_cls, ours_cls)
         assert ours.get_memory_footprint() == hf.get_memory_footprint()
         assert ours.get_memory_footprint(return_buffers=False) == hf.get_memory_footprint(return_buffers=False)
         assert ours.main_input_name == hf.main_input_name == "input_ids"
+        assert ours.loss_type == hf.loss_type  # Trainer counts num_items_in_batch by it
         assert type(ours.base_model).__name__ == type(hf.base_model).__name__
         assert set(ours.base_model.state_dict()) == set(hf.base_model.state_dict())
 

@@ -420,6 +420,8 @@ class Qwen2ForCausalLM(Qwen2PreTrainedModel, GenerationMixin):
     """Decoder + lm_head; `generate()` comes from GenerationMixin."""
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    # transformers.Trainer reads it: "ForCausalLM" makes it count `num_items_in_batch` over the shifted labels.
+    loss_type = "ForCausalLM"
 
     def __init__(self, config: Qwen2Config) -> None:
         super().__init__(config)

@@ -51,6 +51,7 @@ class PreTrainedModel(nn.Module):
     config_class: type = Qwen2Config
     base_model_prefix = "model"
     main_input_name = "input_ids"
+    loss_type: str | None = None  # transformers' name of the head's loss (Trainer reads it)
 
     def __init__(self, config: Qwen2Config, *args: Any, **kwargs: Any) -> None:
         super().__init__()
@@ -298,6 +299,11 @@ def _load_config(cls: type, config: Any, directory: Path, name: Any,
     if not source.is_file():
         ggufs = sorted(p.name for p in directory.glob("*.gguf"))
         hint = f"; to load a GGUF from it pass gguf_file={ggufs[0]!r}" if ggufs else ""
+        if not ggufs and _has_safetensors(directory):
+            # transformers.Trainer.save_model writes only the weights of a model that is not its own class.
+            hint = ("; it holds weights only, as transformers.Trainer.save_model writes them for a qwen2 model: "
+                    "call model.save_pretrained(directory) after training (it writes config.json too), or pass "
+                    "config= (the base model's directory or config) to load these weights")
         raise OSError(f"{directory} has no {CONFIG_NAME}: it is not a transformers-format model directory{hint}")
     return cls.config_class.from_pretrained(source, name_or_path=str(name), return_unused_kwargs=True, **kwargs)
 
