@@ -40,7 +40,7 @@ _DEFAULT_PREFILL_CHUNK = 2048
 
 # generate() arguments of the reference that this implementation does not provide.
 _UNSUPPORTED_ARGUMENTS = (
-    "prefix_allowed_tokens_fn", "synced_gpus", "assistant_model", "negative_prompt_ids",
+    "synced_gpus", "assistant_model", "negative_prompt_ids",
     "negative_prompt_attention_mask", "custom_generate", "assistant_tokenizer", "inputs_embeds", "past_key_values",
     "cache",
 )
@@ -274,6 +274,7 @@ class GenerationMixin(GenerationApiMixin):
         attention_mask = model_kwargs.pop("attention_mask", None)
         model_kwargs.pop("use_cache", None)  # the cache is always used; the tokens are the same either way
         model_kwargs.pop("token_type_ids", None)  # some tokenizers return it; Qwen2 has no token types
+        prefix_allowed_tokens_fn = model_kwargs.pop("prefix_allowed_tokens_fn", None)
         for name in model_kwargs:
             if name in _UNSUPPORTED_ARGUMENTS:
                 hint = " (generate() builds its own KV cache: pass the whole prompt)" if "cache" in name or \
@@ -313,7 +314,8 @@ class GenerationMixin(GenerationApiMixin):
         if seed is not None and generator is None:
             generator = torch.Generator(device=device).manual_seed(seed)
 
-        processors = build_logits_processors(config, prompt_length, eos, padding_lengths, logits_processor or ())
+        processors = build_logits_processors(config, prompt_length, eos, padding_lengths, logits_processor or (),
+                                             prefix_allowed_tokens_fn)
         criteria: list[StoppingCriterion] = [MaxLength(config.max_length)]
         if config.max_time is not None:
             criteria.append(MaxTime(config.max_time))

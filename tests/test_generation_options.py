@@ -1,0 +1,99 @@
+"""generate() options beyond the basics, against transformers' generate() on the same tiny random weights:
+bad_words_ids, sequence_bias, prefix_allowed_tokens_fn, exponential_decay_length_penalty (greedy, sampling and
+beam search; left-padded batches), inputs_embeds=, past_key_values= (a cached shared prefix), and refusals of
+outputs we do not produce."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import transformers
+
+import qwen2
+
+TINY = dict(
+    vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1, eos_token_id=2, rope_theta=10000.0,
+)
+STRATEGIES = {
+    "greedy": dict(do_sample=False),
+    "sampling": dict(do_sample=True, top_k=20),
+    "beams": dict(num_beams=3, num_return_sequences=2),
+}
+
+
+@pytest.fixture(scope="module")
+def pair():
+    torch.manual_seed(1234)
+    theirs = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**TINY)).eval()
+    ours = qwen2.Qwen2ForCausalLM(qwen2.Qwen2Config(**TINY)).eval()
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    return ours, theirs
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    ids = torch.randint(3, TINY["vocab_size"], (3, 8), generator=torch.Generator().manual_seed(7))
+    mask = torch.ones_like(ids)
+    ids[1, :3], mask[1, :3] = 0, 0
+    return ids, mask
+
+
+def _both(pair, prompts, **kwargs):
+    ids, mask = prompts
+    outputs = []
+    for model in pair:
+        torch.manual_seed(5)
+        outputs.append(model.generate(ids, attention_mask=mask, max_new_tokens=10, pad_token_id=0,
+                                      **copy.deepcopy(kwargs)))
+    return outputs
+
+
+@pytest.fixture(scope="module")
+def plain(pair, prompts):
+    """transformers' unconstrained greedy continuation: the tokens the options below must change."""
+    return _both(pair, prompts, do_sample=False)[1][:, prompts[0].shape[1]:]
+
+
+def _options(name, plain):
+    first, second, third = (int(t) for t in plain[0, :3])
+    return {
+        "bad_words": dict(bad_words_ids=[[first], [second, third], [2]]),  # [2] is eos: never banned
+        "sequence_bias_dict": dict(sequence_bias={(first,): -4.0, (second, third): 9.0, (int(plain[2, 0]),): 3.5}),
+        "sequence_bias_list": dict(sequence_bias=[[[first, second], -20.0], [[7], 2.5]]),
+        "prefix_allowed": dict(prefix_allowed_tokens_fn=lambda batch_id, row: [3 + batch_id, 10, 20 + len(row) % 7]),
+        "exponential_decay": dict(exponential_decay_length_penalty=(2, 1.8), eos_token_id=[int(plain[0, 5]), 9]),
+    }[name]
+
+
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+@pytest.mark.parametrize("name", ["bad_words", "sequence_bias_dict", "sequence_bias_list", "prefix_allowed",
+                                  "exponential_decay"])
+def test_option_matches_transformers(pair, prompts, plain, name, strategy):
+    options = {**_options(name, plain), **STRATEGIES[strategy]}
+    ours, theirs = _both(pair, prompts, **options)
+    torch.testing.assert_close(ours, theirs, atol=0, rtol=0)
+    if strategy == "greedy":
+        assert not torch.equal(theirs[:, prompts[0].shape[1]:][:, :plain.shape[1]], plain[:, :theirs.shape[1] - 8])
+
+
+def test_scores_with_bias_options_match_transformers(pair, prompts, plain):
+    options = dict(do_sample=False, output_scores=True, return_dict_in_generate=True,
+                   **_options("sequence_bias_dict", plain), **_options("exponential_decay", plain))
+    ours, theirs = _both(pair, prompts, **options)
+    for mine, reference in zip(ours.scores, theirs.scores):
+        torch.testing.assert_close(mine, reference, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(bad_words_ids=[[]]), "bad_words_ids"),
+    (dict(bad_words_ids=[[500]]), "vocabulary size"),
+    (dict(sequence_bias={(3,): 1}), "sequence_bias"),
+    (dict(exponential_decay_length_penalty=(2,)), "exponential_decay_length_penalty"),
+    (dict(prefix_allowed_tokens_fn=lambda batch_id, row: []), "prefix_allowed_tokens_fn"),
+])
+def test_bad_option_values_are_clear_errors(pair, prompts, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        pair[0].generate(prompts[0], attention_mask=prompts[1], max_new_tokens=3, pad_token_id=0, **kwargs)
