@@ -97,3 +97,66 @@ def test_scores_with_bias_options_match_transformers(pair, prompts, plain):
 def test_bad_option_values_are_clear_errors(pair, prompts, kwargs, message):
     with pytest.raises(ValueError, match=message):
         pair[0].generate(prompts[0], attention_mask=prompts[1], max_new_tokens=3, pad_token_id=0, **kwargs)
+
+
+@pytest.mark.parametrize("strategy", ["greedy", "sampling"])
+@pytest.mark.parametrize("with_ids", [False, True], ids=["embeds_only", "ids_and_embeds"])
+def test_inputs_embeds_prompt_matches_transformers(pair, prompts, strategy, with_ids):
+    ids, mask = prompts
+    embeds = pair[1].get_input_embeddings()(ids).detach() * 1.5  # not what the ids alone would give
+    outputs = []
+    for model in pair:
+        torch.manual_seed(5)
+        outputs.append(model.generate(ids if with_ids else None, inputs_embeds=embeds, attention_mask=mask,
+                                      max_new_tokens=7, pad_token_id=0, repetition_penalty=1.3,
+                                      **STRATEGIES[strategy]))
+    torch.testing.assert_close(outputs[0], outputs[1], atol=0, rtol=0)
+    assert outputs[0].shape[1] == (ids.shape[1] if with_ids else 0) + 7
+    if with_ids:
+        assert not torch.equal(outputs[0], pair[0].generate(ids, attention_mask=mask, max_new_tokens=7,
+                                                            pad_token_id=0, repetition_penalty=1.3))
+
+
+def test_inputs_embeds_with_max_length_counts_new_tokens_as_transformers(pair, prompts):
+    ids, mask = prompts
+    embeds = pair[1].get_input_embeddings()(ids).detach()
+    ours, theirs = (m.generate(inputs_embeds=embeds, attention_mask=mask, max_length=12, pad_token_id=0)
+                    for m in pair)
+    torch.testing.assert_close(ours, theirs, atol=0, rtol=0)
+
+
+def test_generate_continues_from_a_cached_shared_prefix_as_transformers(pair):
+    """transformers' documented prefix reuse: run the shared prefix once, deep-copy its cache per prompt, and pass
+    the whole prompt with it; then continue the conversation with the extended cache."""
+    ours, theirs = pair
+    generator = torch.Generator().manual_seed(11)
+    prefix = torch.randint(3, TINY["vocab_size"], (1, 6), generator=generator)
+    with torch.no_grad():
+        our_prefix = ours(prefix, past_key_values=qwen2.DynamicCache()).past_key_values
+        their_prefix = theirs(prefix, past_key_values=transformers.DynamicCache()).past_key_values
+    for _ in range(2):
+        prompt = torch.cat([prefix, torch.randint(3, TINY["vocab_size"], (1, 4), generator=generator)], dim=1)
+        kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+        our_cache, their_cache = copy.deepcopy(our_prefix), copy.deepcopy(their_prefix)
+        got = ours.generate(prompt, past_key_values=our_cache, **kwargs)
+        expected = theirs.generate(prompt, past_key_values=their_cache, **kwargs)
+        torch.testing.assert_close(got, expected, atol=0, rtol=0)
+        torch.testing.assert_close(got, ours.generate(prompt, **kwargs), atol=0, rtol=0)
+        assert our_cache.get_seq_length() == their_cache.get_seq_length() == got.shape[1] - 1
+        for mine, reference in zip(our_cache.layers, their_cache.layers):
+            torch.testing.assert_close(mine.keys, reference.keys, atol=1e-5, rtol=0)
+        follow_up = torch.cat([got, torch.randint(3, TINY["vocab_size"], (1, 3), generator=generator)], dim=1)
+        torch.testing.assert_close(ours.generate(follow_up, past_key_values=our_cache, **kwargs),
+                                   theirs.generate(follow_up, past_key_values=their_cache, **kwargs), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(output_hidden_states=True, return_dict_in_generate=True), "output_hidden_states"),
+    (dict(output_attentions=True, return_dict_in_generate=True), "output_attentions"),
+    (dict(inputs_embeds=torch.zeros(3, 8, 5)), "inputs_embeds"),
+    (dict(inputs_embeds=torch.zeros(3, 8, 64), num_beams=2), "beam search"),
+    (dict(past_key_values=object()), "past_key_values"),
+])
+def test_unsupported_outputs_and_bad_prompt_inputs_are_refused(pair, prompts, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        pair[0].generate(prompts[0], attention_mask=prompts[1], max_new_tokens=3, pad_token_id=0, **kwargs)
