@@ -13,10 +13,8 @@ import transformers
 
 import qwen2
 
-TINY = dict(
-    vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1, eos_token_id=2, rope_theta=10000.0,
-)
+from test_generation import TINY, tiny_pair  # noqa: F401 (a fixture)
+
 STRATEGIES = {
     "greedy": dict(do_sample=False),
     "sampling": dict(do_sample=True, top_k=20),
@@ -25,12 +23,8 @@ STRATEGIES = {
 
 
 @pytest.fixture(scope="module")
-def pair():
-    torch.manual_seed(1234)
-    theirs = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**TINY)).eval()
-    ours = qwen2.Qwen2ForCausalLM(qwen2.Qwen2Config(**TINY)).eval()
-    ours.load_state_dict(theirs.state_dict(), strict=True)
-    return ours, theirs
+def pair(tiny_pair):
+    return tiny_pair
 
 
 @pytest.fixture(scope="module")
@@ -160,3 +154,31 @@ def test_generate_continues_from_a_cached_shared_prefix_as_transformers(pair):
 def test_unsupported_outputs_and_bad_prompt_inputs_are_refused(pair, prompts, kwargs, message):
     with pytest.raises(ValueError, match=message):
         pair[0].generate(prompts[0], attention_mask=prompts[1], max_new_tokens=3, pad_token_id=0, **kwargs)
+
+
+# --------------------------------------------------------------------------- the real default model
+
+
+@pytest.mark.slow
+def test_real_model_shared_system_prompt_cache_and_biases_match_transformers(our_gguf_model, hf_gguf_model,
+                                                                              hf_gguf_tokenizer):
+    """The chat template's system prompt run once and reused for two questions, with banned words and a sequence
+    bias, greedy, token for token as transformers on the same GGUF (float32)."""
+    system = [{"role": "system", "content": "You are a terse assistant."}]
+    prefix_text = hf_gguf_tokenizer.apply_chat_template(system, tokenize=False)
+    prefix = hf_gguf_tokenizer(prefix_text, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        our_prefix = our_gguf_model(prefix, past_key_values=qwen2.DynamicCache()).past_key_values
+        their_prefix = hf_gguf_model(prefix, past_key_values=transformers.DynamicCache()).past_key_values
+    for question in ("What is 2+2?", "Name a prime number."):
+        messages = system + [{"role": "user", "content": question}]
+        text = hf_gguf_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        ids = hf_gguf_tokenizer(text, return_tensors="pt")["input_ids"]
+        assert torch.equal(ids[:, :prefix.shape[1]], prefix)
+        plain = hf_gguf_model.generate(ids, max_new_tokens=6, do_sample=False)[0, ids.shape[1]:]
+        kwargs = dict(max_new_tokens=6, do_sample=False, bad_words_ids=[[int(plain[0])]],
+                      sequence_bias={(int(plain[1]),): 2.0})
+        got = our_gguf_model.generate(ids, past_key_values=copy.deepcopy(our_prefix), **kwargs)
+        expected = hf_gguf_model.generate(ids, past_key_values=copy.deepcopy(their_prefix), **kwargs)
+        assert got.tolist() == expected.tolist()
+        assert int(got[0, ids.shape[1]]) != int(plain[0])
