@@ -150,10 +150,19 @@ def test_generate_continues_from_a_cached_shared_prefix_as_transformers(pair):
     (dict(inputs_embeds=torch.zeros(3, 8, 5)), "inputs_embeds"),
     (dict(inputs_embeds=torch.zeros(3, 8, 64), num_beams=2), "beam search"),
     (dict(past_key_values=object()), "past_key_values"),
+    (dict(cache_implementation="quantized"), "cache_implementation"),
 ])
 def test_unsupported_outputs_and_bad_prompt_inputs_are_refused(pair, prompts, kwargs, message):
     with pytest.raises(ValueError, match=message):
         pair[0].generate(prompts[0], attention_mask=prompts[1], max_new_tokens=3, pad_token_id=0, **kwargs)
+
+
+@pytest.mark.parametrize("implementation", ["static", "dynamic"])
+def test_cache_implementation_static_or_dynamic_gives_transformers_tokens(pair, prompts, implementation):
+    ours, theirs = _both(pair, prompts, do_sample=False, cache_implementation=implementation,
+                         return_dict_in_generate=True)
+    torch.testing.assert_close(ours.sequences, theirs.sequences, atol=0, rtol=0)
+    assert isinstance(ours.past_key_values, qwen2.StaticCache)  # what generate() decodes on
 
 
 # --------------------------------------------------------------------------- the real default model

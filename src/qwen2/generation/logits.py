@@ -259,6 +259,9 @@ _UNSUPPORTED = {
     "use_mtp": (None, False),
     "encoder_repetition_penalty": (None, 1, 1.0),
     "encoder_no_repeat_ngram_size": (None, 0),
+    # generate() always decodes on its preallocated cache ("static"); "dynamic" gives the same tokens. Offloaded
+    # or quantised caches are not implemented.
+    "cache_implementation": (None, "static", "dynamic"),
 }
 
 
