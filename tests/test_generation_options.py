@@ -145,8 +145,8 @@ def test_generate_continues_from_a_cached_shared_prefix_as_transformers(pair):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(output_hidden_states=True, return_dict_in_generate=True), "output_hidden_states"),
-    (dict(output_attentions=True, return_dict_in_generate=True), "output_attentions"),
+    (dict(output_hidden_states=True, return_dict_in_generate=True, num_beams=2), "output_hidden_states"),
+    (dict(output_attentions=True, return_dict_in_generate=True, num_beams=2), "output_attentions"),
     (dict(inputs_embeds=torch.zeros(3, 8, 5)), "inputs_embeds"),
     (dict(inputs_embeds=torch.zeros(3, 8, 64), num_beams=2), "beam search"),
     (dict(past_key_values=object()), "past_key_values"),
@@ -155,6 +155,40 @@ def test_generate_continues_from_a_cached_shared_prefix_as_transformers(pair):
 def test_unsupported_outputs_and_bad_prompt_inputs_are_refused(pair, prompts, kwargs, message):
     with pytest.raises(ValueError, match=message):
         pair[0].generate(prompts[0], attention_mask=prompts[1], max_new_tokens=3, pad_token_id=0, **kwargs)
+
+
+@pytest.mark.parametrize("prompt", ["ids", "embeds", "cached_prefix"])
+def test_hidden_states_and_attentions_per_step_match_transformers(pair, prompts, prompt):
+    ids, mask = prompts
+    kwargs = dict(max_new_tokens=5, do_sample=True, top_k=10, pad_token_id=0, eos_token_id=[7, 9],
+                  output_hidden_states=True, output_attentions=True, return_dict_in_generate=True)
+    outputs = []
+    pair[1].set_attn_implementation("eager")  # transformers' SDPA returns no attentions (empty tuples)
+    try:
+        for model, cache_class in zip(pair, (qwen2.DynamicCache, transformers.DynamicCache)):
+            torch.manual_seed(5)
+            if prompt == "ids":
+                outputs.append(model.generate(ids, attention_mask=mask, **kwargs))
+            elif prompt == "embeds":
+                embeds = pair[1].get_input_embeddings()(ids).detach()
+                outputs.append(model.generate(inputs_embeds=embeds, attention_mask=mask, **kwargs))
+            else:
+                with torch.no_grad():
+                    cache = model(ids[:1, :5], past_key_values=cache_class()).past_key_values
+                outputs.append(model.generate(ids[:1], past_key_values=cache, **kwargs))
+    finally:
+        pair[1].set_attn_implementation("sdpa")
+    ours, theirs = outputs
+    torch.testing.assert_close(ours.sequences, theirs.sequences, atol=0, rtol=0)
+    assert len(ours.hidden_states) == len(theirs.hidden_states) == len(ours.attentions) == len(theirs.attentions)
+    for kind in ("hidden_states", "attentions"):
+        for step, (mine, reference) in enumerate(zip(getattr(ours, kind), getattr(theirs, kind))):
+            assert len(mine) == len(reference) > 0
+            for a, b in zip(mine, reference):
+                assert a.shape == b.shape
+                if step == 0 and prompt != "cached_prefix":  # the padded row's pad positions carry no meaning
+                    a, b = a[[0, 2]], b[[0, 2]]
+                torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("implementation", ["static", "dynamic"])

@@ -29,6 +29,7 @@ from qwen2.generation.config import DEFAULT_GENERATION_PARAMS, GenerationConfig
 from qwen2.generation.fast import cache_length, decode_step_fn
 from qwen2.generation.logits import LogitsProcessor, apply_processors, build_logits_processors, check_supported
 from qwen2.generation.outputs import GenerateDecoderOnlyOutput
+from qwen2.generation.step_outputs import step_outputs
 from qwen2.generation.prompt import cached_length, extend_user_cache, seed_cache, take_prompt_embeds
 from qwen2.generation.stopping import EosToken, MaxLength, MaxTime, StoppingCriterion, StopStrings, any_done
 
@@ -132,10 +133,16 @@ class GenerationMixin(GenerationApiMixin):
         sequences = torch.cat([plan.input_ids, torch.stack(tokens, dim=1)], dim=1)
         if not config.return_dict_in_generate:
             return sequences
+        hidden_states = attentions = None
+        if config.output_hidden_states or config.output_attentions:
+            hidden_states, attentions = step_outputs(self, plan, sequences, bool(config.output_hidden_states),
+                                                     bool(config.output_attentions))
         return GenerateDecoderOnlyOutput(
             sequences=sequences,
             scores=tuple(scores) if record_scores else None,
             logits=tuple(raw_logits) if record_logits else None,
+            attentions=attentions,
+            hidden_states=hidden_states,
             cache=cache,
         )
 
@@ -288,9 +295,9 @@ class GenerationMixin(GenerationApiMixin):
         config, model_kwargs, has_default_max_length = self._resolve_generation_config(generation_config, kwargs)
         check_supported(config)
         for flag in ("output_hidden_states", "output_attentions"):
-            if getattr(config, flag) and config.return_dict_in_generate:
-                raise ValueError(f"`{flag}=True` is not supported by qwen2's generate(): it returns tokens, scores "
-                                 "and logits only. Run the model's forward on the output sequences to get them.")
+            if getattr(config, flag) and config.return_dict_in_generate and config.num_beams > 1:
+                raise ValueError(f"`{flag}=True` is not supported with beam search by qwen2's generate(); run the "
+                                 "model's forward on the output sequences to get them.")
         inputs_embeds = model_kwargs.pop("inputs_embeds", None)
         user_cache = _pick_user_cache(model_kwargs)
         if inputs_embeds is None:
