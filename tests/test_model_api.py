@@ -154,3 +154,23 @@ def test_compute_transition_scores_matches_transformers(options, normalize):
         results.append((out.sequences, scores))
     torch.testing.assert_close(results[0][0], results[1][0], atol=0, rtol=0)
     torch.testing.assert_close(results[0][1], results[1][1], atol=ATOL, rtol=0)
+
+
+def test_activation_checkpointing_every_n_layers_with_offload_keeps_gradients():
+    ours, hf = _pair(num_hidden_layers=3)
+    ids = _ids()
+    results = []
+    for model in (ours, hf, ours):
+        model.train()
+        model.zero_grad()
+        model(ids, labels=ids).loss.backward()
+        results.append({n: p.grad.clone() for n, p in model.named_parameters()})
+        model.activation_checkpointing_enable(every_n_layers=2, offload=True)
+    assert ours.is_activation_checkpointing
+    for name in results[0]:
+        torch.testing.assert_close(results[2][name], results[0][name], atol=1e-6, rtol=0, msg=name)
+        torch.testing.assert_close(results[0][name], results[1][name], atol=ATOL, rtol=0, msg=name)
+    ours.activation_checkpointing_disable()
+    assert not ours.is_activation_checkpointing
+    with pytest.raises(ValueError, match="every_n_layers"):
+        ours.activation_checkpointing_enable(every_n_layers=0)

@@ -22,12 +22,12 @@ TINY = dict(
 )
 
 
-def _train(model, output_dir):
+def _train(model, output_dir, **extra):
     ids = torch.randint(3, TINY["vocab_size"], (16, 8), generator=torch.Generator().manual_seed(9))
     dataset = [{"input_ids": row, "labels": row} for row in ids]
     args = transformers.TrainingArguments(
         output_dir=str(output_dir), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-2, save_steps=2,
-        logging_steps=1, report_to=[], use_cpu=True, seed=0, disable_tqdm=True,
+        logging_steps=1, report_to=[], use_cpu=True, seed=0, disable_tqdm=True, **extra,
     )
     trainer = transformers.Trainer(model=model, args=args, train_dataset=dataset)
     trainer.train()
@@ -64,3 +64,20 @@ def test_trainer_trains_like_transformers_and_the_model_reloads(tmp_path):
         checkpoint = qwen2.Qwen2ForCausalLM.from_pretrained(tmp_path / "ours" / "checkpoint-2",
                                                             config=tmp_path / "final").eval()
         assert (checkpoint(ids).logits - expected).abs().max() > 1e-3  # an earlier state of the training
+
+
+def test_trainer_with_activation_checkpointing_trains_like_transformers(tmp_path):
+    """Trainer's activation checkpointing (every second layer here) calls activation_checkpointing_enable on the
+    model; the losses and the trained weights equal transformers' model's under the same Trainer."""
+    torch.manual_seed(0)
+    hf = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**{**TINY, "num_hidden_layers": 3}))
+    ours = qwen2.Qwen2ForCausalLM(qwen2.Qwen2Config(**{**TINY, "num_hidden_layers": 3}))
+    ours.load_state_dict(hf.state_dict(), strict=True)
+    extra = dict(activation_checkpointing=True, activation_checkpointing_kwargs={"every_n_layers": 2})
+    _, hf_losses = _train(hf, tmp_path / "hf", **extra)
+    _, losses = _train(ours, tmp_path / "ours", **extra)
+    assert ours.is_gradient_checkpointing and [m._checkpoint_every for m in ours.modules()
+                                                if isinstance(m, qwen2.Qwen2Model)] == [2]
+    assert losses == pytest.approx(hf_losses, abs=1e-3)
+    for (name, mine), reference in zip(ours.state_dict().items(), hf.state_dict().values()):
+        torch.testing.assert_close(mine, reference, atol=1e-4, rtol=0, msg=name)
