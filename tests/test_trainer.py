@@ -3,8 +3,8 @@
 Trainer saves a full model directory only for transformers' own `PreTrainedModel` (an isinstance check, so no
 duck typing reaches it); for any other module `save_model` writes the weights alone. The documented call that
 makes a Trainer-trained qwen2 model reloadable is `model.save_pretrained(directory)`; a checkpoint directory
-loads with `from_pretrained(checkpoint, config=...)`; the weights-only directory is refused with an error that
-says both.
+loads with `from_pretrained(checkpoint, config=...)` and resumes training; the weights-only directory is refused
+with an error that says both.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ TINY = dict(
 )
 
 
-def _train(model, output_dir, **extra):
+def _train(model, output_dir, resume=None, **extra):
     ids = torch.randint(3, TINY["vocab_size"], (16, 8), generator=torch.Generator().manual_seed(9))
     dataset = [{"input_ids": row, "labels": row} for row in ids]
     args = transformers.TrainingArguments(
@@ -30,7 +30,7 @@ def _train(model, output_dir, **extra):
         logging_steps=1, report_to=[], use_cpu=True, seed=0, disable_tqdm=True, **extra,
     )
     trainer = transformers.Trainer(model=model, args=args, train_dataset=dataset)
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume)
     return trainer, [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
 
 
@@ -64,6 +64,11 @@ def test_trainer_trains_like_transformers_and_the_model_reloads(tmp_path):
         checkpoint = qwen2.Qwen2ForCausalLM.from_pretrained(tmp_path / "ours" / "checkpoint-2",
                                                             config=tmp_path / "final").eval()
         assert (checkpoint(ids).logits - expected).abs().max() > 1e-3  # an earlier state of the training
+
+    resumed = qwen2.Qwen2ForCausalLM(qwen2.Qwen2Config(**TINY))  # fresh weights, replaced by the checkpoint's
+    _train(resumed, tmp_path / "ours", resume=tmp_path / "ours" / "checkpoint-2")
+    for (name, mine), reference in zip(resumed.state_dict().items(), ours.state_dict().values()):
+        torch.testing.assert_close(mine, reference, atol=0, rtol=0, msg=name)
 
 
 def test_trainer_with_activation_checkpointing_trains_like_transformers(tmp_path):
