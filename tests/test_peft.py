@@ -142,3 +142,19 @@ def test_default_target_modules_and_input_require_grads_with_checkpointing():
         torch.testing.assert_close(grads[0][name], grads[1][name], atol=ATOL, rtol=0)
     ours.base_model.model.disable_input_require_grads()
     assert not ours.base_model.model._require_grads_hooks
+
+
+def test_prompt_tuning_forward_matches_and_its_generate_is_refused():
+    """Prompt tuning prepends virtual token embeddings: forward and loss equal transformers + peft; generation
+    needs peft's prepare_inputs_for_generation, which our loop does not call, so it is refused, not ignored."""
+    from peft import PromptTuningConfig
+
+    ours, hf = (get_peft_model(model, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+                for model in _pair("CAUSAL_LM"))
+    hf.load_state_dict(ours.state_dict(), strict=True)
+    ids, labels = _batch("CAUSAL_LM")
+    mine, reference = ours(input_ids=ids, labels=labels), hf(input_ids=ids, labels=labels)
+    torch.testing.assert_close(mine.logits, reference.logits, atol=ATOL, rtol=0)
+    torch.testing.assert_close(mine.loss, reference.loss, atol=ATOL, rtol=0)
+    with pytest.raises(ValueError, match="PROMPT_TUNING"):
+        ours.generate(input_ids=ids, max_new_tokens=2)

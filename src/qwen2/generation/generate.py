@@ -294,6 +294,7 @@ class GenerationMixin(GenerationApiMixin):
     ) -> GenerationPlan:
         config, model_kwargs, has_default_max_length = self._resolve_generation_config(generation_config, kwargs)
         check_supported(config)
+        _refuse_prompt_learning(self)
         for flag in ("output_hidden_states", "output_attentions"):
             if getattr(config, flag) and config.return_dict_in_generate and config.num_beams > 1:
                 raise ValueError(f"`{flag}=True` is not supported with beam search by qwen2's generate(); run the "
@@ -429,6 +430,16 @@ class GenerationMixin(GenerationApiMixin):
                 config.max_length, context,
             )
             config.max_length = context
+
+
+def _refuse_prompt_learning(model: Any) -> None:
+    """peft's prompt-learning adapters (prompt/prefix tuning) inject their virtual tokens through
+    `prepare_inputs_for_generation`, which this generation loop does not call: refuse instead of ignoring them."""
+    override = model.__dict__.get("prepare_inputs_for_generation")  # peft sets it on the model while generating
+    peft_config = getattr(getattr(override, "__self__", None), "active_peft_config", None)
+    if getattr(peft_config, "is_prompt_learning", False):
+        raise ValueError(f"peft {peft_config.peft_type} adapters are not supported by qwen2's generate(): their "
+                         "virtual tokens would be dropped. LoRA-style adapters work.")
 
 
 def _pick_user_cache(model_kwargs: dict[str, Any]) -> Any:
