@@ -225,3 +225,14 @@ def test_real_model_shared_system_prompt_cache_and_biases_match_transformers(our
         expected = hf_gguf_model.generate(ids, past_key_values=copy.deepcopy(their_prefix), **kwargs)
         assert got.tolist() == expected.tolist()
         assert int(got[0, ids.shape[1]]) != int(plain[0])
+
+
+@pytest.mark.slow
+def test_real_model_transition_scores_match_transformers(our_gguf_model, hf_gguf_model, hf_gguf_tokenizer):
+    ids = hf_gguf_tokenizer("def fibonacci(n):", return_tensors="pt")["input_ids"]
+    kwargs = dict(max_new_tokens=6, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    ours, theirs = (model.generate(ids, **kwargs) for model in (our_gguf_model, hf_gguf_model))
+    assert ours.sequences.tolist() == theirs.sequences.tolist()
+    mine = our_gguf_model.compute_transition_scores(ours.sequences, ours.scores, normalize_logits=True)
+    reference = hf_gguf_model.compute_transition_scores(theirs.sequences, theirs.scores, normalize_logits=True)
+    torch.testing.assert_close(mine, reference, atol=1e-3, rtol=0)
