@@ -144,6 +144,21 @@ def test_generate_continues_from_a_cached_shared_prefix_as_transformers(pair):
                                    theirs.generate(follow_up, past_key_values=their_cache, **kwargs), atol=0, rtol=0)
 
 
+def test_an_empty_cache_passed_to_generate_is_filled_for_the_next_turn_as_in_transformers(pair):
+    """transformers' multi-turn pattern: pass an empty DynamicCache on the first turn and the same object after."""
+    ours, theirs = pair
+    generator = torch.Generator().manual_seed(12)
+    caches = [qwen2.DynamicCache(), transformers.DynamicCache()]
+    history = torch.randint(3, TINY["vocab_size"], (1, 5), generator=generator)
+    for _ in range(2):
+        kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+        got = ours.generate(history, past_key_values=caches[0], **kwargs)
+        expected = theirs.generate(history, past_key_values=caches[1], **kwargs)
+        torch.testing.assert_close(got, expected, atol=0, rtol=0)
+        assert caches[0].get_seq_length() == caches[1].get_seq_length() == got.shape[1] - 1
+        history = torch.cat([got, torch.randint(3, TINY["vocab_size"], (1, 3), generator=generator)], dim=1)
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(output_hidden_states=True, return_dict_in_generate=True, num_beams=2), "output_hidden_states"),
     (dict(output_attentions=True, return_dict_in_generate=True, num_beams=2), "output_attentions"),
