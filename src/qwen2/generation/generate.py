@@ -29,8 +29,8 @@ from qwen2.generation.config import DEFAULT_GENERATION_PARAMS, GenerationConfig
 from qwen2.generation.fast import cache_length, decode_step_fn
 from qwen2.generation.logits import LogitsProcessor, apply_processors, build_logits_processors, check_supported
 from qwen2.generation.outputs import GenerateDecoderOnlyOutput
-from qwen2.generation.step_outputs import step_outputs
 from qwen2.generation.prompt import cached_length, extend_user_cache, seed_cache, take_prompt_embeds
+from qwen2.generation.step_outputs import step_outputs
 from qwen2.generation.stopping import EosToken, MaxLength, MaxTime, StoppingCriterion, StopStrings, any_done
 
 logger = logging.getLogger(__name__)
@@ -314,9 +314,7 @@ class GenerationMixin(GenerationApiMixin):
         prefix_allowed_tokens_fn = model_kwargs.pop("prefix_allowed_tokens_fn", None)
         for name in model_kwargs:
             if name in _UNSUPPORTED_ARGUMENTS:
-                hint = " (generate() builds its own KV cache: pass the whole prompt)" if "cache" in name or \
-                    "past" in name else ""
-                raise ValueError(f"`{name}` is not supported by qwen2's generate(); remove it{hint}.")
+                raise ValueError(f"`{name}` is not supported by qwen2's generate(); remove it.")
         if model_kwargs:
             raise ValueError(
                 f"generate() got arguments that are neither generation options nor model inputs: "
