@@ -6,8 +6,8 @@ mask and positions come from the mask; logits processors and stopping criteria a
 `logits.py`/`stopping.py`; finished rows are padded with `pad_token_id` (or the first eos id).
 
 The greedy/sampling loop is a generator (`_decode_steps`) yielding one token per row per step, so streaming
-is the primitive: `generate()` collects it, `generate_stream()` exposes it. All model calls go through
-`_prefill` and the callable `_decode_step_fn` returns (by default `_decode_step`: one token per row,
+is the primitive: `generate()` collects it, `generate_stream()` exposes it. All model calls of the loop go
+through `_prefill` and the callable `_decode_step_fn` returns (by default `_decode_step`: one token per row,
 static-shape inputs and cache), the seam where a compiled decode step plugs in. The loop's only host
 sync per step is the "all rows finished?" check (plus the token copy when streaming or stop strings
 are used).
