@@ -128,7 +128,7 @@ def test_dynamic_cache_sliding_layers_stay_bounded_and_full_layers_grow_amortise
             reallocations, pointer = reallocations + 1, cache.layers[0].keys.data_ptr()
     assert reallocations <= 3  # capacity doubles: 64 -> 128 -> 256
     assert cache.layers[0].keys.shape[2] >= 200
-    assert [layer.keys.shape[2] for layer in cache.layers[2:]] == [WINDOW, WINDOW]
+    assert [layer._keys.shape[2] for layer in cache.layers[2:]] == [WINDOW, WINDOW]  # the ring buffers
     assert cache.is_sliding == [False, False, True, True]
 
 
@@ -246,3 +246,26 @@ def test_static_cache_decode_step_compiles_once_without_graph_breaks(model):
     valid = mask[:, 4:].bool()
     torch.testing.assert_close(torch.cat(logits, 1)[valid], full[:, 4:][valid], atol=1e-5, rtol=1e-5)
     assert cache.get_seq_length() == 12
+
+
+@torch.no_grad()
+def test_returned_dynamic_cache_holds_what_transformers_default_cache_holds(model):
+    """model(ids, use_cache=True).past_key_values: keys/values of the tokens seen (sliding layers: the last
+    window - 1) with transformers' shapes and values, after the prompt and after each new token."""
+    import transformers
+
+    theirs = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**model.config.to_dict())).eval()
+    theirs.load_state_dict(model.state_dict(), strict=True)
+    ids, _ = _inputs(batch=2, length=7)
+    ours_cache = model(ids[:, :5], use_cache=True).past_key_values
+    their_cache = theirs(ids[:, :5], use_cache=True).past_key_values
+    for t in range(5, 8):
+        assert len(ours_cache.layers) == len(their_cache.layers)
+        for mine, reference in zip(ours_cache.layers, their_cache.layers):
+            assert mine.keys.shape == reference.keys.shape
+            torch.testing.assert_close(mine.keys, reference.keys, atol=1e-5, rtol=0)
+            torch.testing.assert_close(mine.values, reference.values, atol=1e-5, rtol=0)
+        assert ours_cache.get_seq_length() == their_cache.get_seq_length() == t
+        if t < 7:
+            ours_cache = model(ids[:, t:t + 1], past_key_values=ours_cache, use_cache=True).past_key_values
+            their_cache = theirs(ids[:, t:t + 1], past_key_values=their_cache, use_cache=True).past_key_values

@@ -277,7 +277,7 @@ def test_stop_strings_end_generation_on_the_completing_token(tiny_pair):
         (dict(max_length=3), "max_length"),
         (dict(max_new_tokens=4, tempreature=0.5), "tempreature"),
         (dict(max_new_tokens=4, num_beams=2, streamer=object()), "streamer"),
-        (dict(max_new_tokens=4, bad_words_ids=[[3]]), "bad_words_ids"),
+        (dict(max_new_tokens=4, penalty_alpha=0.6, top_k=4), "penalty_alpha"),
         (dict(max_new_tokens=0), "max_new_tokens"),
     ],
 )

@@ -153,8 +153,8 @@ def test_values_are_refused_exactly_where_transformers_refuses_them(mine, theirs
 
 
 def test_unsupported_fields_are_refused_by_name():
-    with pytest.raises(ValueError, match="bad_words_ids"):
-        ours.check_supported(GenerationConfig(bad_words_ids=[[1]]))
+    with pytest.raises(ValueError, match="force_words_ids"):
+        ours.check_supported(GenerationConfig(force_words_ids=[[1]]))
     ours.check_supported(GenerationConfig(guidance_scale=1.0, num_beam_groups=1))
 
 

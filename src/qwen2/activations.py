@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 
 def _tanh_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -32,9 +33,23 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
-def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The activation function named by `config.hidden_act`."""
-    try:
-        return ACTIVATIONS[name]
-    except KeyError:
-        raise ValueError(f"hidden_act={name!r} is not supported; use one of {sorted(ACTIVATIONS)}.") from None
+class Activation(nn.Module):
+    """The activation as a module (as transformers' `ACT2FN` gives), so forward hooks attach to `mlp.act_fn`."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.name = name
+        self.function = ACTIVATIONS[name]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.function(x)
+
+    def extra_repr(self) -> str:
+        return self.name
+
+
+def activation(name: str) -> Activation:
+    """The activation module named by `config.hidden_act`."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"hidden_act={name!r} is not supported; use one of {sorted(ACTIVATIONS)}.")
+    return Activation(name)

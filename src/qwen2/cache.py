@@ -35,22 +35,31 @@ class _Layer:
 
     def __init__(self, window: int | None) -> None:
         self.window = window
-        self.keys: torch.Tensor | None = None
-        self.values: torch.Tensor | None = None
+        self._keys: torch.Tensor | None = None  # the buffers (capacity slots)
+        self._values: torch.Tensor | None = None
+
+    @property
+    def keys(self) -> torch.Tensor | None:
+        """The keys as transformers' layer of the same kind holds them (a static layer: its whole buffer)."""
+        return self._keys
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        return self._values
 
     def _allocate(self, like_k: torch.Tensor, like_v: torch.Tensor, capacity: int) -> None:
         batch, heads = like_k.shape[:2]
         keys = like_k.new_zeros(batch, heads, capacity, like_k.shape[-1])
         values = like_v.new_zeros(batch, heads, capacity, like_v.shape[-1])
-        if self.keys is not None:  # growing: keep what is there (slots keep their index)
-            current = self.keys.shape[2]
-            keys[:, :, :current] = self.keys
-            values[:, :, :current] = self.values
-        self.keys, self.values = keys, values
+        if self._keys is not None:  # growing: keep what is there (slots keep their index)
+            current = self._keys.shape[2]
+            keys[:, :, :current] = self._keys
+            values[:, :, :current] = self._values
+        self._keys, self._values = keys, values
 
     def _write(self, slots: torch.Tensor, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.keys.index_copy_(2, slots, key_states.to(self.keys.dtype))
-        self.values.index_copy_(2, slots, value_states.to(self.values.dtype))
+        self._keys.index_copy_(2, slots, key_states.to(self._keys.dtype))
+        self._values.index_copy_(2, slots, value_states.to(self._values.dtype))
 
     def _ring_positions(self, last: torch.Tensor, capacity: int) -> torch.Tensor:
         """Absolute position held by each ring slot when `last` is the newest written position (-1: empty)."""
@@ -68,9 +77,9 @@ class _Layer:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if key_states.shape[2] == 1:
             self._write(torch.remainder(cache_position, self.window), key_states, value_states)
-            return self.keys, self.values
+            return self._keys, self._values
         # Several new tokens: each of them needs the old window, so read it before overwriting.
-        old_keys, old_values = self.keys.clone(), self.values.clone()
+        old_keys, old_values = self._keys.clone(), self._values.clone()
         keep = min(key_states.shape[2], self.window)
         self._write(
             torch.remainder(cache_position[-keep:], self.window), key_states[:, :, -keep:], value_states[:, :, -keep:]
@@ -78,19 +87,19 @@ class _Layer:
         return torch.cat([old_keys, key_states], dim=2), torch.cat([old_values, value_states], dim=2)
 
     def reorder(self, index: torch.Tensor) -> None:
-        if self.keys is not None:
-            self.keys.copy_(self.keys.index_select(0, index.to(self.keys.device)))
-            self.values.copy_(self.values.index_select(0, index.to(self.values.device)))
+        if self._keys is not None:
+            self._keys.copy_(self._keys.index_select(0, index.to(self._keys.device)))
+            self._values.copy_(self._values.index_select(0, index.to(self._values.device)))
 
     def select(self, index: torch.Tensor) -> None:
-        if self.keys is not None:
-            self.keys = self.keys.index_select(0, index.to(self.keys.device))
-            self.values = self.values.index_select(0, index.to(self.values.device))
+        if self._keys is not None:
+            self._keys = self._keys.index_select(0, index.to(self._keys.device))
+            self._values = self._values.index_select(0, index.to(self._values.device))
 
     def repeat_interleave(self, repeats: int) -> None:
-        if self.keys is not None:
-            self.keys = self.keys.repeat_interleave(repeats, dim=0)
-            self.values = self.values.repeat_interleave(repeats, dim=0)
+        if self._keys is not None:
+            self._keys = self._keys.repeat_interleave(repeats, dim=0)
+            self._values = self._values.repeat_interleave(repeats, dim=0)
 
     def _check_crop(self, new_length: int) -> None:
         if self.window is not None and self.seen > self.window and new_length < self.seen:
@@ -108,11 +117,30 @@ class _DynamicLayer(_Layer):
         super().__init__(window)
         self.seen = 0
 
+    @property
+    def keys(self) -> torch.Tensor | None:
+        """(B, n_kv, T, D): the tokens written, as transformers' DynamicLayer holds them (a sliding layer: the
+        last `window - 1`, in order); the buffer behind it keeps spare capacity."""
+        return self._visible(self._keys)
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        return self._visible(self._values)
+
+    def _visible(self, buffer: torch.Tensor | None) -> torch.Tensor | None:
+        if buffer is None:
+            return None
+        if self.window is None:
+            return buffer[:, :, :self.seen]
+        kept = min(self.seen, self.window - 1)
+        positions = torch.arange(self.seen - kept, self.seen, device=buffer.device)
+        return buffer.index_select(2, torch.remainder(positions, self.window))
+
     def _reserve(self, like_k: torch.Tensor, like_v: torch.Tensor, needed: int) -> None:
         if self.window is not None:
             needed = min(needed, self.window)
-        current = 0 if self.keys is None else self.keys.shape[2]
-        if self.keys is not None and needed <= current:
+        current = 0 if self._keys is None else self._keys.shape[2]
+        if self._keys is not None and needed <= current:
             return
         capacity = max(needed, 2 * current, _MIN_CAPACITY)
         self._allocate(like_k, like_v, min(capacity, self.window) if self.window else capacity)
@@ -123,8 +151,8 @@ class _DynamicLayer(_Layer):
             return torch.arange(end, device=cache_position.device), True
         if self.seen == 0:
             return cache_position, False
-        self._reserve(self.keys, self.values, end)  # grow now, so the ring described is the one update returns
-        return self._ring_kv_positions(cache_position, self.keys.shape[2]), False
+        self._reserve(self._keys, self._values, end)  # grow now, so the ring described is the one update returns
+        return self._ring_kv_positions(cache_position, self._keys.shape[2]), False
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, cache_position: torch.Tensor
@@ -133,9 +161,9 @@ class _DynamicLayer(_Layer):
         self.seen = end
         self._reserve(key_states, value_states, end)
         if self.window is None:
-            self.keys[:, :, start:end] = key_states
-            self.values[:, :, start:end] = value_states
-            return self.keys[:, :, :end], self.values[:, :, :end]
+            self._keys[:, :, start:end] = key_states
+            self._values[:, :, start:end] = value_states
+            return self._keys[:, :, :end], self._values[:, :, :end]
         if start == 0:  # nothing cached yet: attend to the new tokens only, as transformers does
             keep = min(end, self.window)
             self._write(torch.remainder(cache_position[-keep:], self.window),
@@ -149,7 +177,7 @@ class _DynamicLayer(_Layer):
 
     def reset(self) -> None:
         self.seen = 0
-        self.keys = self.values = None
+        self._keys = self._values = None
 
 
 class _StaticLayer(_Layer):
@@ -180,14 +208,14 @@ class _StaticLayer(_Layer):
         if end is not None:
             return torch.arange(end, device=cache_position.device), True
         if self.window is None:  # the buffer's own length: a compiled step may treat it as dynamic
-            length = self.max_len if self.keys is None else self.keys.shape[2]
+            length = self.max_len if self._keys is None else self._keys.shape[2]
             return torch.arange(length, device=cache_position.device), False
         return self._ring_kv_positions(cache_position, self.capacity), False
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, cache_position: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.keys is None:
+        if self._keys is None:
             self._allocate(key_states, value_states, self.capacity)
         if not torch.compiler.is_compiling() and cache_position.device.type == "cpu":
             if int(cache_position[-1]) >= self.max_len:
@@ -200,8 +228,8 @@ class _StaticLayer(_Layer):
             self._write(cache_position, key_states, value_states)
             end = self._prefix_end(cache_position)
             if end is not None:
-                return self.keys[:, :, :end], self.values[:, :, :end]
-            return self.keys, self.values
+                return self._keys[:, :, :end], self._values[:, :, :end]
+            return self._keys, self._values
         return self._ring_update(key_states, value_states, cache_position)
 
     def crop(self, new_length: int) -> None:
@@ -212,9 +240,9 @@ class _StaticLayer(_Layer):
 
     def reset(self) -> None:
         self._last = None
-        if self.keys is not None:
-            self.keys.zero_()
-            self.values.zero_()
+        if self._keys is not None:
+            self._keys.zero_()
+            self._values.zero_()
 
 
 class Cache:
@@ -348,8 +376,8 @@ class StaticCache(Cache):
         num_kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         for layer in self.layers:
             shape = (max_batch_size, num_kv, layer.capacity, head_dim)
-            layer.keys = torch.zeros(shape, dtype=dtype, device=device)
-            layer.values = torch.zeros(shape, dtype=dtype, device=device)
+            layer._keys = torch.zeros(shape, dtype=dtype, device=device)
+            layer._values = torch.zeros(shape, dtype=dtype, device=device)
 
     def get_max_cache_shape(self, layer_idx: int = 0) -> int:
         return self.max_cache_len

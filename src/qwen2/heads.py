@@ -22,6 +22,8 @@ logger = logging.getLogger(__name__)
 
 
 class Qwen2ForSequenceClassification(Qwen2PreTrainedModel):
+    loss_type = "ForSequenceClassification"
+
     def __init__(self, config: Any) -> None:
         super().__init__(config)
         self.num_labels = config.num_labels
@@ -87,6 +89,8 @@ class Qwen2ForSequenceClassification(Qwen2PreTrainedModel):
 
 
 class Qwen2ForTokenClassification(Qwen2PreTrainedModel):
+    loss_type = "ForTokenClassification"
+
     def __init__(self, config: Any) -> None:
         super().__init__(config)
         self.num_labels = config.num_labels
@@ -141,6 +145,7 @@ class Qwen2ForTokenClassification(Qwen2PreTrainedModel):
 
 class Qwen2ForQuestionAnswering(Qwen2PreTrainedModel):
     base_model_prefix = "transformer"  # transformers keeps this older name for the QA head's base model
+    loss_type = "ForQuestionAnswering"
 
     def __init__(self, config: Any) -> None:
         super().__init__(config)

@@ -7,6 +7,7 @@ back to the activation dtype; logits in the model dtype, as transformers returns
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from typing import Any
@@ -233,14 +234,11 @@ class Qwen2PreTrainedModel(PreTrainedModel):
             if isinstance(module, Qwen2RotaryEmbedding):
                 module.reset_tables(device)
 
-    def _base(self) -> Qwen2Model:
-        return getattr(self, self.base_model_prefix, self)
-
     def get_input_embeddings(self) -> nn.Embedding:
-        return self._base().embed_tokens
+        return self.base_model.embed_tokens
 
     def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self._base().embed_tokens = value
+        self.base_model.embed_tokens = value
 
     def get_output_embeddings(self) -> nn.Module | None:
         return getattr(self, "lm_head", None)
@@ -255,22 +253,40 @@ class Qwen2PreTrainedModel(PreTrainedModel):
         if output is not None and getattr(self.config, "tie_word_embeddings", False):
             output.weight = self.get_input_embeddings().weight
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict[str, Any] | None = None) -> None:
-        """Recompute each decoder layer in backward instead of storing its activations."""
-        kwargs = {"use_reentrant": True} if gradient_checkpointing_kwargs is None else dict(gradient_checkpointing_kwargs)
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict[str, Any] | None = None,
+                                        every_n_layers: int = 1, offload: bool = False) -> None:
+        """Recompute decoder layers in backward instead of storing their activations, as transformers 5.x does:
+        every `every_n_layers`-th layer, non-reentrant by default, the saved layer inputs kept on the CPU with
+        `offload`; the input embeddings' output is made to require grad so frozen embeddings (LoRA) still work."""
+        if not isinstance(every_n_layers, int) or isinstance(every_n_layers, bool) or every_n_layers < 1:
+            raise ValueError(f"every_n_layers must be a positive integer, got {every_n_layers!r}")
+        kwargs = {"use_reentrant": False} if activation_checkpointing_kwargs is None \
+            else dict(activation_checkpointing_kwargs)
         for module in self.modules():
             if isinstance(module, Qwen2Model):
                 module.gradient_checkpointing = True
                 module._checkpoint_kwargs = kwargs
+                module._checkpoint_every = every_n_layers
+                module._checkpoint_offload = offload
+        self.enable_input_require_grads()
 
-    def gradient_checkpointing_disable(self) -> None:
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict[str, Any] | None = None,
+                                      **kwargs: Any) -> None:
+        """The older name of `activation_checkpointing_enable` (transformers.Trainer still calls it)."""
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
+
+    def activation_checkpointing_disable(self) -> None:
         for module in self.modules():
             if isinstance(module, Qwen2Model):
                 module.gradient_checkpointing = False
 
+    gradient_checkpointing_disable = activation_checkpointing_disable
+
     @property
     def is_gradient_checkpointing(self) -> bool:
         return any(getattr(m, "gradient_checkpointing", False) for m in self.modules())
+
+    is_activation_checkpointing = is_gradient_checkpointing
 
     def set_attn_implementation(self, attn_implementation: str) -> None:
         """"sdpa" (default) or "eager" (always materialise attention probabilities), as in transformers."""
@@ -314,7 +330,9 @@ class Qwen2Model(Qwen2PreTrainedModel):
         self.norm = Qwen2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = Qwen2RotaryEmbedding(config)
         self.gradient_checkpointing = False
-        self._checkpoint_kwargs: dict[str, Any] = {"use_reentrant": True}
+        self._checkpoint_kwargs: dict[str, Any] = {"use_reentrant": False}
+        self._checkpoint_every = 1
+        self._checkpoint_offload = False
         self.post_init()
 
     def forward(
@@ -362,12 +380,15 @@ class Qwen2Model(Qwen2PreTrainedModel):
         hidden_states = inputs_embeds
         all_hidden: list[torch.Tensor] = []
         all_attentions: list[torch.Tensor | None] = []
-        for layer in self.layers:
+        for index, layer in enumerate(self.layers):
             if output_hidden_states:
                 all_hidden.append(hidden_states)
             args = (position_embeddings, masks[layer.self_attn.layer_type], cache, cache_position, output_attentions)
-            if checkpointing:
-                hidden_states, weights = checkpoint(layer, hidden_states, *args, **self._checkpoint_kwargs)
+            if checkpointing and index % self._checkpoint_every == 0:
+                offload = torch.autograd.graph.save_on_cpu(pin_memory=hidden_states.is_cuda) \
+                    if self._checkpoint_offload else contextlib.nullcontext()
+                with offload:
+                    hidden_states, weights = checkpoint(layer, hidden_states, *args, **self._checkpoint_kwargs)
             else:
                 hidden_states, weights = layer(hidden_states, *args)
             if output_attentions:
@@ -423,6 +444,8 @@ class Qwen2ForCausalLM(Qwen2PreTrainedModel, GenerationMixin):
     """Decoder + lm_head; `generate()` comes from GenerationMixin."""
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    # transformers.Trainer reads it: "ForCausalLM" makes it count `num_items_in_batch` over the shifted labels.
+    loss_type = "ForCausalLM"
 
     def __init__(self, config: Qwen2Config) -> None:
         super().__init__(config)

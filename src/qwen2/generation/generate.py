@@ -6,8 +6,8 @@ mask and positions come from the mask; logits processors and stopping criteria a
 `logits.py`/`stopping.py`; finished rows are padded with `pad_token_id` (or the first eos id).
 
 The greedy/sampling loop is a generator (`_decode_steps`) yielding one token per row per step, so streaming
-is the primitive: `generate()` collects it, `generate_stream()` exposes it. All model calls go through
-`_prefill` and the callable `_decode_step_fn` returns (by default `_decode_step`: one token per row,
+is the primitive: `generate()` collects it, `generate_stream()` exposes it. All model calls of the loop go
+through `_prefill` and the callable `_decode_step_fn` returns (by default `_decode_step`: one token per row,
 static-shape inputs and cache), the seam where a compiled decode step plugs in. The loop's only host
 sync per step is the "all rows finished?" check (plus the token copy when streaming or stop strings
 are used).
@@ -23,11 +23,14 @@ from typing import Any
 
 import torch
 
+from qwen2.generation.api import GenerationApiMixin
 from qwen2.generation.beam import beam_search
 from qwen2.generation.config import DEFAULT_GENERATION_PARAMS, GenerationConfig
 from qwen2.generation.fast import cache_length, decode_step_fn
 from qwen2.generation.logits import LogitsProcessor, apply_processors, build_logits_processors, check_supported
 from qwen2.generation.outputs import GenerateDecoderOnlyOutput
+from qwen2.generation.prompt import cached_length, extend_user_cache, seed_cache, take_prompt_embeds
+from qwen2.generation.step_outputs import step_outputs
 from qwen2.generation.stopping import EosToken, MaxLength, MaxTime, StoppingCriterion, StopStrings, any_done
 
 logger = logging.getLogger(__name__)
@@ -39,9 +42,8 @@ _DEFAULT_PREFILL_CHUNK = 2048
 
 # generate() arguments of the reference that this implementation does not provide.
 _UNSUPPORTED_ARGUMENTS = (
-    "prefix_allowed_tokens_fn", "synced_gpus", "assistant_model", "negative_prompt_ids",
-    "negative_prompt_attention_mask", "custom_generate", "assistant_tokenizer", "inputs_embeds", "past_key_values",
-    "cache",
+    "synced_gpus", "assistant_model", "negative_prompt_ids",
+    "negative_prompt_attention_mask", "custom_generate", "assistant_tokenizer",
 )
 
 
@@ -58,6 +60,14 @@ class GenerationPlan:
     eos_token_id: torch.Tensor | None  # (E,)
     pad_token_id: torch.Tensor | None  # ()
     generator: torch.Generator | None
+    inputs_embeds: torch.Tensor | None = None  # (N, L, hidden): the prompt as embeddings (input_ids may be empty)
+    user_cache: Any = None  # the cache passed as past_key_values, holding the first `cached_length` positions
+    cached_length: int = 0
+
+    @property
+    def prefill_length(self) -> int:
+        """Prompt positions the model runs (or finds cached): the embeddings' length when given."""
+        return self.input_ids.shape[1] if self.inputs_embeds is None else self.inputs_embeds.shape[1]
 
 
 @dataclass
@@ -68,7 +78,7 @@ class DecodeStep:
     cache: Any
 
 
-class GenerationMixin:
+class GenerationMixin(GenerationApiMixin):
     """Adds transformers' `generate()` to a causal LM whose forward takes transformers' arguments."""
 
     # ------------------------------------------------------------------ public API
@@ -123,10 +133,16 @@ class GenerationMixin:
         sequences = torch.cat([plan.input_ids, torch.stack(tokens, dim=1)], dim=1)
         if not config.return_dict_in_generate:
             return sequences
+        hidden_states = attentions = None
+        if config.output_hidden_states or config.output_attentions:
+            hidden_states, attentions = step_outputs(self, plan, sequences, bool(config.output_hidden_states),
+                                                     bool(config.output_attentions))
         return GenerateDecoderOnlyOutput(
             sequences=sequences,
             scores=tuple(scores) if record_scores else None,
             logits=tuple(raw_logits) if record_logits else None,
+            attentions=attentions,
+            hidden_states=hidden_states,
             cache=cache,
         )
 
@@ -148,10 +164,12 @@ class GenerationMixin:
             yield step.tokens
 
     # ------------------------------------------------------------------ model calls
-    def _forward_last_logits(self, input_ids, attention_mask, position_ids, cache, cache_position) -> torch.Tensor:
+    def _forward_last_logits(self, input_ids, attention_mask, position_ids, cache, cache_position,
+                             inputs_embeds=None) -> torch.Tensor:
         """Float32 logits of the last position, (N, V)."""
         output = self(
             input_ids=input_ids,
+            inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
             past_key_values=cache,
@@ -164,17 +182,19 @@ class GenerationMixin:
     def _prefill(self, plan: GenerationPlan, cache: Any) -> torch.Tensor:
         """Run the prompt through the model in pieces of `prefill_chunk_size` (default 2048) tokens, bounding
         activation memory for long prompts; returns the last position's logits."""
-        length = plan.input_ids.shape[1]
+        length = plan.prefill_length
         chunk = plan.config.prefill_chunk_size or min(length, _DEFAULT_PREFILL_CHUNK)
         if not isinstance(chunk, int) or chunk <= 0:
             raise ValueError(f"`prefill_chunk_size` must be a positive integer, got {chunk!r}.")
-        for start in range(0, length, chunk):
+        for start in range(plan.cached_length, length, chunk):  # positions the user's cache holds are not rerun
             end = min(start + chunk, length)
             mask = None if plan.attention_mask is None else plan.attention_mask[:, :end]
             cache_position = torch.arange(start, end, device=plan.input_ids.device)
-            logits = self._forward_last_logits(
-                plan.input_ids[:, start:end], mask, plan.position_ids[:, start:end], cache, cache_position
-            )
+            ids, embeds = plan.input_ids[:, start:end], None
+            if plan.inputs_embeds is not None:
+                ids, embeds = None, plan.inputs_embeds[:, start:end]
+            logits = self._forward_last_logits(ids, mask, plan.position_ids[:, start:end], cache, cache_position,
+                                               embeds)
         return logits
 
     def _decode_step(self, tokens, position_ids, cache_position, attention_mask, cache) -> torch.Tensor:
@@ -201,9 +221,12 @@ class GenerationMixin:
         """Greedy / multinomial sampling, one step per yield, until every row is finished."""
         config = plan.config
         input_ids = plan.input_ids
-        batch_size, prompt_length = input_ids.shape
-        cache = self._make_cache(batch_size, config.max_length)
+        batch_size, prompt_length = input_ids.shape[0], plan.prefill_length
+        # Embeddings-only prompts: max_length counts new tokens, the cache holds the prompt's positions too.
+        cache = self._make_cache(batch_size, config.max_length + prompt_length - input_ids.shape[1])
         decode_step = self._decode_step_fn(config, batch_size)
+        if plan.user_cache is not None:
+            seed_cache(cache, plan.user_cache, plan.cached_length)
         logits = self._prefill(plan, cache)
         # The mask covers every cache slot up front (ones past the prompt): one static shape for all steps.
         attention_mask = plan.attention_mask
@@ -228,6 +251,8 @@ class GenerationMixin:
             unfinished = unfinished & ~any_done(plan.criteria, input_ids, scores)
             yield DecodeStep(tokens=tokens, scores=scores, logits=logits, cache=cache)
             if not bool(unfinished.any()):
+                if plan.user_cache is not None:
+                    extend_user_cache(plan.user_cache, cache, plan.cached_length)
                 return
             logits = decode_step(tokens[:, None], position_ids, cache_position, attention_mask, cache)
             position_ids = position_ids + 1
@@ -269,15 +294,27 @@ class GenerationMixin:
     ) -> GenerationPlan:
         config, model_kwargs, has_default_max_length = self._resolve_generation_config(generation_config, kwargs)
         check_supported(config)
-        input_ids = _take_input_ids(inputs, model_kwargs)
+        _refuse_prompt_learning(self)
+        for flag in ("output_hidden_states", "output_attentions"):
+            if getattr(config, flag) and config.return_dict_in_generate and config.num_beams > 1:
+                raise ValueError(f"`{flag}=True` is not supported with beam search by qwen2's generate(); run the "
+                                 "model's forward on the output sequences to get them.")
+        inputs_embeds = model_kwargs.pop("inputs_embeds", None)
+        user_cache = _pick_user_cache(model_kwargs)
+        if inputs_embeds is None:
+            input_ids = _take_input_ids(inputs, model_kwargs)
+        else:
+            given = None if inputs is None and "input_ids" not in model_kwargs else _take_input_ids(inputs, model_kwargs)
+            inputs_embeds = take_prompt_embeds(self, given, inputs_embeds)
+            input_ids = given if given is not None else inputs_embeds.new_zeros(inputs_embeds.shape[0], 0,
+                                                                                dtype=torch.long)
         attention_mask = model_kwargs.pop("attention_mask", None)
         model_kwargs.pop("use_cache", None)  # the cache is always used; the tokens are the same either way
         model_kwargs.pop("token_type_ids", None)  # some tokenizers return it; Qwen2 has no token types
+        prefix_allowed_tokens_fn = model_kwargs.pop("prefix_allowed_tokens_fn", None)
         for name in model_kwargs:
             if name in _UNSUPPORTED_ARGUMENTS:
-                hint = " (generate() builds its own KV cache: pass the whole prompt)" if "cache" in name or \
-                    "past" in name else ""
-                raise ValueError(f"`{name}` is not supported by qwen2's generate(); remove it{hint}.")
+                raise ValueError(f"`{name}` is not supported by qwen2's generate(); remove it.")
         if model_kwargs:
             raise ValueError(
                 f"generate() got arguments that are neither generation options nor model inputs: "
@@ -286,7 +323,11 @@ class GenerationMixin:
         device = input_ids.device
         batch_size = input_ids.shape[0]
         eos, pad = self._special_tokens(config, device, attention_mask is not None, batch_size)
-        attention_mask = _prepare_attention_mask(input_ids, attention_mask, pad, eos)
+        if inputs_embeds is not None and input_ids.shape[1] == 0:  # the mask covers the embeddings' positions
+            attention_mask = _prepare_attention_mask(input_ids.new_ones(inputs_embeds.shape[:2]), attention_mask,
+                                                     None, None)
+        else:
+            attention_mask = _prepare_attention_mask(input_ids, attention_mask, pad, eos)
         if batch_size > 1 and bool((attention_mask[:, -1] == 0).any()):
             logger.warning(
                 "Right padding was detected in a batch for a decoder-only model: the padded rows will continue "
@@ -300,6 +341,10 @@ class GenerationMixin:
             padding_lengths = (attention_mask != 0).int().argmax(dim=1)
 
         expand = max(config.num_beams, config.num_return_sequences)
+        if expand > 1 and inputs_embeds is not None:
+            raise ValueError("`inputs_embeds` cannot be combined with beam search or num_return_sequences > 1.")
+        cached = 0 if user_cache is None else cached_length(self, user_cache, batch_size, position_ids.shape[1],
+                                                              expand)
         if expand > 1:
             input_ids = input_ids.repeat_interleave(expand, dim=0)
             position_ids = position_ids.repeat_interleave(expand, dim=0)
@@ -308,11 +353,14 @@ class GenerationMixin:
                 padding_lengths = padding_lengths.repeat_interleave(expand, dim=0)
 
         prompt_length = input_ids.shape[1]
+        if prompt_length == 0 and config.max_new_tokens is None and not has_default_max_length:
+            config.max_length -= inputs_embeds.shape[1]  # as the reference: max_length then counts new tokens
         self._resolve_lengths(config, prompt_length, has_default_max_length)
         if seed is not None and generator is None:
             generator = torch.Generator(device=device).manual_seed(seed)
 
-        processors = build_logits_processors(config, prompt_length, eos, padding_lengths, logits_processor or ())
+        processors = build_logits_processors(config, prompt_length, eos, padding_lengths, logits_processor or (),
+                                             prefix_allowed_tokens_fn)
         criteria: list[StoppingCriterion] = [MaxLength(config.max_length)]
         if config.max_time is not None:
             criteria.append(MaxTime(config.max_time))
@@ -322,7 +370,7 @@ class GenerationMixin:
             criteria.append(EosToken(eos))
         criteria.extend(stopping_criteria or ())
         return GenerationPlan(config, input_ids, attention_mask, position_ids, processors, criteria, eos, pad,
-                              generator)
+                              generator, inputs_embeds, user_cache, cached)
 
     def _special_tokens(
         self, config: GenerationConfig, device: torch.device, has_mask: bool, batch_size: int
@@ -380,6 +428,23 @@ class GenerationMixin:
                 config.max_length, context,
             )
             config.max_length = context
+
+
+def _refuse_prompt_learning(model: Any) -> None:
+    """peft's prompt-learning adapters (prompt/prefix tuning) inject their virtual tokens through
+    `prepare_inputs_for_generation`, which this generation loop does not call: refuse instead of ignoring them."""
+    override = model.__dict__.get("prepare_inputs_for_generation")  # peft sets it on the model while generating
+    peft_config = getattr(getattr(override, "__self__", None), "active_peft_config", None)
+    if getattr(peft_config, "is_prompt_learning", False):
+        raise ValueError(f"peft {peft_config.peft_type} adapters are not supported by qwen2's generate(): their "
+                         "virtual tokens would be dropped. LoRA-style adapters work.")
+
+
+def _pick_user_cache(model_kwargs: dict[str, Any]) -> Any:
+    cache, alias = model_kwargs.pop("past_key_values", None), model_kwargs.pop("cache", None)
+    if cache is not None and alias is not None:
+        raise ValueError("Pass either `past_key_values` or `cache`, not both.")
+    return cache if alias is None else alias
 
 
 def _take_input_ids(inputs: torch.Tensor | None, model_kwargs: dict[str, Any]) -> torch.Tensor:

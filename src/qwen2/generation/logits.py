@@ -13,6 +13,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from qwen2.generation.bias import (ExponentialDecayLengthPenalty, PrefixAllowedTokens, SequenceBias, bad_words,
+                                   sequence_bias_dict)
 from qwen2.generation.config import GenerationConfig
 
 LogitsProcessor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -242,9 +244,6 @@ class EpsilonCutoff:
 
 # Fields that change decoding but that this implementation does not provide: refuse rather than ignore.
 _UNSUPPORTED = {
-    "sequence_bias": None,
-    "bad_words_ids": None,
-    "exponential_decay_length_penalty": None,
     "top_h": None,
     "watermarking_config": None,
     "constraints": None,
@@ -260,6 +259,9 @@ _UNSUPPORTED = {
     "use_mtp": (None, False),
     "encoder_repetition_penalty": (None, 1, 1.0),
     "encoder_no_repeat_ngram_size": (None, 0),
+    # generate() always decodes on its preallocated cache ("static"); "dynamic" gives the same tokens. Offloaded
+    # or quantised caches are not implemented.
+    "cache_implementation": (None, "static", "dynamic"),
 }
 
 
@@ -278,23 +280,34 @@ def build_logits_processors(
     eos_token_id: torch.Tensor | None,
     padding_lengths: torch.Tensor | None = None,
     custom: Sequence[LogitsProcessor] = (),
+    prefix_allowed_tokens_fn: Callable[[int, torch.Tensor], Sequence[int]] | None = None,
 ) -> list[LogitsProcessor]:
     """The processors `config` asks for, in transformers' order; custom ones go before the sampling warpers."""
     processors: list[LogitsProcessor] = []
+    if config.sequence_bias is not None:
+        processors.append(SequenceBias(sequence_bias_dict(config.sequence_bias)))
     if config.repetition_penalty is not None and config.repetition_penalty != 1.0:
         processors.append(RepetitionPenalty(config.repetition_penalty, padding_lengths))
     if config.no_repeat_ngram_size is not None and config.no_repeat_ngram_size > 0:
         processors.append(NoRepeatNGram(config.no_repeat_ngram_size))
+    if config.bad_words_ids is not None:
+        processors.append(bad_words(config.bad_words_ids, eos_token_id))
     if eos_token_id is not None and config.min_length is not None and config.min_length > 0:
         processors.append(MinLength(config.min_length, eos_token_id))
     if eos_token_id is not None and config.min_new_tokens is not None and config.min_new_tokens > 0:
         processors.append(MinLength(config.min_new_tokens, eos_token_id, prompt_length=prompt_length))
+    if prefix_allowed_tokens_fn is not None:
+        rows_per_prompt = max(config.num_beams or 1, config.num_return_sequences or 1)
+        processors.append(PrefixAllowedTokens(prefix_allowed_tokens_fn, rows_per_prompt))
     if config.forced_bos_token_id is not None:
         processors.append(ForceTokenAt(1, torch.tensor(config.forced_bos_token_id)))
     if config.forced_eos_token_id is not None:
         processors.append(ForceTokenAt(config.max_length - 1, torch.tensor(config.forced_eos_token_id).reshape(-1)))
     if config.remove_invalid_values is True:
         processors.append(remove_invalid_values)
+    if config.exponential_decay_length_penalty is not None:
+        processors.append(ExponentialDecayLengthPenalty(config.exponential_decay_length_penalty, eos_token_id,
+                                                        prompt_length))
     if config.suppress_tokens is not None:
         processors.append(SuppressTokens(config.suppress_tokens))
     if config.begin_suppress_tokens is not None:

@@ -50,10 +50,16 @@ class PreTrainedModel(nn.Module):
 
     config_class: type = Qwen2Config
     base_model_prefix = "model"
+    main_input_name = "input_ids"
+    loss_type: str | None = None  # transformers' name of the head's loss (Trainer reads it)
 
     def __init__(self, config: Qwen2Config, *args: Any, **kwargs: Any) -> None:
         super().__init__()
         self.config = config
+        if getattr(config, "_attn_implementation", None) is None:
+            config._attn_implementation = "sdpa"  # what transformers sets on a model it builds
+        # An instance attribute, as in transformers: peft reads it from the model's __dict__ for adapter configs.
+        self.name_or_path = config.name_or_path
 
     # ------------------------------------------------------------------------------------------ model contract
 
@@ -97,8 +103,9 @@ class PreTrainedModel(nn.Module):
     # ------------------------------------------------------------------------------------------------ helpers
 
     @property
-    def name_or_path(self) -> str:
-        return self.config.name_or_path
+    def base_model(self) -> nn.Module:
+        """The decoder stack a head is built on (the model itself for `Qwen2Model`)."""
+        return getattr(self, self.base_model_prefix, self)
 
     @property
     def device(self) -> torch.device:
@@ -116,6 +123,50 @@ class PreTrainedModel(nn.Module):
         skip = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)} if exclude_embeddings else set()
         return sum(p.numel() for p in self.parameters()
                    if id(p) not in skip and (p.requires_grad or not only_trainable))
+
+    def get_memory_footprint(self, return_buffers: bool = True) -> int:
+        """Bytes held by the parameters (and buffers): what the weights cost in memory."""
+        tensors = [*self.parameters(), *(self.buffers() if return_buffers else ())]
+        return sum(t.nelement() * t.element_size() for t in tensors)
+
+    def enable_input_require_grads(self) -> None:
+        """Make the input embeddings' output require grad, so gradients reach adapters (LoRA) and checkpointed
+        layers while the embedding weights stay frozen."""
+        self.disable_input_require_grads()
+        embeddings = self.get_input_embeddings()
+        if embeddings is None:
+            raise ValueError(f"{type(self).__name__} has no input embeddings to hook")
+        hook = embeddings.register_forward_hook(lambda module, inputs, output: output.requires_grad_(True))
+        self._require_grads_hooks = [hook]
+
+    def disable_input_require_grads(self) -> None:
+        for hook in getattr(self, "_require_grads_hooks", []):
+            hook.remove()
+        self._require_grads_hooks = []
+
+    def resize_token_embeddings(self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None,
+                                mean_resizing: bool = True) -> nn.Module:
+        """Resize the vocabulary (input embeddings and an untied LM head; a tied head stays tied) as transformers
+        does, e.g. after adding tokens to the tokenizer; updates `config.vocab_size`. See qwen2.resize."""
+        from qwen2.resize import padded_size, resize_embedding, resize_lm_head
+
+        embeddings = self.get_input_embeddings()
+        if new_num_tokens is not None and (not isinstance(new_num_tokens, int) or isinstance(new_num_tokens, bool)
+                                           or new_num_tokens <= 0):
+            raise ValueError(f"new_num_tokens must be a positive integer, got {new_num_tokens!r}")
+        size = padded_size(embeddings.weight.shape[0], new_num_tokens, pad_to_multiple_of)
+        if size is None:
+            return embeddings
+        resize_embedding(self, embeddings, size, mean_resizing)
+        head = self.get_output_embeddings()
+        if head is not None:
+            self.set_output_embeddings(resize_lm_head(self, head, size, mean_resizing))
+        self.config.vocab_size = size
+        for module in (self, self.base_model):
+            if hasattr(module, "vocab_size"):
+                module.vocab_size = size
+        self.tie_weights()
+        return embeddings
 
     def can_generate(self) -> bool:
         return hasattr(self, "generate") and hasattr(self, "lm_head")
@@ -248,6 +299,11 @@ def _load_config(cls: type, config: Any, directory: Path, name: Any,
     if not source.is_file():
         ggufs = sorted(p.name for p in directory.glob("*.gguf"))
         hint = f"; to load a GGUF from it pass gguf_file={ggufs[0]!r}" if ggufs else ""
+        if not ggufs and _has_safetensors(directory):
+            # transformers.Trainer.save_model writes only the weights of a model that is not its own class.
+            hint = ("; it holds weights only, as transformers.Trainer.save_model writes them for a qwen2 model: "
+                    "call model.save_pretrained(directory) after training (it writes config.json too), or pass "
+                    "config= (the base model's directory or config) to load these weights")
         raise OSError(f"{directory} has no {CONFIG_NAME}: it is not a transformers-format model directory{hint}")
     return cls.config_class.from_pretrained(source, name_or_path=str(name), return_unused_kwargs=True, **kwargs)
 
