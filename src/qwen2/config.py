@@ -82,6 +82,7 @@ _DROPPED_KEYS = frozenset({"_commit_hash", "_attn_implementation_internal", "_ex
 _INIT_ONLY_KEYS = frozenset({"attn_implementation", "torch_dtype", "rope_scaling", "rope_theta", "num_labels",
                              "partial_rotary_factor", "name_or_path"})
 _LAYER_TYPE_INPUTS = frozenset({"num_hidden_layers", "use_sliding_window", "sliding_window", "max_window_layers"})
+_MAX_LAYERS = 65_536
 _PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
 
 
@@ -165,7 +166,12 @@ class Qwen2Config:
         self.dtype = _normalise_dtype(dtype if dtype is not None else torch_dtype)
 
         num_labels = kwargs.pop("num_labels", None)
-        self.id2label = None if id2label is None else {int(k): v for k, v in id2label.items()}
+        if id2label is not None and not isinstance(id2label, dict):
+            raise ValueError(f"id2label={id2label!r} must be a dict {{id: label}}")
+        try:
+            self.id2label = None if id2label is None else {int(k): v for k, v in id2label.items()}
+        except (TypeError, ValueError):
+            raise ValueError(f"id2label={id2label!r} must map integer ids to labels") from None
         self.label2id = label2id
         if self.id2label is None:
             self.num_labels = 2 if num_labels is None else num_labels
@@ -187,10 +193,15 @@ class Qwen2Config:
         self.rope_parameters = _standardise_rope(rope_scaling or rope_parameters, rope_theta,
                                                  kwargs.pop("partial_rotary_factor", None), max_position_embeddings)
 
+        self._check_sizes()  # before deriving per-layer lists from them
+        if layer_types is not None and not isinstance(layer_types, list):
+            raise ValueError(f"layer_types={layer_types!r} must be a list with one entry per layer")
         self.layer_types = self._derive_layer_types() if layer_types is None else [
-            _LEGACY_LAYER_TYPES.get(t, t) for t in layer_types]
+            _LEGACY_LAYER_TYPES.get(t, t) if isinstance(t, str) else t for t in layer_types]
 
         for key, value in kwargs.items():
+            if hasattr(type(self), key):  # a method or read-only property: the file cannot replace it
+                raise ValueError(f"{key!r} is not a config field (it names a Qwen2Config {_member_kind(self, key)})")
             if key in _GENERATION_KEYS:
                 logger.info("Ignoring generation setting %s=%r in the model config: it belongs in "
                             "generation_config.json", key, value)
@@ -281,10 +292,10 @@ class Qwen2Config:
     # --------------------------------------------------------------------------------------------------- validation
 
     def validate(self) -> None:
-        """Reject configurations the model cannot be built from, naming the field and its value."""
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                     "num_key_value_heads", "max_position_embeddings", "max_window_layers"):
-            _require_int(name, getattr(self, name), minimum=1 if name != "max_window_layers" else 0)
+        """Reject configurations the model cannot be built from or that make its numbers meaningless, naming
+        the field and its value: the field types transformers' strict config checks, plus ranges."""
+        self._check_sizes()
+        _check_types(self)
         if self._head_dim is not None:
             _require_int("head_dim", self._head_dim, minimum=1)
         elif self.hidden_size % self.num_attention_heads:
@@ -296,8 +307,6 @@ class Qwen2Config:
         if self.hidden_act not in SUPPORTED_ACTIVATIONS:
             raise ValueError(f"hidden_act={self.hidden_act!r} is not supported; choose one of "
                              f"{', '.join(SUPPORTED_ACTIVATIONS)}")
-        if self.use_sliding_window and self.sliding_window is not None:
-            _require_int("sliding_window", self.sliding_window, minimum=1)
         if not isinstance(self.layer_types, list) or len(self.layer_types) != self.num_hidden_layers:
             length = len(self.layer_types) if isinstance(self.layer_types, (list, tuple)) else "no"
             raise ValueError(f"layer_types has {length} entries but num_hidden_layers={self.num_hidden_layers}: "
@@ -312,6 +321,16 @@ class Qwen2Config:
             raise ValueError('problem_type="single_label_classification" needs num_labels > 1; use num_labels=2 '
                              'for binary classification or problem_type="regression" for one output')
         _validate_rope(self.rope_parameters, self.head_dim)
+
+    def _check_sizes(self) -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "max_position_embeddings", "max_window_layers"):
+            _require_int(name, getattr(self, name), minimum=1 if name != "max_window_layers" else 0)
+        if self.num_hidden_layers > _MAX_LAYERS:  # per-layer lists are derived from it right away
+            raise ValueError(f"num_hidden_layers={self.num_hidden_layers:,} is not a plausible model (at most "
+                             f"{_MAX_LAYERS:,}); the config is corrupt")
+        if self.use_sliding_window and self.sliding_window is not None:
+            _require_int("sliding_window", self.sliding_window, minimum=1)
 
     # -------------------------------------------------------------------------------------------- (de)serialisation
 
@@ -385,7 +404,7 @@ class Qwen2Config:
 
     @classmethod
     def from_json_file(cls, json_file: str | os.PathLike) -> Qwen2Config:
-        return cls.from_dict(_read_json(Path(json_file)))
+        return _named(Path(json_file), cls.from_dict, _read_json(Path(json_file)))
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
         """Write `config.json` into `save_directory` (created if needed)."""
@@ -416,7 +435,7 @@ class Qwen2Config:
                 raise OSError(f"{directory} has no {CONFIG_NAME}; is it a transformers-format model directory?")
         config_dict = _read_json(config_file)
         kwargs.setdefault("name_or_path", str(pretrained_model_name_or_path))
-        return cls.from_dict(config_dict, **kwargs)
+        return _named(config_file, cls.from_dict, config_dict, **kwargs)
 
     # ------------------------------------------------------------------------------------------------------ dunders
 
@@ -437,6 +456,50 @@ class Qwen2Config:
 def _require_int(name: str, value: Any, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name}={value!r} must be an integer >= {minimum}")
+
+
+# Field -> accepted types, as transformers' strict dataclass types them (an int is not a float there either).
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "initializer_range": (float,), "rms_norm_eps": (float,), "attention_dropout": (float, int),
+    "hidden_act": (str,), "use_cache": (bool,), "tie_word_embeddings": (bool,), "use_sliding_window": (bool,),
+    "sliding_window": (int, type(None)), "pad_token_id": (int, type(None)), "bos_token_id": (int, type(None)),
+    "eos_token_id": (int, list, type(None)), "output_hidden_states": (bool, type(None)),
+    "return_dict": (bool, type(None)), "is_encoder_decoder": (bool,), "chunk_size_feed_forward": (int,),
+    "classifier_dropout": (float, int, type(None)), "layer_types": (list,), "rope_parameters": (dict,),
+}
+
+
+def _check_types(config: Qwen2Config) -> None:
+    for name, kinds in _FIELD_TYPES.items():
+        value = getattr(config, name)
+        if not isinstance(value, kinds) or isinstance(value, bool) and bool not in kinds:
+            expected = " or ".join("None" if k is type(None) else k.__name__ for k in kinds)
+            raise ValueError(f"{name}={value!r} must be {expected}, not {type(value).__name__}")
+    eos = config.eos_token_id
+    if isinstance(eos, list) and not all(isinstance(i, int) and not isinstance(i, bool) for i in eos):
+        raise ValueError(f"eos_token_id={eos!r} must be an int or a list of ints")
+    if not all(isinstance(t, str) for t in config.layer_types):
+        raise ValueError(f"layer_types={config.layer_types!r} must be a list of strings")
+    # Beyond the reference (which accepts these and computes NaN or garbage from them):
+    if not (math.isfinite(config.rms_norm_eps) and config.rms_norm_eps > 0):
+        raise ValueError(f"rms_norm_eps={config.rms_norm_eps!r} must be a finite number > 0")
+    if not (math.isfinite(config.initializer_range) and config.initializer_range >= 0):
+        raise ValueError(f"initializer_range={config.initializer_range!r} must be a finite number >= 0")
+    for name in ("attention_dropout", "classifier_dropout"):
+        value = getattr(config, name)
+        if value is not None and not 0 <= value <= 1:
+            raise ValueError(f"{name}={value!r} must be a probability between 0 and 1")
+    vocab = config.vocab_size
+    if isinstance(vocab, int) and config.pad_token_id is not None and not -vocab <= config.pad_token_id < vocab:
+        # The embedding's padding row must exist (transformers fails on it when building the model).
+        raise ValueError(f"pad_token_id={config.pad_token_id} is outside the vocabulary (vocab_size={vocab})")
+    dtype = config.dtype
+    if dtype is not None and not isinstance(dtype, str) and not getattr(dtype, "is_floating_point", False):
+        raise ValueError(f"dtype={dtype!r} is not a floating-point dtype; weights need one (e.g. 'bfloat16')")
+
+
+def _member_kind(config: Qwen2Config, key: str) -> str:
+    return "property" if isinstance(getattr(type(config), key), property) else "method or class attribute"
 
 
 def _normalise_dtype(value: Any) -> Any:
@@ -481,10 +544,18 @@ def _validate_rope(params: dict[str, Any], head_dim: int) -> None:
     unknown = sorted(params.keys() - required - optional - _ROPE_ALWAYS_ALLOWED)
     if unknown:
         logger.warning("Unrecognised keys in rope_parameters for rope_type=%r: %s", rope_type, unknown)
-    for key in ("factor", "rope_theta", "low_freq_factor", "high_freq_factor", "attention_factor"):
+    for key in ("factor", "rope_theta", "low_freq_factor", "high_freq_factor", "attention_factor", "beta_fast",
+                "beta_slow", "mscale", "mscale_all_dim", "partial_rotary_factor"):
         value = params.get(key)
         if key in params and value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
             raise ValueError(f"rope_parameters[{key!r}]={value!r} must be a number")
+        # Beyond the reference, which warns at most: these can only give NaN or meaningless angles.
+        if key in ("factor", "rope_theta", "attention_factor", "partial_rotary_factor") and value is not None \
+                and not (math.isfinite(value) and value > 0):
+            raise ValueError(f"rope_parameters[{key!r}]={value!r} must be a finite number > 0")
+    if "original_max_position_embeddings" in params:
+        _require_int("rope_parameters['original_max_position_embeddings']",
+                     params["original_max_position_embeddings"], minimum=1)
     if isinstance(params.get("factor"), (int, float)) and params["factor"] < 1:
         logger.warning("rope_parameters['factor']=%s is below 1, which shrinks the context instead of extending it",
                        params["factor"])
@@ -500,10 +571,18 @@ def _validate_rope(params: dict[str, Any], head_dim: int) -> None:
         raise ValueError(f"RoPE needs an even rotary dimension, but head_dim={head_dim}")
 
 
+def _named(path: Path, build: Any, *args: Any, **kwargs: Any) -> Any:
+    """`build(*args, **kwargs)`, its ValueError naming the file the values came from."""
+    try:
+        return build(*args, **kwargs)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except (ValueError, RecursionError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise OSError(f"{path} is not a valid JSON file: {err}") from err
     if not isinstance(data, dict):
         raise OSError(f"{path} must hold a JSON object, not {type(data).__name__}")

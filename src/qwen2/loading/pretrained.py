@@ -20,6 +20,7 @@ import contextlib
 import copy
 import logging
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,8 +31,8 @@ from torch import nn
 from qwen2.config import CONFIG_NAME, Qwen2Config
 from qwen2.loading.heap import reuse_large_blocks
 from qwen2.loading.hub import resolve_model_dir
-from qwen2.loading.safetensors import (TensorSource, checkpoint_dtype, checkpoint_files, iter_sources, read_tensor,
-                                      save_state_dict)
+from qwen2.loading.safetensors import (TensorSource, checkpoint_dtype, checkpoint_files, iter_sources, read_header,
+                                      read_tensor, save_state_dict)
 
 logger = logging.getLogger(__name__)
 
@@ -171,6 +172,7 @@ class PreTrainedModel(nn.Module):
             raise TypeError(f"{cls.__name__}.from_pretrained got unexpected keyword argument(s) "
                             f"{sorted(model_kwargs)}: they are neither loading options nor config fields")
         files, index_metadata = checkpoint_files(directory, use_safetensors)
+        _check_layer_count(config, files)
         target_dtype = _resolve_dtype(dtype if dtype is not None else torch_dtype, index_metadata, files, config)
         config.dtype = target_dtype
         device = _target_device(device_map)
@@ -250,6 +252,21 @@ def _load_config(cls: type, config: Any, directory: Path, name: Any,
         hint = f"; to load a GGUF from it pass gguf_file={ggufs[0]!r}" if ggufs else ""
         raise OSError(f"{directory} has no {CONFIG_NAME}: it is not a transformers-format model directory{hint}")
     return cls.config_class.from_pretrained(source, name_or_path=str(name), return_unused_kwargs=True, **kwargs)
+
+
+_LAYER_NAME = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def _check_layer_count(config: Qwen2Config, files: list[Path]) -> None:
+    """Refuse a config with more layers than the checkpoint holds before building anything: a corrupt
+    `num_hidden_layers` would otherwise build (and randomly initialise) a model of a million layers.
+    From safetensors headers only; pickles and GGUF files (whose own metadata is checked) are not read."""
+    if not files or any(path.suffix != ".safetensors" for path in files):
+        return
+    found = {int(m.group(1)) for path in files for name in read_header(path) if (m := _LAYER_NAME.search(name))}
+    if len(found) < config.num_hidden_layers:
+        raise ValueError(f"The config of {files[0].parent} says num_hidden_layers={config.num_hidden_layers:,}, "
+                         f"but its checkpoint holds weights for {len(found)} layer(s): they do not match")
 
 
 def _as_qwen2_config(config: Any) -> Qwen2Config:
