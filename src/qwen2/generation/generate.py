@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from qwen2.generation.beam import beam_search
-from qwen2.generation.config import DEFAULT_GENERATION_PARAMS, GenerationConfig
+from qwen2.generation.config import DEFAULT_GENERATION_PARAMS, GenerationConfig, check_attention_mask
 from qwen2.generation.fast import cache_length, decode_step_fn
 from qwen2.generation.logits import LogitsProcessor, apply_processors, build_logits_processors, check_supported
 from qwen2.generation.outputs import GenerateDecoderOnlyOutput
@@ -271,6 +271,7 @@ class GenerationMixin:
         check_supported(config)
         input_ids = _take_input_ids(inputs, model_kwargs)
         attention_mask = model_kwargs.pop("attention_mask", None)
+        check_attention_mask(attention_mask)
         model_kwargs.pop("use_cache", None)  # the cache is always used; the tokens are the same either way
         model_kwargs.pop("token_type_ids", None)  # some tokenizers return it; Qwen2 has no token types
         for name in model_kwargs:

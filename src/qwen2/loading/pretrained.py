@@ -141,7 +141,8 @@ class PreTrainedModel(nn.Module):
                         revision: str | None = None, cache_dir: str | os.PathLike | None = None,
                         local_files_only: bool = False, token: str | bool | None = None,
                         ignore_mismatched_sizes: bool = False, quantization: str | None = None,
-                        group_size: int | None = None, **kwargs: Any) -> nn.Module:
+                        group_size: int | None = None, allow_non_finite: bool = False,
+                        **kwargs: Any) -> nn.Module:
         """Load a model from a directory, a .gguf file or a hub id; config-named kwargs override the config.
 
         `dtype` (or the older `torch_dtype`) defaults to "auto", transformers 5's default: the checkpoint's own
@@ -149,7 +150,7 @@ class PreTrainedModel(nn.Module):
         "auto" (first GPU if any, else CPU), a device, or {"": device}; the model lives on one device.
         `quantization` ("int8", "int4" with `group_size`, or "w8a8") quantises the weights as they load (a
         GGUF's 4-bit blocks go to int4 group 32 as they are); a checkpoint saved quantised reloads as such
-        without it.
+        without it. A weight holding NaN or Inf is refused, naming it, unless `allow_non_finite=True`.
         """
         output_loading_info = kwargs.pop("output_loading_info", False)
         use_safetensors = kwargs.pop("use_safetensors", None)
@@ -190,7 +191,7 @@ class PreTrainedModel(nn.Module):
             quantizer = QuantizingLoader(model, quantization, group_size)
         elif group_size is not None:
             raise ValueError("group_size= applies only with quantization='int4'")
-        info = _load_weights(model, files, device, ignore_mismatched_sizes, quantizer)
+        info = _load_weights(model, files, device, ignore_mismatched_sizes, quantizer, not allow_non_finite)
         if device.type == "cpu":
             reuse_large_blocks()  # after loading: the load's own peak memory is unchanged
         if device_map is not None:
@@ -368,10 +369,39 @@ def _sources(path: Path) -> Iterator[tuple[str, TensorSource]]:
     return iter_sources(path)
 
 
+def _check_finite(tensor: torch.Tensor, name: str, path: Path) -> None:
+    """Refuse NaN or Inf: in a weight they make every logit NaN, and greedy decoding then emits token 0
+    forever without a word. Run on what was just read, while it is still in cache, in slices so the check
+    allocates little."""
+    if not tensor.is_floating_point() or tensor.is_meta:
+        return
+    flat = tensor.reshape(-1)
+    for lo in range(0, flat.numel(), _FINITE_SLICE):
+        if not torch.isfinite(flat[lo:lo + _FINITE_SLICE]).all():
+            raise ValueError(f"Tensor {name!r} in {path} holds NaN or Inf values (as loaded in {tensor.dtype}); "
+                             f"the checkpoint is corrupt. Pass allow_non_finite=True to load it anyway")
+
+
+_FINITE_SLICE = 1 << 20
+
+
+class _FiniteSource:
+    """A `TensorSource` whose values are checked by `_check_finite` as they are read."""
+
+    def __init__(self, source: TensorSource, name: str, path: Path) -> None:
+        self.source, self.name, self.path = source, name, path
+        self.shape, self.dtype = source.shape, source.dtype
+
+    def read_into(self, out: torch.Tensor, start: int = 0) -> None:
+        self.source.read_into(out, start)
+        _check_finite(out, self.name, self.path)
+
+
 def _load_weights(model: nn.Module, files: list[Path], device: torch.device, ignore_mismatched_sizes: bool,
-                  quantizer: Any = None) -> dict[str, list]:
+                  quantizer: Any = None, check_finite: bool = True) -> dict[str, list]:
     """Fill the meta-built `model` from the checkpoint, one tensor at a time; returns transformers'
-    loading-info dict. `quantizer` (a `QuantizingLoader`) quantises the weights of the modules it swapped."""
+    loading-info dict. `quantizer` (a `QuantizingLoader`) quantises the weights of the modules it swapped;
+    `check_finite` refuses NaN and Inf in the float weights (`_FiniteSource`)."""
     expected = model.state_dict()  # meta tensors: names and shapes only
     quantized = quantizer.modules if quantizer is not None else {}
     rename = _key_renamer(set(expected), getattr(model, "base_model_prefix", "model"))
@@ -382,9 +412,13 @@ def _load_weights(model: nn.Module, files: list[Path], device: torch.device, ign
             if raw_name.endswith(_IGNORED_SUFFIXES):
                 continue
             name = rename(raw_name)
-            if name in quantized:
+            if name in quantized:  # checked once quantised: a NaN or Inf weight gives non-finite scales
                 quantizer.load(name, source, device)
+                for tensor in quantized[name].buffers() if check_finite else ():
+                    _check_finite(tensor, raw_name, path)
                 continue
+            if check_finite and source.dtype.is_floating_point:
+                source = _FiniteSource(source, raw_name, path)
             if name not in expected:
                 unexpected.append(raw_name)
                 continue
@@ -396,6 +430,9 @@ def _load_weights(model: nn.Module, files: list[Path], device: torch.device, ign
                         f"ignore_mismatched_sizes=True to re-initialise such tensors instead.")
                 mismatched.append((name, tuple(source.shape), tuple(expected[name].shape)))
                 continue
+            if source.dtype.is_floating_point != expected[name].dtype.is_floating_point:
+                raise ValueError(f"Tensor {name!r} in {path} is stored as {source.dtype}, but the model holds it "
+                                 f"as {expected[name].dtype}: the checkpoint does not match the model")
             # Floats take the dtype the model built for them (quantisation scales may differ from `dtype`).
             target = expected[name].dtype if source.dtype.is_floating_point else source.dtype
             loaded[name] = read_tensor(source, target, device)
