@@ -17,6 +17,8 @@ from datetime import datetime
 from functools import lru_cache
 from typing import Any
 
+from qwen2.tokenizer.template_limits import bounded_environment, render_bounded
+
 _CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 _NO_TEMPLATE = (
@@ -110,8 +112,9 @@ def compile_template(source: str) -> Any:
     def strftime_now(fmt: str) -> str:
         return datetime.now().strftime(fmt)
 
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[GenerationBlock, jinja2.ext.loopcontrols]
+    env = bounded_environment(
+        ImmutableSandboxedEnvironment, trim_blocks=True, lstrip_blocks=True,
+        extensions=[GenerationBlock, jinja2.ext.loopcontrols],
     )
     env.filters["tojson"] = tojson
     env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now, dict=SafeDict(), namespace=Namespace)
@@ -236,8 +239,9 @@ def render_conversations(
             if not chat:
                 raise ValueError("continue_final_message is set but the conversation is empty!")
             final = _mark_final_message(chat, field, template)
-        text = compiled.render(
-            messages=chat, tools=schemas, documents=documents, add_generation_prompt=add_generation_prompt, **kwargs
+        text = render_bounded(
+            compiled, messages=chat, tools=schemas, documents=documents, add_generation_prompt=add_generation_prompt,
+            **kwargs,
         )
         rendered.append(_cut_after_final(text, final) if final is not None else text)
     return rendered
