@@ -83,6 +83,7 @@ _INIT_ONLY_KEYS = frozenset({"attn_implementation", "torch_dtype", "rope_scaling
                              "partial_rotary_factor", "name_or_path"})
 _LAYER_TYPE_INPUTS = frozenset({"num_hidden_layers", "use_sliding_window", "sliding_window", "max_window_layers"})
 _MAX_LAYERS = 65_536
+_MAX_LABELS = 1 << 20
 _PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
 
 
@@ -166,6 +167,10 @@ class Qwen2Config:
         self.dtype = _normalise_dtype(dtype if dtype is not None else torch_dtype)
 
         num_labels = kwargs.pop("num_labels", None)
+        if num_labels is not None:
+            _require_int("num_labels", num_labels, minimum=0)
+            if num_labels > _MAX_LABELS:  # a label table is built from it right away
+                raise ValueError(f"num_labels={num_labels:,} is not plausible (at most {_MAX_LABELS:,})")
         if id2label is not None and not isinstance(id2label, dict):
             raise ValueError(f"id2label={id2label!r} must be a dict {{id: label}}")
         try:
@@ -342,6 +347,11 @@ class Qwen2Config:
         `return_unused_kwargs=True` also returns the kwargs that named no attribute (transformers' contract).
         """
         return_unused_kwargs = kwargs.pop("return_unused_kwargs", False)
+        if not isinstance(config_dict, dict):
+            raise ValueError(f"a config must be a dict of fields, not {type(config_dict).__name__}")
+        bad = [key for key in [*config_dict, *kwargs] if not isinstance(key, str) or key == "self"]
+        if bad:
+            raise ValueError(f"{bad[0]!r} is not a config field")
         model_type = config_dict.get("model_type", MODEL_TYPE)
         if model_type != MODEL_TYPE:
             raise ValueError(f"This config has model_type={model_type!r}; qwen2 only loads "
@@ -559,7 +569,10 @@ def _validate_rope(params: dict[str, Any], head_dim: int) -> None:
     if isinstance(params.get("factor"), (int, float)) and params["factor"] < 1:
         logger.warning("rope_parameters['factor']=%s is below 1, which shrinks the context instead of extending it",
                        params["factor"])
-    partial = params.get("partial_rotary_factor", 1.0)
+    partial = params.get("partial_rotary_factor")
+    partial = 1.0 if partial is None else partial
+    if partial > 1:
+        raise ValueError(f"rope_parameters['partial_rotary_factor']={partial!r} must be at most 1")
     rotary_dim = int(head_dim * partial)
     if rope_type == "longrope":
         for key in ("short_factor", "long_factor"):

@@ -17,7 +17,7 @@ from datetime import datetime
 from functools import lru_cache
 from typing import Any
 
-from qwen2.tokenizer.template_limits import bounded_environment, render_bounded
+from qwen2.tokenizer.template_limits import bounded_environment, compile_source, render_bounded
 
 _CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
@@ -118,7 +118,7 @@ def compile_template(source: str) -> Any:
     )
     env.filters["tojson"] = tojson
     env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now, dict=SafeDict(), namespace=Namespace)
-    return env.from_string(source)
+    return compile_source(env, source)
 
 
 def plain_data(value: Any) -> Any:

@@ -145,7 +145,49 @@ def read_config(directory: Path) -> dict[str, Any]:
         value = config.get(name)
         if isinstance(value, dict):  # the serialised AddedToken form
             config[name] = value.get("content")
+    _check_types(config, directory / CONFIG_FILE)
     return config
+
+
+_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
+_BOOL_KEYS = ("split_special_tokens", "clean_up_tokenization_spaces", "add_prefix_space", "add_bos_token",
+              "add_eos_token", "legacy")
+
+
+def _check_types(config: dict[str, Any], path: Path) -> None:
+    """The settings a tokenizer is built from, each of the type it must have, so that a wrong one fails here
+    naming the file and key instead of deep inside the tokenizer."""
+    def bad(key: str, expected: str) -> TokenizerFileError:
+        return TokenizerFileError(f"{path}: {key} must be {expected}, not {type(config[key]).__name__} "
+                                  f"({config[key]!r:.60})")
+
+    for key in _TOKEN_KEYS:
+        if key in config and config[key] is not None and not isinstance(config[key], str):
+            raise bad(key, "a token string (or its AddedToken form with a string 'content')")
+    for key in _BOOL_KEYS:
+        if key in config and config[key] is not None and not isinstance(config[key], bool):
+            raise bad(key, "true or false")
+    length = config.get("model_max_length")
+    if length is not None and (isinstance(length, bool) or not isinstance(length, (int, float)) or length < 0
+                               or length != length):
+        raise bad("model_max_length", "a non-negative number")
+    for key in ("padding_side", "truncation_side"):
+        if key in config and config[key] not in ("left", "right"):
+            raise bad(key, "'left' or 'right'")
+    if "errors" in config and not isinstance(config["errors"], str):
+        raise bad("errors", "a codec error handler name such as 'replace'")
+    if not isinstance(config.get("added_tokens_decoder") or {}, dict):
+        raise bad("added_tokens_decoder", "an object mapping ids to tokens")
+    template = config.get("chat_template")
+    if template is not None and not isinstance(template, str) and not (isinstance(template, list) and all(
+            isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("template"), str)
+            for t in template)):
+        raise bad("chat_template", "a template string or a list of {name, template} objects")
+    for key in ("extra_special_tokens", "additional_special_tokens"):
+        value = config.get(key)
+        if value is not None and not (isinstance(value, list) and all(isinstance(t, (str, dict)) for t in value)
+                                      or isinstance(value, dict) and all(isinstance(t, str) for t in value.values())):
+            raise bad(key, "a list of tokens")
 
 
 def _merge_legacy_files(directory: Path, config: dict[str, Any]) -> None:

@@ -27,7 +27,12 @@ _PERCENT_WIDTH = re.compile(r"%[-#0 +]*(\d*\.)?\d{8,}")
 _FORMAT_WIDTH = re.compile(r"\{[^{}]*:[^{}]*\d{8,}[^{}]*\}")
 
 
-class ChatTemplateLimitError(ValueError):
+class ChatTemplateError(ValueError):
+    """A chat template failed in a way that is not a jinja2 template error (jinja2's own, such as a syntax
+    error or `raise_exception`, propagate as in transformers): a division by zero, a bad index, ..."""
+
+
+class ChatTemplateLimitError(ChatTemplateError):
     """Rendering a chat template went past a bound; the message names the bound."""
 
 
@@ -166,6 +171,8 @@ def budget() -> Iterator[None]:
 
 def render_bounded(compiled: Any, **variables: Any) -> str:
     """`compiled.render(**variables)` within the bounds, the output's size checked as it streams out."""
+    import jinja2  # present: `compiled` is a jinja2 template
+
     with budget():
         parts, length = [], 0
         try:
@@ -177,4 +184,16 @@ def render_bounded(compiled: Any, **variables: Any) -> str:
         except RecursionError:  # a macro calling itself without end
             raise ChatTemplateLimitError("the chat template recursed too deeply (a macro calling itself without "
                                          "end?)") from None
+        except (ValueError, OSError, jinja2.TemplateError):
+            raise
+        except Exception as err:  # the template's own bug (1 / 0, an int indexed, ...), not an internal error
+            raise ChatTemplateError(f"the chat template failed: {type(err).__name__}: {err}") from err
         return "".join(parts)
+
+
+def compile_source(env: Any, source: str) -> Any:
+    """`env.from_string(source)`; jinja2 turns a few misplaced tags into Python that does not compile."""
+    try:
+        return env.from_string(source)
+    except SyntaxError as err:
+        raise ChatTemplateError(f"the chat template does not compile: {err}") from None
