@@ -216,3 +216,33 @@ def test_converted_directory_follows_the_umask(tmp_path, model_gguf, umask):
         os.umask(previous)
     assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask
     assert stat.S_IMODE((out / "config.json").stat().st_mode) == 0o666 & ~umask
+
+
+# ------------------------------------------------------------------------------------------ non-finite weights
+
+@pytest.mark.parametrize("name,value", [("blk.1.ffn_norm.weight", float("nan")), ("output_norm.weight", float("inf"))])
+def test_non_finite_float_tensor_in_a_gguf_is_refused(tmp_path, cache, name, value):
+    import numpy as np
+
+    values = np.ones(64, dtype=np.float32)
+    values[5] = value
+    path = tmp_path / "nan.gguf"
+    write_tiny_gguf(path, extra_tensors={name: (values, gguf.GGMLQuantizationType.F32)})
+    with pytest.raises(ValueError, match=f"{name}.*NaN or Inf"):
+        Qwen2ForCausalLM.from_pretrained(path)
+    Qwen2ForCausalLM.from_pretrained(path, allow_non_finite=True)
+
+
+@pytest.mark.parametrize("name,scale", [("token_embd.weight", b"\x00\x7e"), ("output.weight", b"\x00\x7c")])
+def test_non_finite_block_scale_in_a_gguf_is_refused(tmp_path, cache, model_gguf, name, scale):
+    """A quantised block whose float16 scale is NaN (0x7e00) or Inf (0x7c00) dequantises to non-finite values."""
+    from qwen2.loading.gguf import GGUFFile
+
+    offset = GGUFFile(model_gguf).tensors[name].offset + 3 * 34 if name == "token_embd.weight" else \
+        GGUFFile(model_gguf).tensors[name].offset  # Q8_0 blocks are 34 bytes, the scale first
+    raw = bytearray(model_gguf.read_bytes())
+    raw[offset:offset + 2] = scale
+    bad = tmp_path / "bad-scale.gguf"
+    bad.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=f"{name}.*NaN or Inf"):
+        Qwen2ForCausalLM.from_pretrained(bad)

@@ -378,7 +378,7 @@ def _check_finite(tensor: torch.Tensor, name: str, path: Path) -> None:
     flat = tensor.reshape(-1)
     for lo in range(0, flat.numel(), _FINITE_SLICE):
         if not torch.isfinite(flat[lo:lo + _FINITE_SLICE]).all():
-            raise ValueError(f"Tensor {name!r} in {path} holds NaN or Inf values (as loaded in {tensor.dtype}); "
+            raise ValueError(f"Tensor {name} in {path} holds NaN or Inf values (as loaded in {tensor.dtype}); "
                              f"the checkpoint is corrupt. Pass allow_non_finite=True to load it anyway")
 
 
@@ -412,13 +412,15 @@ def _load_weights(model: nn.Module, files: list[Path], device: torch.device, ign
             if raw_name.endswith(_IGNORED_SUFFIXES):
                 continue
             name = rename(raw_name)
+            stored = getattr(source, "name", raw_name)  # a GGUF's own name for it, which its user knows
+            label = repr(raw_name) if stored == raw_name else f"{stored!r} ({raw_name})"
             if name in quantized:  # checked once quantised: a NaN or Inf weight gives non-finite scales
                 quantizer.load(name, source, device)
                 for tensor in quantized[name].buffers() if check_finite else ():
-                    _check_finite(tensor, raw_name, path)
+                    _check_finite(tensor, label, path)
                 continue
             if check_finite and source.dtype.is_floating_point:
-                source = _FiniteSource(source, raw_name, path)
+                source = _FiniteSource(source, label, path)
             if name not in expected:
                 unexpected.append(raw_name)
                 continue
