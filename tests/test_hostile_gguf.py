@@ -99,6 +99,16 @@ def test_touched_but_unchanged_file_is_rehashed_and_kept(cache, model_gguf):
     assert record["ctime_ns"] == model_gguf.stat().st_ctime_ns  # refreshed: the next load does not hash
 
 
+def test_a_record_of_the_older_format_is_rehashed_and_upgraded(cache, model_gguf):
+    """Records written before the inode stamp (size and mtime only) still load the same file."""
+    cached = gguf_to_directory(model_gguf, progress=False)
+    record = json.loads((cached / "gguf_source.json").read_text())
+    old = {key: record[key] for key in ("path", "size", "mtime_ns", "sha256")}
+    (cached / "gguf_source.json").write_text(json.dumps(old))
+    assert checkpoint_files(cached) == ([model_gguf.resolve()], None)
+    assert json.loads((cached / "gguf_source.json").read_text()) == record
+
+
 @pytest.mark.parametrize("record", [{"path": "/etc/hostname"}, [], {"path": 3, "sha256": None},
                                     {"path": "x", "size": "big", "mtime_ns": 0, "ctime_ns": 0, "inode": 0,
                                      "sha256": "x"}])

@@ -269,7 +269,7 @@ def gguf_weights(directory: Path) -> Path | None:
     try:
         record = json.loads(record_path.read_text(encoding="utf-8"))
         path, sha256 = Path(record["path"]), record["sha256"]
-        stamp = {key: int(record[key]) for key in ("size", "mtime_ns", "ctime_ns", "inode")}
+        stamp = {key: record.get(key) for key in ("size", "mtime_ns", "ctime_ns", "inode")}  # older: no ctime
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise CheckpointError(f"{record_path} is not a valid GGUF record ({err!r}); delete {directory} and load "
                               f"the .gguf file again") from None
