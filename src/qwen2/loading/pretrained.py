@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import math
 import os
 import re
 from collections.abc import Iterator
@@ -371,18 +372,22 @@ def _sources(path: Path) -> Iterator[tuple[str, TensorSource]]:
 
 def _check_finite(tensor: torch.Tensor, name: str, path: Path) -> None:
     """Refuse NaN or Inf: in a weight they make every logit NaN, and greedy decoding then emits token 0
-    forever without a word. Run on what was just read, while it is still in cache, in slices so the check
-    allocates little."""
-    if not tensor.is_floating_point() or tensor.is_meta:
+    forever without a word. One `aminmax` over what was just read, while it is still in cache: min and max
+    propagate NaN and are infinite when any value is, so this is exact, allocates nothing and runs at
+    memory speed (`isfinite` builds a mask and was ~30x slower here)."""
+    if not tensor.is_floating_point() or tensor.is_meta or not tensor.numel():
         return
-    flat = tensor.reshape(-1)
-    for lo in range(0, flat.numel(), _FINITE_SLICE):
-        if not torch.isfinite(flat[lo:lo + _FINITE_SLICE]).all():
-            raise ValueError(f"Tensor {name} in {path} holds NaN or Inf values (as loaded in {tensor.dtype}); "
-                             f"the checkpoint is corrupt. Pass allow_non_finite=True to load it anyway")
+    if tensor.dtype in _MINMAX_DTYPES:
+        low, high = torch.aminmax(tensor)
+        finite = math.isfinite(low) and math.isfinite(high)
+    else:  # float8 and other dtypes aminmax does not take
+        finite = bool(torch.isfinite(tensor).all())
+    if not finite:
+        raise ValueError(f"Tensor {name} in {path} holds NaN or Inf values (as loaded in {tensor.dtype}); "
+                         f"the checkpoint is corrupt. Pass allow_non_finite=True to load it anyway")
 
 
-_FINITE_SLICE = 1 << 20
+_MINMAX_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 class _FiniteSource:
