@@ -34,7 +34,7 @@ from qwen2.tokenizer.chat import render_conversations
 from qwen2.tokenizer.gguf import write_tokenizer_files
 from test_gguf import MERGES, TOKENS, write_tiny_gguf
 
-EXAMPLES = int(os.environ.get("QWEN2_FUZZ_EXAMPLES", "120"))
+EXAMPLES = int(os.environ.get("QWEN2_FUZZ_EXAMPLES", "800"))  # CI: ~40 s for the five targets
 FUZZ = settings(max_examples=EXAMPLES, deadline=timedelta(seconds=5), derandomize="QWEN2_FUZZ_EXAMPLES" not in os.environ,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
                                        HealthCheck.data_too_large], database=None)
