@@ -251,3 +251,72 @@ def test_importable_without_torch():
             "assert c.dtype == 'bfloat16' and c.to_dict()['dtype'] == 'bfloat16'\n"
             "assert 'torch' not in sys.modules or sys.modules['torch'] is None\n")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ---- types and ranges (issue 20): transformers' strict config is the oracle for types -------------------------
+REFUSED_BY_BOTH = [
+    dict(rms_norm_eps="tiny"), dict(rms_norm_eps=1), dict(tie_word_embeddings="no"), dict(tie_word_embeddings=0),
+    dict(vocab_size=1.5), dict(vocab_size=True), dict(hidden_size="8"), dict(use_cache=1),
+    dict(initializer_range=1), dict(attention_dropout="x"), dict(eos_token_id=[1, "a"]), dict(bos_token_id="1"),
+    dict(pad_token_id=2.0), dict(use_sliding_window=True, sliding_window=1.5), dict(hidden_act=3),
+    dict(num_hidden_layers=2, layer_types=["x", "full_attention"]), dict(id2label=[1]), dict(use_sliding_window="yes"),
+]
+
+
+def _refused_by_transformers(kwargs: dict) -> bool:
+    try:
+        transformers.Qwen2Config(**kwargs)
+    except Exception:  # StrictDataclassFieldValidationError and friends
+        return True
+    return False
+
+
+@pytest.mark.parametrize("kwargs", REFUSED_BY_BOTH, ids=lambda k: "-".join(f"{a}={b!r}" for a, b in k.items()))
+def test_wrong_field_types_are_refused_as_transformers_refuses_them(kwargs):
+    assert _refused_by_transformers(kwargs)
+    with pytest.raises(ValueError) as info:
+        Qwen2Config(**kwargs)
+    assert list(kwargs)[-1] in str(info.value) or "layer_types" in str(info.value)
+
+
+# Accepted by transformers' config, but they make the model's numbers meaningless (NaN, no rotation, ...).
+REFUSED_BEYOND = [
+    (dict(rms_norm_eps=float("nan")), "rms_norm_eps"), (dict(rms_norm_eps=-1e-6), "rms_norm_eps"),
+    (dict(rms_norm_eps=0.0), "rms_norm_eps"), (dict(rms_norm_eps=float("inf")), "rms_norm_eps"),
+    (dict(rope_parameters={"rope_type": "default", "rope_theta": 0.0}), "rope_theta"),
+    (dict(rope_theta=-10000.0), "rope_theta"), (dict(rope_theta=float("nan")), "rope_theta"),
+    (dict(rope_parameters={"rope_type": "linear", "factor": -2.0}), "factor"),
+    (dict(rope_scaling={"rope_type": "dynamic", "factor": 0.0}), "factor"),
+    (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 0}),
+     "original_max_position_embeddings"),
+    (dict(dtype="int8"), "floating-point"), (dict(torch_dtype="bool"), "floating-point"),
+    (dict(attention_dropout=1.5), "attention_dropout"), (dict(initializer_range=-0.02), "initializer_range"),
+    (dict(num_hidden_layers=10**7), "num_hidden_layers"),
+]
+
+
+@pytest.mark.parametrize("kwargs,field", REFUSED_BEYOND, ids=lambda v: str(v)[:40])
+def test_values_that_make_numbers_meaningless_are_refused(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        Qwen2Config(**kwargs)
+
+
+@pytest.mark.parametrize("pad", [128, 10**9, -129])
+def test_pad_id_outside_the_vocabulary(pad):
+    """transformers' config takes it and its model fails to build (padding_idx out of range); ours refuses
+    at the config, naming the field. Negative ids within range are kept, as in transformers' embedding."""
+    small = dict(TINY, num_hidden_layers=1)
+    with pytest.raises(Exception):
+        transformers.Qwen2Model(transformers.Qwen2Config(**small, pad_token_id=pad))
+    with pytest.raises(ValueError, match=f"pad_token_id={pad}"):
+        Qwen2Config(**small, pad_token_id=pad)
+    assert Qwen2Config(**small, pad_token_id=-1).pad_token_id == -1
+
+
+@pytest.mark.parametrize("change", [{"rms_norm_eps": "tiny"}, {"tie_word_embeddings": "no"}, {"to_dict": 1},
+                                    {"use_return_dict": False}, {"num_hidden_layers": "24"}, {"layer_types": "full"}])
+def test_config_file_errors_name_the_file_and_field(tmp_path, change):
+    (tmp_path / "config.json").write_text(json.dumps({**TINY, **change}))
+    with pytest.raises(ValueError) as info:
+        Qwen2Config.from_pretrained(tmp_path)
+    assert "config.json" in str(info.value) and next(iter(change)) in str(info.value)

@@ -471,7 +471,7 @@ def test_failed_conversion_leaves_nothing(tiny, cache, monkeypatch):
     def explode(directory, *args):
         (Path(directory) / "gguf_source.json").write_text("{")
         raise RuntimeError("disk full")
-    monkeypatch.setattr(qgguf, "_record_source", explode)
+    monkeypatch.setattr(qgguf, "record_source", explode)
     with pytest.raises(RuntimeError, match="disk full"):
         gguf_to_directory(tiny[0], progress=False)
     assert [p.name for p in (cache / "gguf").iterdir()] == ["sha256.json"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import signal
 import sys
 import threading
@@ -88,15 +89,33 @@ def _model_source(args: argparse.Namespace) -> tuple[str, str | None]:
     return args.model, args.gguf_file
 
 
+def _threads(wanted: int) -> int:
+    """`--threads`, clamped to the cores this process may run on: more threads than cores only contend."""
+    if wanted < 1:
+        raise ValueError(f"--threads must be at least 1, got {wanted}")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if wanted > cores:
+        logger.warning("--threads %d is more than the %d core(s) available; using %d", wanted, cores, cores)
+        return cores
+    return wanted
+
+
+def _read_stdin() -> str:
+    data = sys.stdin.buffer.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"standard input is not UTF-8 text (byte {data[err.start]:#04x} at offset {err.start})") \
+            from None
+
+
 def _load(args: argparse.Namespace) -> tuple[Any, Any]:
     import torch
 
     from qwen2 import AutoModelForCausalLM, AutoTokenizer
 
     if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be at least 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+        torch.set_num_threads(_threads(args.threads))
     source, gguf_file = _model_source(args)
     tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
     model = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_file, dtype=args.dtype,
@@ -191,7 +210,7 @@ def _chat_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    prompt = _read_stdin() if args.prompt == "-" else args.prompt
     gen_kwargs = _generation_kwargs(args, compile_by_default=False)  # one answer: rarely repays the compile
     model, tokenizer = _load(args)
     _compile_up_front(model, gen_kwargs)
@@ -218,6 +237,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
             return 0
         except KeyboardInterrupt:
             print()
+            continue
+        except UnicodeDecodeError as err:  # the terminal sent bytes that are not UTF-8: say so, keep chatting
+            print(f"(that line is not UTF-8 text: {err.reason} at byte {err.start}; not sent)", flush=True)
             continue
         text = line.strip()
         if not text:
@@ -275,10 +297,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
-    except (OSError, ValueError, RuntimeError, KeyError) as error:
+    except Exception as error:  # one line for the user, whatever it was; --verbose keeps the traceback
         if args.verbose:
             raise
-        print(f"qwen2 {args.command}: error: {error}", file=sys.stderr)
+        message = " ".join(str(error).split()) or type(error).__name__
+        if not isinstance(error, (OSError, ValueError, RuntimeError, KeyError)):
+            message = f"{type(error).__name__}: {message} (run with --verbose for the traceback)"
+        print(f"qwen2 {args.command}: error: {message}", file=sys.stderr)
         return 1
 
 

@@ -18,6 +18,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from qwen2.config_checks import check_fields
+
 logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "config.json"
@@ -82,6 +84,8 @@ _DROPPED_KEYS = frozenset({"_commit_hash", "_attn_implementation_internal", "_ex
 _INIT_ONLY_KEYS = frozenset({"attn_implementation", "torch_dtype", "rope_scaling", "rope_theta", "num_labels",
                              "partial_rotary_factor", "name_or_path"})
 _LAYER_TYPE_INPUTS = frozenset({"num_hidden_layers", "use_sliding_window", "sliding_window", "max_window_layers"})
+_MAX_LAYERS = 65_536
+_MAX_LABELS = 1 << 20
 _PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
 
 
@@ -165,7 +169,16 @@ class Qwen2Config:
         self.dtype = _normalise_dtype(dtype if dtype is not None else torch_dtype)
 
         num_labels = kwargs.pop("num_labels", None)
-        self.id2label = None if id2label is None else {int(k): v for k, v in id2label.items()}
+        if num_labels is not None:
+            _require_int("num_labels", num_labels, minimum=0)
+            if num_labels > _MAX_LABELS:  # a label table is built from it right away
+                raise ValueError(f"num_labels={num_labels:,} is not plausible (at most {_MAX_LABELS:,})")
+        if id2label is not None and not isinstance(id2label, dict):
+            raise ValueError(f"id2label={id2label!r} must be a dict {{id: label}}")
+        try:
+            self.id2label = None if id2label is None else {int(k): v for k, v in id2label.items()}
+        except (TypeError, ValueError):
+            raise ValueError(f"id2label={id2label!r} must map integer ids to labels") from None
         self.label2id = label2id
         if self.id2label is None:
             self.num_labels = 2 if num_labels is None else num_labels
@@ -187,10 +200,15 @@ class Qwen2Config:
         self.rope_parameters = _standardise_rope(rope_scaling or rope_parameters, rope_theta,
                                                  kwargs.pop("partial_rotary_factor", None), max_position_embeddings)
 
+        self._check_sizes()  # before deriving per-layer lists from them
+        if layer_types is not None and not isinstance(layer_types, list):
+            raise ValueError(f"layer_types={layer_types!r} must be a list with one entry per layer")
         self.layer_types = self._derive_layer_types() if layer_types is None else [
-            _LEGACY_LAYER_TYPES.get(t, t) for t in layer_types]
+            _LEGACY_LAYER_TYPES.get(t, t) if isinstance(t, str) else t for t in layer_types]
 
         for key, value in kwargs.items():
+            if hasattr(type(self), key):  # a method or read-only property: the file cannot replace it
+                raise ValueError(f"{key!r} is not a config field (it names a Qwen2Config {_member_kind(self, key)})")
             if key in _GENERATION_KEYS:
                 logger.info("Ignoring generation setting %s=%r in the model config: it belongs in "
                             "generation_config.json", key, value)
@@ -281,10 +299,10 @@ class Qwen2Config:
     # --------------------------------------------------------------------------------------------------- validation
 
     def validate(self) -> None:
-        """Reject configurations the model cannot be built from, naming the field and its value."""
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                     "num_key_value_heads", "max_position_embeddings", "max_window_layers"):
-            _require_int(name, getattr(self, name), minimum=1 if name != "max_window_layers" else 0)
+        """Reject configurations the model cannot be built from or that make its numbers meaningless, naming
+        the field and its value: the field types transformers' strict config checks, plus ranges."""
+        self._check_sizes()
+        check_fields(self)
         if self._head_dim is not None:
             _require_int("head_dim", self._head_dim, minimum=1)
         elif self.hidden_size % self.num_attention_heads:
@@ -296,8 +314,6 @@ class Qwen2Config:
         if self.hidden_act not in SUPPORTED_ACTIVATIONS:
             raise ValueError(f"hidden_act={self.hidden_act!r} is not supported; choose one of "
                              f"{', '.join(SUPPORTED_ACTIVATIONS)}")
-        if self.use_sliding_window and self.sliding_window is not None:
-            _require_int("sliding_window", self.sliding_window, minimum=1)
         if not isinstance(self.layer_types, list) or len(self.layer_types) != self.num_hidden_layers:
             length = len(self.layer_types) if isinstance(self.layer_types, (list, tuple)) else "no"
             raise ValueError(f"layer_types has {length} entries but num_hidden_layers={self.num_hidden_layers}: "
@@ -313,6 +329,16 @@ class Qwen2Config:
                              'for binary classification or problem_type="regression" for one output')
         _validate_rope(self.rope_parameters, self.head_dim)
 
+    def _check_sizes(self) -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "max_position_embeddings", "max_window_layers"):
+            _require_int(name, getattr(self, name), minimum=1 if name != "max_window_layers" else 0)
+        if self.num_hidden_layers > _MAX_LAYERS:  # per-layer lists are derived from it right away
+            raise ValueError(f"num_hidden_layers={self.num_hidden_layers:,} is not a plausible model (at most "
+                             f"{_MAX_LAYERS:,}); the config is corrupt")
+        if self.use_sliding_window and self.sliding_window is not None:
+            _require_int("sliding_window", self.sliding_window, minimum=1)
+
     # -------------------------------------------------------------------------------------------- (de)serialisation
 
     @classmethod
@@ -323,6 +349,11 @@ class Qwen2Config:
         `return_unused_kwargs=True` also returns the kwargs that named no attribute (transformers' contract).
         """
         return_unused_kwargs = kwargs.pop("return_unused_kwargs", False)
+        if not isinstance(config_dict, dict):
+            raise ValueError(f"a config must be a dict of fields, not {type(config_dict).__name__}")
+        bad = [key for key in [*config_dict, *kwargs] if not isinstance(key, str) or key == "self"]
+        if bad:
+            raise ValueError(f"{bad[0]!r} is not a config field")
         model_type = config_dict.get("model_type", MODEL_TYPE)
         if model_type != MODEL_TYPE:
             raise ValueError(f"This config has model_type={model_type!r}; qwen2 only loads "
@@ -385,7 +416,7 @@ class Qwen2Config:
 
     @classmethod
     def from_json_file(cls, json_file: str | os.PathLike) -> Qwen2Config:
-        return cls.from_dict(_read_json(Path(json_file)))
+        return _named(Path(json_file), cls.from_dict, _read_json(Path(json_file)))
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
         """Write `config.json` into `save_directory` (created if needed)."""
@@ -416,7 +447,7 @@ class Qwen2Config:
                 raise OSError(f"{directory} has no {CONFIG_NAME}; is it a transformers-format model directory?")
         config_dict = _read_json(config_file)
         kwargs.setdefault("name_or_path", str(pretrained_model_name_or_path))
-        return cls.from_dict(config_dict, **kwargs)
+        return _named(config_file, cls.from_dict, config_dict, **kwargs)
 
     # ------------------------------------------------------------------------------------------------------ dunders
 
@@ -437,6 +468,10 @@ class Qwen2Config:
 def _require_int(name: str, value: Any, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name}={value!r} must be an integer >= {minimum}")
+
+
+def _member_kind(config: Qwen2Config, key: str) -> str:
+    return "property" if isinstance(getattr(type(config), key), property) else "method or class attribute"
 
 
 def _normalise_dtype(value: Any) -> Any:
@@ -481,14 +516,25 @@ def _validate_rope(params: dict[str, Any], head_dim: int) -> None:
     unknown = sorted(params.keys() - required - optional - _ROPE_ALWAYS_ALLOWED)
     if unknown:
         logger.warning("Unrecognised keys in rope_parameters for rope_type=%r: %s", rope_type, unknown)
-    for key in ("factor", "rope_theta", "low_freq_factor", "high_freq_factor", "attention_factor"):
+    for key in ("factor", "rope_theta", "low_freq_factor", "high_freq_factor", "attention_factor", "beta_fast",
+                "beta_slow", "mscale", "mscale_all_dim", "partial_rotary_factor"):
         value = params.get(key)
         if key in params and value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
             raise ValueError(f"rope_parameters[{key!r}]={value!r} must be a number")
+        # Beyond the reference, which warns at most: these can only give NaN or meaningless angles.
+        if key in ("factor", "rope_theta", "attention_factor", "partial_rotary_factor") and value is not None \
+                and not (math.isfinite(value) and value > 0):
+            raise ValueError(f"rope_parameters[{key!r}]={value!r} must be a finite number > 0")
+    if "original_max_position_embeddings" in params:
+        _require_int("rope_parameters['original_max_position_embeddings']",
+                     params["original_max_position_embeddings"], minimum=1)
     if isinstance(params.get("factor"), (int, float)) and params["factor"] < 1:
         logger.warning("rope_parameters['factor']=%s is below 1, which shrinks the context instead of extending it",
                        params["factor"])
-    partial = params.get("partial_rotary_factor", 1.0)
+    partial = params.get("partial_rotary_factor")
+    partial = 1.0 if partial is None else partial
+    if partial > 1:
+        raise ValueError(f"rope_parameters['partial_rotary_factor']={partial!r} must be at most 1")
     rotary_dim = int(head_dim * partial)
     if rope_type == "longrope":
         for key in ("short_factor", "long_factor"):
@@ -500,10 +546,18 @@ def _validate_rope(params: dict[str, Any], head_dim: int) -> None:
         raise ValueError(f"RoPE needs an even rotary dimension, but head_dim={head_dim}")
 
 
+def _named(path: Path, build: Any, *args: Any, **kwargs: Any) -> Any:
+    """`build(*args, **kwargs)`, its ValueError naming the file the values came from."""
+    try:
+        return build(*args, **kwargs)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except (ValueError, RecursionError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise OSError(f"{path} is not a valid JSON file: {err}") from err
     if not isinstance(data, dict):
         raise OSError(f"{path} must hold a JSON object, not {type(data).__name__}")

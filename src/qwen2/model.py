@@ -310,6 +310,13 @@ def _return_dict(value: bool | None, config: Any) -> bool:
     return bool(getattr(config, "use_return_dict", getattr(config, "return_dict", True)))
 
 
+def _check_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
+    """An id outside the embedding table is a caller's error, not an IndexError deep in torch."""
+    if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab_size):
+        raise ValueError(f"input_ids holds ids outside the vocabulary [0, {vocab_size}): min {int(input_ids.min())}, "
+                         f"max {int(input_ids.max())}")
+
+
 def _pick_cache(past_key_values: Cache | None, kwargs: dict[str, Any]) -> Cache | None:
     """Accept transformers 5.x's `cache=` as well as `past_key_values=`."""
     cache = kwargs.pop("cache", None)
@@ -361,6 +368,8 @@ class Qwen2Model(Qwen2PreTrainedModel):
             use_cache, cache = False, None
 
         if inputs_embeds is None:
+            if input_ids.device.type == "cpu" and not torch.compiler.is_compiling():  # no sync, no graph break
+                _check_ids(input_ids, self.embed_tokens.num_embeddings)
             inputs_embeds = self.embed_tokens(input_ids)
         batch, length = inputs_embeds.shape[:2]
         if use_cache and cache is None:

@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import json
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -115,8 +116,7 @@ class GenerationConfig:
         values inherited from a checkpoint's generation_config.json), as in the reference."""
         if self.early_stopping not in (None, True, False, "never"):
             raise ValueError(f"`early_stopping` must be a boolean or 'never', but is {self.early_stopping!r}.")
-        if self.max_new_tokens is not None and self.max_new_tokens <= 0:
-            raise ValueError(f"`max_new_tokens` must be greater than 0, but is {self.max_new_tokens}.")
+        _check_values(self)
         for arg in _GENERATE_ONLY_ARGUMENTS:
             if arg in self.__dict__:
                 raise ValueError(
@@ -274,6 +274,67 @@ class GenerationConfig:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__} {self.to_json_string(ignore_metadata=True)}"
+
+
+# Integer fields and their least meaningful value: below it they can only crash or produce garbage.
+_INT_MINIMUMS = {"max_new_tokens": 1, "max_length": 1, "min_length": 0, "min_new_tokens": 0, "num_beams": 1,
+                 "num_return_sequences": 1, "top_k": 0, "no_repeat_ngram_size": 0,
+                 "encoder_no_repeat_ngram_size": 0, "max_cache_len": 1, "prefill_chunk_size": 1}
+# Float fields and the closed/open interval they mean something in ("(" = exclusive).
+_FLOAT_RANGES = {"temperature": ("[", 0.0, math.inf, ")"), "top_p": ("[", 0.0, 1.0, "]"),
+                 "min_p": ("[", 0.0, 1.0, "]"), "typical_p": ("(", 0.0, 1.0, "]"),
+                 "epsilon_cutoff": ("[", 0.0, 1.0, ")"), "eta_cutoff": ("[", 0.0, 1.0, ")"),
+                 "repetition_penalty": ("(", 0.0, math.inf, ")"), "encoder_repetition_penalty": ("(", 0.0, math.inf, ")"),
+                 "length_penalty": ("(", -math.inf, math.inf, ")"), "max_time": ("[", 0.0, math.inf, ")"),
+                 "guidance_scale": ("(", -math.inf, math.inf, ")"), "assistant_ensemble_weight": ("(", 0.0, 1.0, ")")}
+
+
+def _check_values(config: GenerationConfig) -> None:
+    """What transformers' `GenerationConfig.validate` refuses, and the values it lets through that can only
+    crash generate() or make garbage (num_beams=0, temperature=inf, a negative n-gram size, ...)."""
+    for name, minimum in _INT_MINIMUMS.items():
+        value = getattr(config, name, None)
+        if value is not None and (not _is_int(value) or value < minimum):
+            raise ValueError(f"`{name}` must be an integer >= {minimum}, but is {value!r}.")
+    for name, (left, low, high, right) in _FLOAT_RANGES.items():
+        value = getattr(config, name, None)
+        if value is None:
+            continue
+        inside = (_is_number(value) and (low <= value if left == "[" else low < value)
+                  and (value <= high if right == "]" else value < high))
+        if not inside:
+            raise ValueError(f"`{name}` must be a number in {left}{low}, {high}{right}, but is {value!r}.")
+    if config.do_sample is True and config.temperature == 0:
+        raise ValueError("`temperature=0` with `do_sample=True` divides the logits by zero; for greedy decoding "
+                         "set `do_sample=False`.")
+    if config.min_new_tokens is not None and config.max_new_tokens is not None \
+            and config.min_new_tokens > config.max_new_tokens:
+        raise ValueError(f"`min_new_tokens` ({config.min_new_tokens}) is above `max_new_tokens` "
+                         f"({config.max_new_tokens}): end-of-sequence would be forbidden for the whole answer.")
+    if config.suppress_tokens is not None:  # the reference's rule: forcing only suppressed tokens gives NaN
+        for name in ("forced_bos_token_id", "forced_eos_token_id"):
+            forced = getattr(config, name)
+            forced = {forced} if isinstance(forced, int) else set(forced or ())
+            if forced and forced <= set(config.suppress_tokens):
+                raise ValueError(f"Every token of `{name}` ({sorted(forced)}) is also in `suppress_tokens`: forcing "
+                                 f"a suppressed token leaves no token to choose.")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+
+
+def check_attention_mask(attention_mask: Any) -> None:
+    """No row of a generate() prompt may be masked out entirely: it would attend to nothing (transformers
+    then generates from NaN). Ids outside the vocabulary are the model's forward's to refuse."""
+    if attention_mask is not None and bool((attention_mask == 0).all(dim=-1).any()):
+        rows = (attention_mask == 0).all(dim=-1).nonzero().flatten().tolist()
+        raise ValueError(f"`attention_mask` masks every token of row(s) {rows}: each row needs at least one "
+                         f"token to attend to.")
 
 
 def _jsonable(obj: Any) -> Any:

@@ -25,7 +25,7 @@ import torch
 
 from qwen2.generation.api import GenerationApiMixin
 from qwen2.generation.beam import beam_search
-from qwen2.generation.config import DEFAULT_GENERATION_PARAMS, GenerationConfig
+from qwen2.generation.config import DEFAULT_GENERATION_PARAMS, GenerationConfig, check_attention_mask
 from qwen2.generation.fast import cache_length, decode_step_fn
 from qwen2.generation.logits import LogitsProcessor, apply_processors, build_logits_processors, check_supported
 from qwen2.generation.outputs import GenerateDecoderOnlyOutput
@@ -309,6 +309,7 @@ class GenerationMixin(GenerationApiMixin):
             input_ids = given if given is not None else inputs_embeds.new_zeros(inputs_embeds.shape[0], 0,
                                                                                 dtype=torch.long)
         attention_mask = model_kwargs.pop("attention_mask", None)
+        check_attention_mask(attention_mask)
         model_kwargs.pop("use_cache", None)  # the cache is always used; the tokens are the same either way
         model_kwargs.pop("token_type_ids", None)  # some tokenizers return it; Qwen2 has no token types
         prefix_allowed_tokens_fn = model_kwargs.pop("prefix_allowed_tokens_fn", None)

@@ -20,11 +20,13 @@ no `output.weight`, and the bos/eos/pad/unk ids from `tokenizer.ggml.*`.
 from __future__ import annotations
 
 import fnmatch
+import glob
 import hashlib
 import json
 import logging
 import math
 import os
+import secrets
 import shutil
 import struct
 import tempfile
@@ -40,7 +42,7 @@ from qwen2.loading import names
 from qwen2.loading.default_model import cache_dir
 from qwen2.loading.dequant import dequantize
 from qwen2.loading.gguf_reader import ARCHITECTURE, GGUFError, GGUFFile, TensorInfo, open_gguf
-from qwen2.loading.safetensors import GGUF_SOURCE_NAME, bytes_of, read_exact, row_span
+from qwen2.loading.safetensors import GGUF_SOURCE_NAME, bytes_of, file_stamp, read_exact, row_span
 
 logger = logging.getLogger(__name__)
 
@@ -268,17 +270,25 @@ def _write_model_dir(gf: GGUFFile, out_dir: Path, dtype: torch.dtype, progress: 
 
 
 def _partial_dir(target: Path) -> Path:
-    """A fresh hidden sibling of `target` to write into, named with our pid so leftovers can be reclaimed."""
-    return Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".partial", dir=target.parent))
+    """A fresh hidden sibling of `target` to write into, named with our pid so leftovers can be reclaimed.
+    Made by `os.mkdir`, so its mode follows the umask as any directory the user makes (not mkdtemp's 0700)."""
+    while True:
+        partial = target.parent / f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.partial"
+        try:
+            partial.mkdir()
+            return partial
+        except FileExistsError:
+            continue
 
 
-def _remove_stale_partials(parent: Path) -> None:
-    """Delete `.partial` directories whose writer process is gone (killed mid-conversion)."""
-    for partial in parent.glob(".*.partial"):
+def _remove_stale_partials(parent: Path, name: str = "*") -> None:
+    """Delete the `.partial` directories of `name` whose writer process is gone (killed mid-conversion)."""
+    for partial in parent.glob(f".{name}.*.partial"):
         try:
             pid = int(partial.name.rsplit(".", 3)[1])
             os.kill(pid, 0)
         except ProcessLookupError:
+            logger.info("Removing %s, left by a conversion that was killed", partial)
             shutil.rmtree(partial, ignore_errors=True)
         except (ValueError, IndexError, PermissionError):
             continue
@@ -317,6 +327,7 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, dtype
         _check_replaceable(out)
     gf = GGUFFile(gguf_path)
     out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_partials(out.parent, glob.escape(out.name))
     partial = _partial_dir(out)
     try:
         _write_model_dir(gf, partial, dtype, progress)
@@ -335,8 +346,7 @@ def _hash_index() -> Path:
 def file_sha256(path: str | os.PathLike, progress: bool = False) -> str:
     """sha256 of a file, remembered by (path, size, mtime) so a 500 MB GGUF is hashed once."""
     path = Path(path).resolve()
-    stat = path.stat()
-    stamp = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    stamp = file_stamp(path)
     index_path = _hash_index()
     try:
         index = json.loads(index_path.read_text(encoding="utf-8"))
@@ -348,7 +358,7 @@ def file_sha256(path: str | os.PathLike, progress: bool = False) -> str:
     from tqdm.auto import tqdm
 
     digest = hashlib.sha256()
-    with open(path, "rb") as f, tqdm(total=stat.st_size, unit="B", unit_scale=True, desc=f"Hashing {path.name}",
+    with open(path, "rb") as f, tqdm(total=stamp["size"], unit="B", unit_scale=True, desc=f"Hashing {path.name}",
                                      disable=not progress) as bar:
         while block := f.read(1 << 24):
             digest.update(block)
@@ -363,10 +373,9 @@ def file_sha256(path: str | os.PathLike, progress: bool = False) -> str:
     return digest.hexdigest()
 
 
-def _record_source(directory: Path, gguf_path: Path, sha256: str) -> None:
+def record_source(directory: Path, gguf_path: Path, sha256: str) -> None:
     """Point `directory`'s record at `gguf_path` (atomically; a no-op when it already does)."""
-    stat = gguf_path.stat()
-    record = {"path": str(gguf_path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": sha256}
+    record = {"path": str(gguf_path), **file_stamp(gguf_path), "sha256": sha256}
     record_path = directory / GGUF_SOURCE_NAME
     try:
         if json.loads(record_path.read_text(encoding="utf-8")) == record:
@@ -394,7 +403,7 @@ def gguf_to_directory(gguf_path: str | os.PathLike, *, progress: bool = True) ->
         partial = _partial_dir(target)
         try:
             _write_model_dir(gf, partial, torch.float32, progress, weights=False)
-            _record_source(partial, path, sha256)
+            record_source(partial, path, sha256)
             try:
                 os.rename(partial, target)
             except OSError:
@@ -403,7 +412,7 @@ def gguf_to_directory(gguf_path: str | os.PathLike, *, progress: bool = True) ->
         finally:
             shutil.rmtree(partial, ignore_errors=True)
         logger.info("Cached the config and tokenizer of %s in %s", path, target)
-    _record_source(target, path, sha256)
+    record_source(target, path, sha256)
     legacy = target / "model.safetensors"  # the float32 conversion earlier versions cached
     if legacy.is_file():
         legacy.unlink(missing_ok=True)

@@ -42,6 +42,9 @@ def resolve_model_dir(name_or_path: str | os.PathLike, *, gguf_file: str | None 
         if not gguf_path.is_file():
             raise ModelNotFoundError(f"gguf_file={gguf_file!r} does not exist in {path}")
         return _gguf_dir(gguf_path)
+    if path.exists():  # a device, socket or pipe (`--model /dev/null`)
+        raise ModelNotFoundError(f"{path} is neither a directory nor a regular file: pass a model directory or a "
+                                 f".gguf file")
     if _looks_like_local_path(str(name_or_path)):
         raise ModelNotFoundError(f"{name_or_path} does not exist: pass an existing model directory, a .gguf file "
                                  f"or a Hugging Face Hub id like 'Qwen/Qwen2.5-0.5B-Instruct'")

@@ -19,7 +19,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import math
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,8 +32,8 @@ from torch import nn
 from qwen2.config import CONFIG_NAME, Qwen2Config
 from qwen2.loading.heap import reuse_large_blocks
 from qwen2.loading.hub import resolve_model_dir
-from qwen2.loading.safetensors import (TensorSource, checkpoint_dtype, checkpoint_files, iter_sources, read_tensor,
-                                      save_state_dict)
+from qwen2.loading.safetensors import (TensorSource, checkpoint_dtype, checkpoint_files, iter_sources, read_header,
+                                      read_tensor, save_state_dict)
 
 logger = logging.getLogger(__name__)
 
@@ -191,7 +193,8 @@ class PreTrainedModel(nn.Module):
                         revision: str | None = None, cache_dir: str | os.PathLike | None = None,
                         local_files_only: bool = False, token: str | bool | None = None,
                         ignore_mismatched_sizes: bool = False, quantization: str | None = None,
-                        group_size: int | None = None, **kwargs: Any) -> nn.Module:
+                        group_size: int | None = None, allow_non_finite: bool = False,
+                        **kwargs: Any) -> nn.Module:
         """Load a model from a directory, a .gguf file or a hub id; config-named kwargs override the config.
 
         `dtype` (or the older `torch_dtype`) defaults to "auto", transformers 5's default: the checkpoint's own
@@ -199,7 +202,7 @@ class PreTrainedModel(nn.Module):
         "auto" (first GPU if any, else CPU), a device, or {"": device}; the model lives on one device.
         `quantization` ("int8", "int4" with `group_size`, or "w8a8") quantises the weights as they load (a
         GGUF's 4-bit blocks go to int4 group 32 as they are); a checkpoint saved quantised reloads as such
-        without it.
+        without it. A weight holding NaN or Inf is refused, naming it, unless `allow_non_finite=True`.
         """
         output_loading_info = kwargs.pop("output_loading_info", False)
         use_safetensors = kwargs.pop("use_safetensors", None)
@@ -222,6 +225,7 @@ class PreTrainedModel(nn.Module):
             raise TypeError(f"{cls.__name__}.from_pretrained got unexpected keyword argument(s) "
                             f"{sorted(model_kwargs)}: they are neither loading options nor config fields")
         files, index_metadata = checkpoint_files(directory, use_safetensors)
+        _check_layer_count(config, files)
         target_dtype = _resolve_dtype(dtype if dtype is not None else torch_dtype, index_metadata, files, config)
         config.dtype = target_dtype
         device = _target_device(device_map)
@@ -239,7 +243,7 @@ class PreTrainedModel(nn.Module):
             quantizer = QuantizingLoader(model, quantization, group_size)
         elif group_size is not None:
             raise ValueError("group_size= applies only with quantization='int4'")
-        info = _load_weights(model, files, device, ignore_mismatched_sizes, quantizer)
+        info = _load_weights(model, files, device, ignore_mismatched_sizes, quantizer, not allow_non_finite)
         if device.type == "cpu":
             reuse_large_blocks()  # after loading: the load's own peak memory is unchanged
         if device_map is not None:
@@ -306,6 +310,21 @@ def _load_config(cls: type, config: Any, directory: Path, name: Any,
                     "config= (the base model's directory or config) to load these weights")
         raise OSError(f"{directory} has no {CONFIG_NAME}: it is not a transformers-format model directory{hint}")
     return cls.config_class.from_pretrained(source, name_or_path=str(name), return_unused_kwargs=True, **kwargs)
+
+
+_LAYER_NAME = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def _check_layer_count(config: Qwen2Config, files: list[Path]) -> None:
+    """Refuse a config with more layers than the checkpoint holds before building anything: a corrupt
+    `num_hidden_layers` would otherwise build (and randomly initialise) a model of a million layers.
+    From safetensors headers only; pickles and GGUF files (whose own metadata is checked) are not read."""
+    if not files or any(path.suffix != ".safetensors" for path in files):
+        return
+    found = {int(m.group(1)) for path in files for name in read_header(path) if (m := _LAYER_NAME.search(name))}
+    if len(found) < config.num_hidden_layers:
+        raise ValueError(f"The config of {files[0].parent} says num_hidden_layers={config.num_hidden_layers:,}, "
+                         f"but its checkpoint holds weights for {len(found)} layer(s): they do not match")
 
 
 def _as_qwen2_config(config: Any) -> Qwen2Config:
@@ -407,10 +426,43 @@ def _sources(path: Path) -> Iterator[tuple[str, TensorSource]]:
     return iter_sources(path)
 
 
+def _check_finite(tensor: torch.Tensor, name: str, path: Path) -> None:
+    """Refuse NaN or Inf: in a weight they make every logit NaN, and greedy decoding then emits token 0
+    forever without a word. One `aminmax` over what was just read, while it is still in cache: min and max
+    propagate NaN and are infinite when any value is, so this is exact, allocates nothing and runs at
+    memory speed (`isfinite` builds a mask and was ~30x slower here)."""
+    if not tensor.is_floating_point() or tensor.is_meta or not tensor.numel():
+        return
+    if tensor.dtype in _MINMAX_DTYPES:
+        low, high = torch.aminmax(tensor)
+        finite = math.isfinite(low) and math.isfinite(high)
+    else:  # float8 and other dtypes aminmax does not take
+        finite = bool(torch.isfinite(tensor).all())
+    if not finite:
+        raise ValueError(f"Tensor {name} in {path} holds NaN or Inf values (as loaded in {tensor.dtype}); "
+                         f"the checkpoint is corrupt. Pass allow_non_finite=True to load it anyway")
+
+
+_MINMAX_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+class _FiniteSource:
+    """A `TensorSource` whose values are checked by `_check_finite` as they are read."""
+
+    def __init__(self, source: TensorSource, name: str, path: Path) -> None:
+        self.source, self.name, self.path = source, name, path
+        self.shape, self.dtype = source.shape, source.dtype
+
+    def read_into(self, out: torch.Tensor, start: int = 0) -> None:
+        self.source.read_into(out, start)
+        _check_finite(out, self.name, self.path)
+
+
 def _load_weights(model: nn.Module, files: list[Path], device: torch.device, ignore_mismatched_sizes: bool,
-                  quantizer: Any = None) -> dict[str, list]:
+                  quantizer: Any = None, check_finite: bool = True) -> dict[str, list]:
     """Fill the meta-built `model` from the checkpoint, one tensor at a time; returns transformers'
-    loading-info dict. `quantizer` (a `QuantizingLoader`) quantises the weights of the modules it swapped."""
+    loading-info dict. `quantizer` (a `QuantizingLoader`) quantises the weights of the modules it swapped;
+    `check_finite` refuses NaN and Inf in the float weights (`_FiniteSource`)."""
     expected = model.state_dict()  # meta tensors: names and shapes only
     quantized = quantizer.modules if quantizer is not None else {}
     rename = _key_renamer(set(expected), getattr(model, "base_model_prefix", "model"))
@@ -421,9 +473,15 @@ def _load_weights(model: nn.Module, files: list[Path], device: torch.device, ign
             if raw_name.endswith(_IGNORED_SUFFIXES):
                 continue
             name = rename(raw_name)
-            if name in quantized:
+            stored = getattr(source, "name", raw_name)  # a GGUF's own name for it, which its user knows
+            label = repr(raw_name) if stored == raw_name else f"{stored!r} ({raw_name})"
+            if name in quantized:  # checked once quantised: a NaN or Inf weight gives non-finite scales
                 quantizer.load(name, source, device)
+                for tensor in quantized[name].buffers() if check_finite else ():
+                    _check_finite(tensor, label, path)
                 continue
+            if check_finite and source.dtype.is_floating_point:
+                source = _FiniteSource(source, label, path)
             if name not in expected:
                 unexpected.append(raw_name)
                 continue
@@ -435,6 +493,9 @@ def _load_weights(model: nn.Module, files: list[Path], device: torch.device, ign
                         f"ignore_mismatched_sizes=True to re-initialise such tensors instead.")
                 mismatched.append((name, tuple(source.shape), tuple(expected[name].shape)))
                 continue
+            if source.dtype.is_floating_point != expected[name].dtype.is_floating_point:
+                raise ValueError(f"Tensor {name!r} in {path} is stored as {source.dtype}, but the model holds it "
+                                 f"as {expected[name].dtype}: the checkpoint does not match the model")
             # Floats take the dtype the model built for them (quantisation scales may differ from `dtype`).
             target = expected[name].dtype if source.dtype.is_floating_point else source.dtype
             loaded[name] = read_tensor(source, target, device)

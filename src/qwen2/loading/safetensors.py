@@ -21,6 +21,8 @@ from typing import Any, BinaryIO, Protocol
 
 import torch
 
+from qwen2.loading.paths import inside
+
 logger = logging.getLogger(__name__)
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
@@ -48,7 +50,9 @@ class CheckpointError(OSError):
 
 
 def read_header(path: Path) -> dict[str, Any]:
-    """Parse and bounds-check a safetensors header: every tensor must lie inside the file."""
+    """Parse and check a safetensors header by the format's own rules, as the `safetensors` library applies
+    them (tensors tile the data section exactly: no overlaps, no gaps, no trailing bytes), plus no
+    duplicate names; every problem is a `CheckpointError` naming the file."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         prefix = f.read(8)
@@ -60,27 +64,40 @@ def read_header(path: Path) -> dict[str, Any]:
                                   f"bytes but the file has {size}")
         raw = f.read(header_len)
     try:
-        header = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{path} has a corrupted safetensors header: {err}") from err
+        header = json.loads(raw, object_pairs_hook=_no_duplicates)
+    except (ValueError, RecursionError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise CheckpointError(f"{path} has a corrupted safetensors header: {err}") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path} has a corrupted safetensors header: not a JSON object")
-    data_size = size - 8 - header_len
+    ends = [info["data_offsets"][1] for name, info in header.items() if name != "__metadata__"
+            and isinstance(info, dict) and isinstance(info.get("data_offsets"), list)
+            and len(info["data_offsets"]) == 2 and type(info["data_offsets"][1]) is int]
+    if ends and max(ends) > size - 8 - header_len:
+        raise CheckpointError(f"{path} is truncated: its tensors end at byte {max(ends)} of the data section, but "
+                              f"only {size - 8 - header_len} bytes are present; download the file again")
+    _library_check(path)
     for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            begin, end = info["data_offsets"]
-            nbytes = math.prod(info["shape"]) * _DTYPE_SIZES[info["dtype"]]
-        except (KeyError, TypeError, ValueError) as err:
-            raise CheckpointError(f"{path}: the header entry for tensor {name!r} is malformed ({err!r})") from err
-        if end > data_size:
-            raise CheckpointError(f"{path} is truncated: tensor {name!r} ends at byte {end} of the data section, "
-                                  f"but only {data_size} bytes are present; download the file again")
-        if not 0 <= begin <= end or end - begin != nbytes:
-            raise CheckpointError(f"{path}: tensor {name!r} has offsets {begin}..{end}, which do not match its "
-                                  f"shape {info['shape']} and dtype {info['dtype']}")
+        if name != "__metadata__" and info["dtype"] not in _TORCH_DTYPES:
+            raise CheckpointError(f"{path}: tensor {name!r} has dtype {info['dtype']}, which torch cannot hold")
     return header
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [key for key, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"the name {next(k for k in keys if keys.count(k) > 1)!r} appears twice")
+    return dict(pairs)
+
+
+def _library_check(path: Path) -> None:
+    """Let the `safetensors` library validate the header (it only maps the file; no tensor is read)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt"):
+            pass
+    except Exception as err:  # SafetensorError subclasses Exception directly
+        raise CheckpointError(f"{path} is not a valid safetensors file: {err}") from None
 
 
 def checkpoint_dtype(path: Path) -> torch.dtype | None:
@@ -209,43 +226,67 @@ def iter_sources(path: Path) -> Iterator[tuple[str, TensorSource]]:
 def _iter_pickle(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """`torch.load` with `weights_only=True` (no code execution) and mmap, for the old zip format too."""
     try:
-        state_dict = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as err:
-        if "mmap" not in str(err):
-            raise CheckpointError(f"{path} could not be read as a PyTorch checkpoint: {err}") from err
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)  # legacy (pre-zip) format
-    except Exception as err:  # torch raises UnpicklingError, EOFError, zipfile errors, ...
-        raise CheckpointError(f"{path} could not be read as a PyTorch checkpoint (only plain tensors are "
-                              f"allowed, nothing is executed): {err}") from err
-    if not isinstance(state_dict, dict):
-        raise CheckpointError(f"{path} does not hold a state dict (found {type(state_dict).__name__})")
+        try:
+            state_dict = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as err:
+            if "mmap" not in str(err):
+                raise
+            state_dict = torch.load(path, map_location="cpu", weights_only=True)  # legacy (pre-zip) format
+    except Exception as err:  # torch raises UnpicklingError, EOFError, zipfile errors, RuntimeError, ...
+        # torch's own text suggests weights_only=False, which would run the file's code: only its first line.
+        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path} could not be read as a PyTorch checkpoint of plain tensors (nothing in it "
+                              f"is executed): {reason}") from None
+    if not isinstance(state_dict, dict) or not all(isinstance(t, torch.Tensor) for t in state_dict.values()):
+        raise CheckpointError(f"{path} does not hold a state dict of tensors (found {type(state_dict).__name__})")
     for name in list(state_dict):
         yield name, state_dict.pop(name)
+
+
+def file_stamp(path: Path) -> dict[str, int]:
+    """What identifies a file's contents without reading them: size, mtime, and the inode change time,
+    which no user call can set back, so a same-size rewrite with its mtime restored still shows."""
+    stat = path.stat()
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "ctime_ns": stat.st_ctime_ns, "inode": stat.st_ino}
 
 
 def gguf_weights(directory: Path) -> Path | None:
     """The GGUF a cached GGUF directory takes its weights from (see `gguf.gguf_to_directory`), or None.
 
-    The record names the file with its size and mtime: a file changed or removed since is refused rather
-    than read as weights for the wrong model.
+    The record is trusted only in qwen2's own cache, in the directory named by the file's sha256: anywhere
+    else a `gguf_source.json` could point a model directory at any file on the machine. A file whose stamp
+    (`file_stamp`) changed since is hashed again and used only if its sha256 is still the directory's.
     """
     record_path = directory / GGUF_SOURCE_NAME
     if not record_path.is_file():
         return None
+    from qwen2.loading.default_model import cache_dir
+
+    cache = (cache_dir() / "gguf").resolve()
+    if directory.resolve().parent != cache:
+        raise CheckpointError(f"{record_path}: a GGUF record is only trusted inside qwen2's cache ({cache}), and "
+                              f"{directory} is not there; load the .gguf file itself")
     try:
         record = json.loads(record_path.read_text(encoding="utf-8"))
-        path = Path(record["path"])
-        stamp = (int(record["size"]), int(record["mtime_ns"]))
+        path, sha256 = Path(record["path"]), record["sha256"]
+        stamp = {key: record.get(key) for key in ("size", "mtime_ns", "ctime_ns", "inode")}  # older: no ctime
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise CheckpointError(f"{record_path} is not a valid GGUF record ({err}); delete {directory} and load "
-                              f"the .gguf file again") from err
+        raise CheckpointError(f"{record_path} is not a valid GGUF record ({err!r}); delete {directory} and load "
+                              f"the .gguf file again") from None
+    if sha256 != directory.resolve().name:
+        raise CheckpointError(f"{record_path} names sha256 {sha256!r}, not its directory's; delete {directory} "
+                              f"and load the .gguf file again")
     try:
-        stat = path.stat()
+        current = file_stamp(path)
     except OSError:
-        stat = None
-    if stat is None or (stat.st_size, stat.st_mtime_ns) != stamp:
-        raise CheckpointError(f"{directory} takes its weights from {path}, which is gone or has changed since; "
-                              f"load the .gguf file itself instead of this cache directory")
+        current = None
+    if current != stamp:
+        from qwen2.loading.gguf import file_sha256, record_source
+
+        if current is None or file_sha256(path) != sha256:
+            raise CheckpointError(f"{directory} takes its weights from {path}, which is gone or has changed "
+                                  f"since; load the .gguf file itself instead of this cache directory")
+        record_source(directory, path, sha256)  # same bytes, new stamp (copied back, touched, ...)
     return path
 
 
@@ -274,15 +315,22 @@ def checkpoint_files(directory: Path, use_safetensors: bool | None = None) -> tu
 def _read_index(index_path: Path) -> tuple[list[Path], dict]:
     try:
         index = json.loads(index_path.read_text(encoding="utf-8"))
-        weight_map = index["weight_map"]
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
-        raise CheckpointError(f"{index_path} is not a valid checkpoint index (needs a 'weight_map'): {err}") from err
-    shards = list(dict.fromkeys(weight_map.values()))
-    missing = [name for name in shards if not (index_path.parent / name).is_file()]
+    except (ValueError, RecursionError) as err:
+        raise CheckpointError(f"{index_path} is not a valid checkpoint index: {err}") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index_path}: 'weight_map' must be a JSON object mapping each tensor name to its "
+                              f"shard file, found {type(weight_map).__name__}")
+    metadata = index.get("metadata") or {}
+    if not isinstance(metadata, dict):
+        raise CheckpointError(f"{index_path}: 'metadata' must be a JSON object, found {type(metadata).__name__}")
+    shards = [inside(index_path.parent, name, f"{index_path}: weight_map", CheckpointError)
+              for name in dict.fromkeys(weight_map.values())]
+    missing = [path.name for path in shards if not path.is_file()]
     if missing:
         raise CheckpointError(f"{index_path} lists shard file(s) {missing} that are missing from "
                               f"{index_path.parent}; the download is incomplete")
-    return [index_path.parent / name for name in shards], index.get("metadata") or {}
+    return shards, metadata
 
 
 # ------------------------------------------------------------------------------------------------------- writing

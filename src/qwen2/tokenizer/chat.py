@@ -18,6 +18,8 @@ from datetime import datetime
 from functools import lru_cache
 from typing import Any
 
+from qwen2.tokenizer.template_limits import bounded_environment, compile_source, render_bounded
+
 _CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
 # While a render is tracked: (the chunks output so far, the spans of generation blocks found).
 _GENERATION_TRACKING: ContextVar[tuple[list[str], list[tuple[int, int]]] | None] = ContextVar(
@@ -123,12 +125,13 @@ def compile_template(source: str) -> Any:
     def strftime_now(fmt: str) -> str:
         return datetime.now().strftime(fmt)
 
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[GenerationBlock, jinja2.ext.loopcontrols]
+    env = bounded_environment(
+        ImmutableSandboxedEnvironment, trim_blocks=True, lstrip_blocks=True,
+        extensions=[GenerationBlock, jinja2.ext.loopcontrols],
     )
     env.filters["tojson"] = tojson
     env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now, dict=SafeDict(), namespace=Namespace)
-    return env.from_string(source)
+    return compile_source(env, source)
 
 
 def plain_data(value: Any) -> Any:
@@ -264,17 +267,15 @@ def render_conversations(
         variables = dict(messages=chat, tools=schemas, documents=documents,
                          add_generation_prompt=add_generation_prompt, **kwargs)
         if generation_spans is None:
-            text = compiled.render(**variables)
+            text = render_bounded(compiled, **variables)
         else:
             emitted: list[str] = []
             spans: list[tuple[int, int]] = []
             token = _GENERATION_TRACKING.set((emitted, spans))
             try:
-                for chunk in compiled.generate(**variables):
-                    emitted.append(chunk)
+                text = render_bounded(compiled, emitted, **variables)
             finally:
                 _GENERATION_TRACKING.reset(token)
-            text = "".join(emitted)
             generation_spans.append(spans)
         rendered.append(_cut_after_final(text, final) if final is not None else text)
     return rendered

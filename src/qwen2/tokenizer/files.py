@@ -13,6 +13,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from qwen2.loading.paths import inside
+
 VOCAB_FILE = "vocab.json"
 MERGES_FILE = "merges.txt"
 TOKENIZER_FILE = "tokenizer.json"
@@ -27,18 +29,33 @@ TOKENIZER_FILES = (
 )
 
 
+_FILE_KEYS = ("vocab_file", "merges_file", "tokenizer_file")
+
+
 class TokenizerFileError(ValueError):
     """A tokenizer file is missing or malformed; the message names the file and what is wrong."""
 
 
-def read_json(path: str | os.PathLike) -> Any:
+def read_json(path: str | os.PathLike, kind: type | None = None) -> Any:
+    """A JSON file's value; with `kind`, it must be of that type (dict for a config)."""
     try:
         with open(path, encoding="utf-8") as fh:
-            return json.load(fh)
+            value = json.load(fh)
     except FileNotFoundError:
         raise TokenizerFileError(f"{path}: file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise TokenizerFileError(f"{path}: not valid JSON ({exc})") from None
+    if kind is not None and not isinstance(value, kind):
+        raise TokenizerFileError(f"{path}: expected a JSON {'object' if kind is dict else kind.__name__}, "
+                                 f"found {type(value).__name__}")
+    return value
+
+
+def read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise TokenizerFileError(f"{path}: not UTF-8 text ({exc})") from None
 
 
 def read_vocab(path: str | os.PathLike) -> dict[str, int]:
@@ -70,6 +87,8 @@ def read_merges(path: str | os.PathLike) -> list[tuple[str, str]]:
             f"{path}: file not found; a byte-level BPE needs its merges.txt next to vocab.json "
             "(or a tokenizer.json holding both)"
         ) from None
+    except UnicodeDecodeError as exc:
+        raise TokenizerFileError(f"{path}: not UTF-8 text ({exc})") from None
     if lines and lines[0].startswith("#version"):
         lines = lines[1:]
     merges = []
@@ -91,9 +110,11 @@ def bpe_from_tokenizer_json(path: str | os.PathLike) -> tuple[dict[str, int], li
         raise TokenizerFileError(f"{path}: 'model' is not a BPE model; Qwen2 tokenizers are byte-level BPE")
     vocab = check_vocab(model.get("vocab"), f"{path} (model.vocab)")
     merges = []
+    if not isinstance(model.get("merges") or [], list):
+        raise TokenizerFileError(f"{path}: model.merges must be a list of token pairs")
     for number, merge in enumerate(model.get("merges") or []):
         pair = merge.split(" ") if isinstance(merge, str) else merge
-        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2 or not all(isinstance(t, str) for t in pair):
             raise TokenizerFileError(f"{path}: model.merges[{number}] is {merge!r}; expected a pair of tokens")
         merges.append((pair[0], pair[1]))
     return vocab, merges
@@ -108,13 +129,15 @@ def read_config(directory: Path) -> dict[str, Any]:
     """tokenizer_config.json merged with the older side files, as transformers reads them."""
     config: dict[str, Any] = {}
     if (directory / CONFIG_FILE).is_file():
-        config = read_json(directory / CONFIG_FILE)
-        if not isinstance(config, dict):
-            raise TokenizerFileError(f"{directory / CONFIG_FILE}: expected a JSON object")
+        config = read_json(directory / CONFIG_FILE, dict)
+    for key in _FILE_KEYS:  # files a config may name: only inside the directory, and found there by name
+        if config.get(key) is not None:
+            inside(directory, config[key], f"{directory / CONFIG_FILE}: {key}", TokenizerFileError)
+        config.pop(key, None)
     if "added_tokens_decoder" not in config:
         _merge_legacy_files(directory, config)
     if (directory / CHAT_TEMPLATE_FILE).is_file():
-        config["chat_template"] = (directory / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
+        config["chat_template"] = read_text(directory / CHAT_TEMPLATE_FILE)
     elif (directory / LEGACY_CHAT_TEMPLATE_FILE).is_file():
         template = read_json(directory / LEGACY_CHAT_TEMPLATE_FILE)
         config["chat_template"] = template.get("chat_template") if isinstance(template, dict) else template
@@ -122,14 +145,56 @@ def read_config(directory: Path) -> dict[str, Any]:
         value = config.get(name)
         if isinstance(value, dict):  # the serialised AddedToken form
             config[name] = value.get("content")
+    _check_types(config, directory / CONFIG_FILE)
     return config
+
+
+_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
+_BOOL_KEYS = ("split_special_tokens", "clean_up_tokenization_spaces", "add_prefix_space", "add_bos_token",
+              "add_eos_token", "legacy")
+
+
+def _check_types(config: dict[str, Any], path: Path) -> None:
+    """The settings a tokenizer is built from, each of the type it must have, so that a wrong one fails here
+    naming the file and key instead of deep inside the tokenizer."""
+    def bad(key: str, expected: str) -> TokenizerFileError:
+        return TokenizerFileError(f"{path}: {key} must be {expected}, not {type(config[key]).__name__} "
+                                  f"({config[key]!r:.60})")
+
+    for key in _TOKEN_KEYS:
+        if key in config and config[key] is not None and not isinstance(config[key], str):
+            raise bad(key, "a token string (or its AddedToken form with a string 'content')")
+    for key in _BOOL_KEYS:
+        if key in config and config[key] is not None and not isinstance(config[key], bool):
+            raise bad(key, "true or false")
+    length = config.get("model_max_length")
+    if length is not None and (isinstance(length, bool) or not isinstance(length, (int, float)) or length < 0
+                               or length != length):
+        raise bad("model_max_length", "a non-negative number")
+    for key in ("padding_side", "truncation_side"):
+        if key in config and config[key] not in ("left", "right"):
+            raise bad(key, "'left' or 'right'")
+    if "errors" in config and not isinstance(config["errors"], str):
+        raise bad("errors", "a codec error handler name such as 'replace'")
+    if not isinstance(config.get("added_tokens_decoder") or {}, dict):
+        raise bad("added_tokens_decoder", "an object mapping ids to tokens")
+    template = config.get("chat_template")
+    if template is not None and not isinstance(template, str) and not (isinstance(template, list) and all(
+            isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("template"), str)
+            for t in template)):
+        raise bad("chat_template", "a template string or a list of {name, template} objects")
+    for key in ("extra_special_tokens", "additional_special_tokens"):
+        value = config.get(key)
+        if value is not None and not (isinstance(value, list) and all(isinstance(t, (str, dict)) for t in value)
+                                      or isinstance(value, dict) and all(isinstance(t, str) for t in value.values())):
+            raise bad(key, "a list of tokens")
 
 
 def _merge_legacy_files(directory: Path, config: dict[str, Any]) -> None:
     """Older saves keep special tokens in special_tokens_map.json and added tokens in added_tokens.json;
     like transformers, these count only when tokenizer_config.json has no added_tokens_decoder."""
     if (directory / SPECIAL_TOKENS_MAP_FILE).is_file():
-        for key, value in read_json(directory / SPECIAL_TOKENS_MAP_FILE).items():
+        for key, value in read_json(directory / SPECIAL_TOKENS_MAP_FILE, dict).items():
             config.setdefault(key, value)
     if (directory / ADDED_TOKENS_FILE).is_file():
         extra = config.get("additional_special_tokens") or config.get("extra_special_tokens") or []
@@ -137,7 +202,7 @@ def _merge_legacy_files(directory: Path, config: dict[str, Any]) -> None:
                                           "cls_token", "mask_token")] + (extra if isinstance(extra, list) else [])
         named = {t.get("content") if isinstance(t, dict) else t for t in tokens}
         decoder = config.setdefault("added_tokens_decoder", {})
-        for token, index in read_json(directory / ADDED_TOKENS_FILE).items():
+        for token, index in read_json(directory / ADDED_TOKENS_FILE, dict).items():
             special = token in named
             decoder[str(index)] = {"content": token, "special": special, "normalized": not special}
 

@@ -79,6 +79,8 @@ def _model_max_length(metadata: dict[str, Any]) -> int:
 
 
 def _check(metadata: dict[str, Any]) -> tuple[list[str], list[str], list[int]]:
+    """The tokens, merges and token types, after checking every tokenizer key's type: a file's metadata is
+    untrusted input, and a wrong type must fail here, naming the key, not deep in the writers."""
     model = metadata.get("tokenizer.ggml.model")
     if model != "gpt2":
         raise ValueError(
@@ -87,16 +89,41 @@ def _check(metadata: dict[str, Any]) -> tuple[list[str], list[str], list[int]]:
     pre = metadata.get("tokenizer.ggml.pre")
     if pre is not None and pre not in QWEN2_PRE_TOKENIZERS:
         logger.warning("tokenizer.ggml.pre is %r, not Qwen2's; text is split with Qwen2's regex anyway", pre)
-    tokens = list(metadata["tokenizer.ggml.tokens"])
+    tokens = _typed_list(metadata, "tokenizer.ggml.tokens", str)
     merges = metadata.get("tokenizer.ggml.merges")
     if not merges:
         raise ValueError("GGUF metadata has no tokenizer.ggml.merges; a byte-level BPE needs its merge list")
-    token_types = list(metadata.get("tokenizer.ggml.token_type") or [1] * len(tokens))
+    merges = _typed_list(metadata, "tokenizer.ggml.merges", str)
+    bad = next((m for m in merges if len(m.split(" ")) != 2 or "" in m.split(" ")), None)
+    if bad is not None:
+        raise ValueError(f"tokenizer.ggml.merges holds {bad!r}; each merge is two tokens separated by one space")
+    token_types = _typed_list(metadata, "tokenizer.ggml.token_type", int) if metadata.get(
+        "tokenizer.ggml.token_type") else [1] * len(tokens)
     if len(token_types) != len(tokens):
         raise ValueError(
             f"tokenizer.ggml.token_type has {len(token_types)} entries for {len(tokens)} tokens"
         )
-    return tokens, list(merges), [int(t) for t in token_types]
+    seen: dict[str, int] = {}
+    for index, token in enumerate(tokens):  # a vocabulary maps each spelling to one id: a repeat would lose one
+        first = seen.setdefault(_byte_level_spelling(token), index)
+        if first != index:
+            raise ValueError(f"tokenizer.ggml.tokens holds {token!r} twice (ids {first} and {index}); each token "
+                             f"string must be unique")
+    for key, kind in (("tokenizer.chat_template", str), ("tokenizer.ggml.add_bos_token", bool),
+                      *((key, int) for key in _SPECIAL_IDS.values())):
+        value = metadata.get(key)
+        if value is not None and (not isinstance(value, kind) or kind is int and isinstance(value, bool)):
+            raise ValueError(f"{key} must be a {kind.__name__}, not {type(value).__name__} ({value!r:.80})")
+    return tokens, merges, token_types
+
+
+def _typed_list(metadata: dict[str, Any], key: str, kind: type) -> list:
+    values = metadata.get(key)
+    if not isinstance(values, list) or not all(isinstance(v, kind) and not isinstance(v, bool) for v in values):
+        found = type(values).__name__ if not isinstance(values, list) else \
+            f"an array holding {type(next(v for v in values if not isinstance(v, kind) or isinstance(v, bool))).__name__}"
+        raise ValueError(f"{key} must be an array of {kind.__name__}, not {found}")
+    return values
 
 
 def write_tokenizer_files(metadata: dict[str, Any], out_dir: str | os.PathLike) -> None:
@@ -110,7 +137,7 @@ def write_tokenizer_files(metadata: dict[str, Any], out_dir: str | os.PathLike) 
     specials = {}
     for name, key in _SPECIAL_IDS.items():
         token_id = metadata.get(key)
-        if token_id is not None and not 0 <= int(token_id) < len(tokens):
+        if token_id is not None and not 0 <= token_id < len(tokens):
             raise ValueError(f"{key} = {token_id} is outside the vocabulary of {len(tokens)} tokens")
         specials[name] = tokens[int(token_id)] if token_id is not None else None
 

@@ -6,12 +6,15 @@ Reference: transformers' `tokenization_utils_base.py` (special token attributes,
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
 from qwen2.tokenizer import files
 from qwen2.tokenizer.added import AddedToken
 from qwen2.tokenizer.encoding import to_python
+
+logger = logging.getLogger(__name__)
 
 SPECIAL_TOKENS_ATTRIBUTES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
@@ -255,8 +258,10 @@ def added_tokens_from_config(config: dict[str, Any]) -> list[tuple[int, AddedTok
     for key, value in (config.pop("added_tokens_decoder", None) or {}).items():
         try:
             index = int(key)
-        except ValueError:
+        except (TypeError, ValueError):
             raise files.TokenizerFileError(f"added_tokens_decoder key {key!r} is not an integer id") from None
+        if index < 0:
+            raise files.TokenizerFileError(f"added_tokens_decoder key {key!r} is a negative id")
         if isinstance(value, str):
             value = {"content": value}
         if not isinstance(value, dict) or not isinstance(value.get("content"), str):
