@@ -59,7 +59,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("qwen2.generation.fast").setLevel(logging.INFO)  # say so before a long first compile
+    # Say so before a long first compile or build.
+    for name in ("qwen2.generation.fast", "qwen2.quantization.kernels", "qwen2.cli.warmup"):
+        logging.getLogger(name).setLevel(logging.INFO)
     try:
         return args.run(args)
     except KeyboardInterrupt:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -18,12 +19,13 @@ from typing import Any
 
 from qwen2.cli.answer import EchoStreamer, compile_up_front, respond
 from qwen2.cli.options import SAMPLING_PARAMETERS, Sampling, add_model_options, add_sampling_options, load_model
+from qwen2.cli.warmup import BackgroundCompile
 
 COMMANDS = (
     ("/help", "list these commands (also /?)"),
     ("/set NAME VALUE", f"set a sampling parameter: {', '.join(SAMPLING_PARAMETERS)} (temperature 0: greedy)"),
     ("/set verbose", "print timings after each answer (/set quiet stops)"),
-    ("/show", "show the sampling settings and the system prompt"),
+    ("/show", "show the sampling settings, the system prompt and whether the decode step is compiled"),
     ("/system TEXT", "set the system prompt, keeping the conversation"),
     ("/save FILE", "write the conversation to FILE as JSON messages"),
     ("/load FILE", "replace the conversation with the JSON messages in FILE"),
@@ -41,17 +43,22 @@ def register(commands: Any, common: argparse.ArgumentParser) -> None:
     parser.add_argument("--system", default=None,
                         help="system prompt (default: the chat template's own, if it has one)")
     add_model_options(parser)
-    add_sampling_options(parser, compile_default="on")
+    add_sampling_options(parser, compile_default="in the background, answering eagerly until it is ready; "
+                                                  "--compile compiles before the first prompt")
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     sampling = Sampling.from_args(args)
     model, tokenizer, load_seconds = load_model(args)
-    compiled = args.compile is not False
-    if compiled:
+    compiling = None
+    if args.compile:
         compile_up_front(model)
-    chat = Chat(model, tokenizer, sampling, args.system, args.verbose, load_seconds, compiled)
+    elif args.compile is None:
+        if not args.verbose:  # its progress lines would land in the middle of the conversation
+            logging.getLogger("qwen2.generation.fast").setLevel(logging.WARNING)
+        compiling = BackgroundCompile(model).start()
+    chat = Chat(model, tokenizer, sampling, args.system, args.verbose, load_seconds, compiling or bool(args.compile))
     print("Chat with the model. /help lists the commands, /exit (or Ctrl-D) quits, "
           "Ctrl-C stops the current answer.", flush=True)
     with line_editing(history_path()):
@@ -114,7 +121,7 @@ class Chat:
     """The conversation and the settings a chat session changes as it goes."""
 
     def __init__(self, model: Any, tokenizer: Any, sampling: Sampling, system: str | None, verbose: bool,
-                 load_seconds: float, compiled: bool) -> None:
+                 load_seconds: float, compiled: BackgroundCompile | bool) -> None:
         self.model, self.tokenizer, self.sampling = model, tokenizer, sampling
         self.verbose, self.load_seconds, self.compiled = verbose, load_seconds, compiled
         self.messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
@@ -123,7 +130,8 @@ class Chat:
         self.messages.append({"role": "user", "content": text})
         prompt = self.tokenizer.apply_chat_template(self.messages, tokenize=False, add_generation_prompt=True)
         echo = EchoStreamer(self.tokenizer)
-        gen_kwargs = {**self.sampling.generate_kwargs(), "disable_compile": not self.compiled}
+        compiled = self.compiled.ready.is_set() if isinstance(self.compiled, BackgroundCompile) else self.compiled
+        gen_kwargs = {**self.sampling.generate_kwargs(), "disable_compile": not compiled}
         try:
             respond(self.model, self.tokenizer, prompt, gen_kwargs, echo)
         except KeyboardInterrupt:
@@ -175,6 +183,9 @@ class Chat:
         print(f"sampling: {self.sampling.describe()}")
         print(f"system prompt: {system!r}" if system else "system prompt: the chat template's default")
         print(f"messages: {len(self.messages)}")
+        compiled = self.compiled
+        print("decode step: " + (compiled.status if isinstance(compiled, BackgroundCompile)
+                                 else "compiled" if compiled else "eager (--no-compile)"))
 
     def _system(self, rest: str) -> None:
         if not rest:
