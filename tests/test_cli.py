@@ -212,10 +212,11 @@ def test_unknown_option_and_dtype_are_usage_errors():
 
 
 def test_chat_repl_multi_turn_reset_interrupt_and_exit(hf_gguf_tokenizer, reference, greedy_gguf, tmp_path):
-    """The chat compiles its decode step by default: every answer here goes through the compiled step."""
+    """With --compile the chat compiles its decode step before the first prompt: every answer here goes through
+    the compiled step."""
     import pexpect
     # Ctrl-C as a terminal delivers it, also where the test runner was started with SIGINT ignored (nohup, &)
-    child = pexpect.spawn(QWEN2[0], [*QWEN2[1:], "chat", *greedy_gguf, "--max-new-tokens", "40"],
+    child = pexpect.spawn(QWEN2[0], [*QWEN2[1:], "chat", *greedy_gguf, "--max-new-tokens", "40", "--compile"],
                           env={**os.environ, "HF_HUB_OFFLINE": "1", "TERM": "dumb", "XDG_STATE_HOME": str(tmp_path)},
                           encoding="utf-8", timeout=240,
                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))

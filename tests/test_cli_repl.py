@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -164,3 +165,49 @@ def test_history_and_multiline_on_a_terminal(tiny_dir, home):
     finally:
         child.close()
     assert child.exitstatus == 0
+
+
+def test_chat_compiles_in_the_background_and_keeps_the_compile_caches(tiny_dir, home, tmp_path):
+    """The prompt comes before the compiled step; answers go on (eagerly) while it compiles, then use it. The
+    compile caches are written to qwen2's cache on the first start and loaded by the next one. (Their speed-up
+    is a benchmark's business, not a test's.)"""
+    import pexpect
+
+    env = {**home, "QWEN2_CACHE": str(tmp_path / "cache")}
+
+    def session() -> str:
+        child = pexpect.spawn(QWEN2, ["chat", "--model", str(tiny_dir), "--threads", "1", "--max-new-tokens", "2",
+                                      "-v"], env=env, encoding="utf-8", timeout=300)
+        try:
+            child.expect(">>> ")
+            child.sendline("/show")
+            child.expect(r"decode step: compiling in the background")
+            child.expect(">>> ")
+            child.sendline("hello")  # answered eagerly meanwhile
+            child.expect("eval count:")
+            child.expect(">>> ")
+            status = ""
+            while not status.startswith("compiled"):
+                time.sleep(1)
+                child.sendline("/show")
+                child.expect(r"decode step: ([^\r\n]*)")
+                status = child.match.group(1)
+                child.expect(">>> ")
+                assert status.startswith(("compiled", "compiling")), status
+            child.sendline("hello again")  # through the compiled step
+            child.expect("eval count:")
+            child.expect(">>> ")
+            child.sendline("/exit")
+            child.expect(pexpect.EOF)
+        finally:
+            child.close()
+        assert child.exitstatus == 0
+        return status
+
+    first = session()
+    assert first.startswith("compiled in") and "cached artefacts" not in first
+    files = list((tmp_path / "cache" / "compile").glob("decode-step-*.bin"))
+    assert len(files) == 1 and files[0].stat().st_size > 0
+    written = files[0].stat().st_mtime_ns
+    assert session().endswith("(from the cached artefacts)")
+    assert files[0].stat().st_mtime_ns == written  # reused, not rewritten
