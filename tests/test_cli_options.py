@@ -120,6 +120,8 @@ def test_set_in_the_chat_switches_between_greedy_and_sampling():
     assert sampling.generate_kwargs()["do_sample"] is True
     sampling.set("temperature", "0")
     assert sampling.generate_kwargs()["do_sample"] is False
+    sampling.set("top_k", "5")  # sampling again, at the model's temperature (0 cannot sample)
+    assert sampling.generate_kwargs() == {"max_new_tokens": 512, "do_sample": True, "top_k": 5}
     sampling.set("max_new_tokens", "7")
     assert sampling.generate_kwargs()["max_new_tokens"] == 7
     with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\], got 1.5"):

@@ -107,7 +107,7 @@ class Sampling:
         greedy = args.greedy or values.get("temperature") == 0
         if args.greedy:
             clash = [f"--{name.replace('_', '-')}" for name in ("temperature", "top_p", "top_k", "min_p")
-                     if name in values]
+                     if name in values and not (name == "temperature" and values[name] == 0)]
             if clash:
                 raise ValueError(f"--greedy cannot be combined with {', '.join(clash)}: drop one or the other")
         sampling = cls(max_new_tokens=args.max_new_tokens, greedy=greedy, values=values)
@@ -126,6 +126,8 @@ class Sampling:
         self.values[name] = value
         if name in _SAMPLING_ONLY:
             self.greedy = name == "temperature" and value == 0
+            if not self.greedy and self.values.get("temperature") == 0:
+                del self.values["temperature"]  # sampling again: back to the model's temperature
         if name == "seed":
             self.reseed()
 
