@@ -145,6 +145,7 @@ def default_model_dir(progress: bool = True) -> Path:
     generation = json.dumps(HUB_GENERATION_CONFIG, indent=2) + "\n"
     if _mirrors(target, source, generation):
         return target
+    target.parent.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(prefix=".model.", suffix=".partial", dir=target.parent))
     stale = target.with_name(f".model.{os.getpid()}.stale")
     try:
