@@ -132,6 +132,8 @@ def test_generate_compiles_once_and_matches_eager(plain_settings):
 
 def _compiled_single_row(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """module(x) compiled as the decode step compiles it (under DecodeLinears)."""
+    torch._dynamo.reset()  # `run` is one code object for every call: without a reset its 8 recompilations run out
+
     def run(x):
         with fast.DecodeLinears():
             return module(x)

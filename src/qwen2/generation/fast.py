@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
+import types
 import weakref
 from dataclasses import dataclass
 from typing import Any
@@ -68,12 +69,13 @@ class DecodeLinears(TorchFunctionMode):
         if func is F.linear:
             x, weight = args[0], args[1] if len(args) > 1 else kwargs["weight"]
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
-            if x.device.type == "cpu" and weight.device.type == "cpu":
+            same_dtype = x.dtype == weight.dtype and (bias is None or bias.dtype == x.dtype)  # else F.linear raises
+            if same_dtype and x.device.type == "cpu" and weight.device.type == "cpu":
                 if torch.compiler.is_compiling():
                     if x.numel() == x.shape[-1]:
                         return row_linear(x, weight, bias)
-                elif (x.dtype == weight.dtype == torch.bfloat16 and (bias is None or bias.dtype == x.dtype)
-                      and settings.onednn_linears and not torch.is_grad_enabled() and _onednn_bf16()):
+                elif (x.dtype == torch.bfloat16 and settings.onednn_linears and not torch.is_grad_enabled()
+                      and _onednn_bf16()):
                     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
         return func(*args, **kwargs)
 
@@ -98,8 +100,11 @@ class CompiledDecodeStep:
     reference to the model (it is called with it), so the registry below lets the model go."""
 
     def __init__(self) -> None:
-        self.compiled = torch.compile(_with_decode_linears, dynamic=False,
-                                      options={"emulate_precision_casts": True})
+        # A code object of its own: dynamo keeps compiled graphs, and its limit of recompilations (8), per code
+        # object, so one model's step neither uses up another's budget (which silently decodes eagerly) nor
+        # outlives its model in dynamo's cache.
+        own = types.FunctionType(_with_decode_linears.__code__.replace(), _with_decode_linears.__globals__)
+        self.compiled = torch.compile(own, dynamic=False, options={"emulate_precision_casts": True})
         self.failed = False
         self.compiled_once = False
         self._marked_cache: Any = lambda: None  # weakref to the cache last marked: once per generate(), not per token
@@ -168,10 +173,10 @@ def decode_step_fn(model: nn.Module, config: Any, rows: int) -> Any:
     """The callable generate() calls for every new token (the signature of `model._decode_step`)."""
     if not _wants_compile(model, config, rows):
         return functools.partial(_with_decode_linears, model)
+    if next(model.parameters()).device.type == "cpu" and any(
+            isinstance(m, Int8WeightOnlyLinear) for m in model.modules()):
+        kernels.load()  # before tracing: the int8 layers pick their single-row kernel while being compiled
     step = _compiled_steps.get(model)
     if step is None:
-        if next(model.parameters()).device.type == "cpu" and any(
-                isinstance(m, Int8WeightOnlyLinear) for m in model.modules()):
-            kernels.load()  # before tracing: the int8 layers pick their single-row kernel while being compiled
         step = _compiled_steps[model] = CompiledDecodeStep()
     return functools.partial(step, model)
