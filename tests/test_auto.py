@@ -121,7 +121,7 @@ def test_default_model_id_samples_as_the_hub_model_and_its_gguf_decodes_greedily
             published.repetition_penalty) == (True, 0.7, 0.8, 20, 1.05)
     assert (published.bos_token_id, published.pad_token_id, published.eos_token_id) == (151643, 151643,
                                                                                         [151645, 151643])
-    ours = GenerationConfig.from_pretrained(DEFAULT_MODEL_ID)
+    ours = GenerationConfig.from_pretrained(directory)
     for field in ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty", "bos_token_id",
                   "pad_token_id", "eos_token_id", "min_p", "max_new_tokens"):
         assert getattr(ours, field) == getattr(published, field), field
