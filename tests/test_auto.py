@@ -10,7 +10,8 @@ import torch
 import transformers
 
 from qwen2 import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForQuestionAnswering,
-                   AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer, Qwen2Config)
+                   AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer,
+                   GenerationConfig, Qwen2Config)
 from qwen2.loading.default_model import DEFAULT_MODEL_ID
 from qwen2.loading.hub import resolve_model_dir
 
@@ -95,15 +96,39 @@ def test_auto_classes_are_not_instantiable():
 
 @pytest.mark.slow
 def test_default_model_id_falls_back_to_the_embedded_gguf(default_gguf, hf_gguf_model, monkeypatch):
-    directory = resolve_model_dir(default_gguf)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert resolve_model_dir(DEFAULT_MODEL_ID) == directory
     config = AutoConfig.from_pretrained(DEFAULT_MODEL_ID)
     reference = hf_gguf_model.config
     for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                   "num_key_value_heads", "rms_norm_eps", "max_position_embeddings", "tie_word_embeddings"):
         assert getattr(config, field) == getattr(reference, field), field
     assert config.rope_theta == reference.rope_parameters["rope_theta"]
+
+
+@pytest.mark.slow
+def test_default_model_id_samples_as_the_hub_model_and_its_gguf_decodes_greedily(default_gguf, hf_gguf_model,
+                                                                                  monkeypatch):
+    """Standing in for the hub id, the embedded model carries the hub model's published generation_config.json
+    (https://huggingface.co/Qwen/Qwen2.5-Coder-0.5B-Instruct/blob/main/generation_config.json), read here by
+    transformers; the .gguf path has none, as transformers' own GGUF load has none (greedy)."""
+    import transformers
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    directory = resolve_model_dir(DEFAULT_MODEL_ID)
+    assert directory != resolve_model_dir(default_gguf)
+    published = transformers.GenerationConfig.from_pretrained(directory)
+    assert (published.do_sample, published.temperature, published.top_p, published.top_k,
+            published.repetition_penalty) == (True, 0.7, 0.8, 20, 1.05)
+    assert (published.bos_token_id, published.pad_token_id, published.eos_token_id) == (151643, 151643,
+                                                                                        [151645, 151643])
+    ours = GenerationConfig.from_pretrained(directory)
+    for field in ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty", "bos_token_id",
+                  "pad_token_id", "eos_token_id", "min_p", "max_new_tokens"):
+        assert getattr(ours, field) == getattr(published, field), field
+
+    gguf_config = GenerationConfig.from_pretrained(resolve_model_dir(default_gguf))
+    assert not gguf_config.do_sample and not hf_gguf_model.generation_config.do_sample
+    assert gguf_config.temperature is None and gguf_config.repetition_penalty is None
 
 
 @pytest.mark.slow

@@ -100,12 +100,21 @@ def test_bad_files_are_one_line(capsys, tiny_dir, corrupt, words):
 
 @pytest.mark.parametrize("option,value,message", [("--threads", "0", "--threads must be at least 1"),
                                                   ("--threads", "-3", "--threads must be at least 1"),
-                                                  ("--temperature", "inf", "temperature"),
-                                                  ("--top-p", "7", "top_p")])
+                                                  ("--temperature", "inf", "temperature")])
 def test_bad_options_are_one_line(capsys, tiny_gguf, option, value, message):
     err = _one_line_error(capsys, ["generate", "--model", str(tiny_gguf), "--raw", "--max-new-tokens", "2",
                                    option, value, "ab"])
     assert message in err
+
+
+@pytest.mark.parametrize("option,value", [("--top-p", "7"), ("--min-p", "5"), ("--temperature", "-1")])
+def test_bad_sampling_options_are_usage_errors(capsys, tiny_gguf, option, value):
+    """Refused while parsing, before any model is loaded: generate's usage and one error line naming the option."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main(["generate", "--model", str(tiny_gguf), "--raw", option, value, "ab"])
+    assert exit_.value.code == 2
+    assert option in _error_line(capsys.readouterr().err)
 
 
 def _run(*args: str, stdin: bytes = b"") -> subprocess.CompletedProcess:

