@@ -45,3 +45,26 @@ def run_to_end(engine: LLMEngine, max_steps: int = 100_000) -> dict:
 @pytest.fixture(scope="module")
 def tiny():
     return tiny_model()
+
+
+def greedy_reference(model, prompt: list[int], new_tokens: int, eos: int | None = None):
+    """generate()'s greedy tokens for `prompt` alone (up to its first eos), and at each step the gap between
+    the two best logits."""
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False, eos_token_id=eos,
+                         pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    tokens = out.sequences[0, len(prompt):].tolist()
+    if eos is not None and eos in tokens:
+        tokens = tokens[:tokens.index(eos) + 1]
+    gaps = [float(step[0].float().topk(2).values.diff().abs()) for step in out.logits]
+    return tokens, gaps
+
+
+def assert_same_greedy(got: list[int], reference: tuple[list[int], list[float]], tie: float = 0.0) -> None:
+    """Token for token, except that in 16-bit arithmetic a step whose two best logits are within `tie` (a
+    rounding step of a batched product) may pick either; the sequences may differ from there on."""
+    tokens, gaps = reference
+    for i, (ours, theirs) in enumerate(zip(got, tokens)):
+        if ours != theirs:
+            assert gaps[i] <= tie, f"token {i}: {ours} != {theirs} with a logit gap of {gaps[i]}"
+            return
+    assert len(got) == len(tokens)
