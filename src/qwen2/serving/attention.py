@@ -4,9 +4,9 @@ Keys and values of every layer live in (num_blocks, block_size, kv_heads, head_d
 block table lists the blocks holding its positions in order. New keys/values are written to their slots
 (block * block_size + offset) before attention, so a chunk attends to itself and its whole context.
 
-Decode rows are batched: their blocks are gathered into one (rows, blocks * block_size) key tensor and one
-SDPA call over a length mask serves them all, each query group folded onto the length axis as the model's
-own decode path does (no repeated keys). A prefill chunk attends to its sequence's blocks with a causal
+Decode rows share one gather of their blocks into a (rows, blocks * block_size) key tensor; each row then
+attends to a view of exactly its length, each query group folded onto the length axis as the model's own
+decode path does (no repeated keys). A prefill chunk attends to its sequence's blocks with a causal
 offset mask. Why gather rather than read blocks in place: see the engine section of benchmarks/README.md.
 """
 
@@ -48,17 +48,20 @@ def _gather(blocks: Tensor, tables: Tensor) -> Tensor:
     return gathered.view(*tables.shape[:-1], -1, *blocks.shape[2:])
 
 
-def decode_attention(q: Tensor, keys: Tensor, values: Tensor, tables: Tensor, lengths: Tensor,
+def decode_attention(q: Tensor, keys: Tensor, values: Tensor, tables: Tensor, lengths: list[int],
                      scale: float) -> Tensor:
-    """One query per row: q (B, H, D), tables (B, max_blocks), lengths (B,) -> (B, H, D)."""
+    """One query per row: q (B, H, D), tables (B, max_blocks), lengths (B,) -> (B, H, D). The blocks are
+    gathered in one call; SDPA then runs per row on a view of exactly its length: without a mask it takes
+    its fused kernel, ~2x faster on the CPU than one masked call over the padded batch (measured, bf16)."""
     rows, heads, dim = q.shape
     k = _gather(keys, tables).transpose(1, 2)  # (B, Hkv, S, D)
     v = _gather(values, tables).transpose(1, 2)
     kv_heads = k.shape[1]
-    mask = torch.arange(k.shape[2], device=q.device)[None, :] < lengths[:, None]  # (B, S)
     packed = q.reshape(rows, kv_heads, heads // kv_heads, dim)  # each query group on the length axis
-    out = F.scaled_dot_product_attention(packed, k.to(q.dtype), v.to(q.dtype), attn_mask=mask[:, None, None, :],
-                                         scale=scale)
+    out = torch.empty_like(packed)
+    for row, length in enumerate(lengths):
+        out[row] = F.scaled_dot_product_attention(packed[row:row + 1], k[row:row + 1, :, :length].to(q.dtype),
+                                                  v[row:row + 1, :, :length].to(q.dtype), scale=scale)[0]
     return out.reshape(rows, heads, dim)
 
 
