@@ -158,3 +158,24 @@ def test_bfloat16_model_greedy_equals_generate():
     finished = _serve(engine, prompts, new_tokens, stagger=2)
     for i, prompt in enumerate(prompts):
         assert finished[str(i)].outputs[0].token_ids == _reference(model, prompt, new_tokens[i]), f"request {i}"
+
+
+def test_engine_leaves_the_model_alone_and_follows_weight_updates():
+    """The runner's packed weights live beside the model: no module swapped, no attribute added, parameters
+    untouched; an in-place weight update is seen by the next step (the private copy is rebuilt)."""
+    model = tiny_model(seed=5)
+    modules = {name: (type(m), dict(vars(m))) for name, m in model.named_modules()}
+    params = {name: p.detach().clone() for name, p in model.named_parameters()}
+    prompt = list(range(3, 40))
+    engine = make_engine(model)
+    engine.add_request("a", prompt, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    run_to_end(engine)
+    assert {name: (type(m), dict(vars(m))) for name, m in model.named_modules()} == modules
+    assert all(torch.equal(p, params[name]) for name, p in model.named_parameters())
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.weight.mul_(3.0)
+        model.model.layers[1].mlp.down_proj.weight.neg_()
+    engine.add_request("b", prompt, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    got = run_to_end(engine)["b"].outputs[0].token_ids
+    assert got == model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, eos_token_id=None,
+                                 pad_token_id=0)[0, len(prompt):].tolist()
