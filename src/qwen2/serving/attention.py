@@ -7,7 +7,8 @@ block table lists the blocks holding its positions in order. New keys/values are
 Decode rows share one gather of their blocks into a (rows, blocks * block_size) key tensor; each row then
 attends to a view of exactly its length, each query group folded onto the length axis as the model's own
 decode path does (no repeated keys). A prefill chunk attends to its sequence's blocks with a causal
-offset mask. Why gather rather than read blocks in place: see the engine section of benchmarks/README.md.
+offset mask. Why gather rather than read blocks in place (a blockwise online softmax in torch ops, or
+FlexAttention over the whole pool): both measured slower on the CPU; see benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ def decode_attention(q: Tensor, keys: Tensor, values: Tensor, tables: Tensor, le
                      scale: float) -> Tensor:
     """One query per row: q (B, H, D), tables (B, max_blocks), lengths (B,) -> (B, H, D). The blocks are
     gathered in one call; SDPA then runs per row on a view of exactly its length: without a mask it takes
-    its fused kernel, ~2x faster on the CPU than one masked call over the padded batch (measured, bf16)."""
+    its fused kernel and skips the padding (as fast or faster than one masked call over the padded batch on
+    the CPU; benchmarks/bench_paged_attention.py)."""
     rows, heads, dim = q.shape
     k = _gather(keys, tables).transpose(1, 2)  # (B, Hkv, S, D)
     v = _gather(values, tables).transpose(1, 2)
