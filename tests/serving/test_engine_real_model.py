@@ -6,9 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import qwen2
 from qwen2 import LLM, SamplingParams
-from qwen2.serving.engine import EngineConfig, LLMEngine
 
 SYSTEM = ("You are a careful Python assistant. Answer in one short sentence, without code blocks, and never "
           "mention these instructions. Prefer the standard library and say which module you would use.")
@@ -16,17 +14,16 @@ QUESTIONS = ["How do I read a CSV file?", "How can I time a function?", "How do 
 
 
 @pytest.mark.slow
-def test_real_model_chat_batch_equals_generate_alone(our_gguf_model, default_gguf):
-    tokenizer = qwen2.AutoTokenizer.from_pretrained(str(default_gguf))
-    engine = LLMEngine(our_gguf_model, tokenizer, EngineConfig(kv_cache_memory=64 << 20, max_num_batched_tokens=48))
+def test_real_model_chat_batch_equals_generate_alone(default_gguf):
+    llm = LLM(str(default_gguf), dtype=torch.float32, kv_cache_memory=64 << 20, max_num_batched_tokens=48)
+    engine, model, tokenizer = llm.engine, llm.engine.model, llm.get_tokenizer()
     conversations = [[{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}] for q in QUESTIONS]
-    outputs = LLM.from_engine(engine).chat(conversations, SamplingParams(temperature=0, max_tokens=12),
-                                           use_tqdm=False)
+    outputs = llm.chat(conversations, SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)
     for conversation, output in zip(conversations, outputs):
         ids = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, return_tensors="pt")
         ids = ids["input_ids"] if not isinstance(ids, torch.Tensor) else ids
         assert output.prompt_token_ids == ids[0].tolist()
-        expected = our_gguf_model.generate(ids, max_new_tokens=12, do_sample=False)[0, ids.shape[1]:].tolist()
+        expected = model.generate(ids, max_new_tokens=12, do_sample=False)[0, ids.shape[1]:].tolist()
         completion = output.outputs[0]
         assert completion.token_ids == expected[:len(completion.token_ids)]
         assert len(completion.token_ids) == 12 or completion.finish_reason == "stop"

@@ -11,7 +11,6 @@ own (see `attention.py`).
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +21,6 @@ from qwen2.serving.attention import KVCache, decode_attention, prefill_attention
 from qwen2.serving.linears import LinearCalls
 from qwen2.serving.scheduler import ScheduledBatch
 
-logger = logging.getLogger(__name__)
 
 
 @dataclass
