@@ -7,10 +7,9 @@ from pathlib import Path
 
 import torch
 
-
-# Without a budget the cache takes this share of the memory available when the engine starts, at most 4 GiB.
+# Without a budget the cache takes this share of the memory available when the engine starts, at most 2 GiB.
 DEFAULT_FRACTION = 0.2
-DEFAULT_CAP = 4 << 30
+DEFAULT_CAP = 2 << 30
 
 
 def available_memory(device: torch.device) -> int:
