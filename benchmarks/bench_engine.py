@@ -36,7 +36,8 @@ def _workload(args: argparse.Namespace) -> dict:
     outputs = [rng.randint(*args.output) for _ in range(args.requests)]
     system = [rng.randrange(1000, 100_000) for _ in range(args.prefix_tokens)]
     shared = [system + [rng.randrange(1000, 100_000) for _ in range(50)] for _ in range(args.prefix_requests)]
-    return {"prompts": prompts, "outputs": outputs, "shared": shared, "threads": args.threads}
+    return {"prompts": prompts, "outputs": outputs, "shared": shared, "threads": args.threads,
+            "timeout": args.timeout}
 
 
 def _percentiles(values: list[float]) -> dict[str, float]:
@@ -202,9 +203,12 @@ def run_mode(mode: str, spec: dict) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "out.json"
         spec_path.write_text(json.dumps(spec))
-        proc = subprocess.run([sys.executable, __file__, "--worker", mode, "--spec", str(spec_path),
-                               "--out", str(out_path)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True)
+        try:
+            proc = subprocess.run([sys.executable, __file__, "--worker", mode, "--spec", str(spec_path),
+                                   "--out", str(out_path)], env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True, timeout=spec["timeout"])
+        except subprocess.TimeoutExpired:
+            return {"mode": mode, "error": f"timed out after {spec['timeout']} s"}
         if proc.returncode != 0 or not out_path.exists():
             return {"mode": mode, "error": "\n".join(proc.stdout.strip().splitlines()[-8:])}
         return json.loads(out_path.read_text())
@@ -248,6 +252,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prefix-requests", type=int, default=6)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--timeout", type=int, default=900, help="seconds a mode may take")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--spec", type=Path, help=argparse.SUPPRESS)
