@@ -187,7 +187,7 @@ def run_worker(mode: str, spec: dict) -> dict:
 
     torch.set_num_threads(spec["threads"])
     prompts, outputs = spec["prompts"], spec["outputs"]
-    kind, variant = mode.split("-")
+    kind, variant = mode.split("-")[0], mode.split("-")[-1]
     start = time.perf_counter()
     if kind == "hf":
         result = _run_hf(prompts, outputs)
