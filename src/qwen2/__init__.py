@@ -34,6 +34,8 @@ _EXPORTS = {
     "GenerationConfig": "qwen2.generation",
     "TextStreamer": "qwen2.generation",
     "TextIteratorStreamer": "qwen2.generation",
+    "LLM": "qwen2.serving.llm",
+    "SamplingParams": "qwen2.serving.params",
 }
 
 __all__ = sorted(_EXPORTS)
