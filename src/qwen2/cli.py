@@ -76,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("out_dir", help="output directory (must not exist or be empty, unless --overwrite)")
     convert.add_argument("--dtype", default="float32", choices=DTYPES[1:])
     convert.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+
+    from qwen2.serving.cli import add_serve_command
+
+    add_serve_command(commands)
     return parser
 
 
@@ -262,7 +266,13 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info, "convert": cmd_convert}
+def cmd_serve(args: argparse.Namespace) -> int:
+    from qwen2.serving.cli import cmd_serve as serve
+
+    return serve(args)
+
+
+COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info, "convert": cmd_convert, "serve": cmd_serve}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
