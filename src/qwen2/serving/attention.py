@@ -1,0 +1,79 @@
+"""The paged KV cache's tensors and attention over them.
+
+Keys and values of every layer live in (num_blocks, block_size, kv_heads, head_dim) tensors; a sequence's
+block table lists the blocks holding its positions in order. New keys/values are written to their slots
+(block * block_size + offset) before attention, so a chunk attends to itself and its whole context.
+
+Decode rows are batched: their blocks are gathered into one (rows, blocks * block_size) key tensor and one
+SDPA call over a length mask serves them all, each query group folded onto the length axis as the model's
+own decode path does (no repeated keys). A prefill chunk attends to its sequence's blocks with a causal
+offset mask. Why gather rather than read blocks in place: see the engine section of benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+class KVCache:
+    """Per-layer key and value blocks; `write` stores a step's keys/values and returns the layer's tensors."""
+
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
+        shape = (num_blocks, block_size, num_kv_heads, head_dim)
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+
+    @staticmethod
+    def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
+                        dtype: torch.dtype) -> int:
+        return 2 * num_layers * block_size * num_kv_heads * head_dim * torch.empty(0, dtype=dtype).element_size()
+
+    def write(self, layer: int, slots: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        keys, values = self.keys[layer], self.values[layer]
+        heads, dim = keys.shape[2:]
+        keys.view(-1, heads, dim).index_copy_(0, slots, k.to(keys.dtype))
+        values.view(-1, heads, dim).index_copy_(0, slots, v.to(values.dtype))
+        return keys, values
+
+
+def _gather(blocks: Tensor, tables: Tensor) -> Tensor:
+    """(..., blocks * block_size, kv_heads, head_dim) keys or values of the listed blocks."""
+    gathered = blocks[tables]  # (..., n, block_size, H, D)
+    return gathered.flatten(-4, -3)
+
+
+def decode_attention(q: Tensor, keys: Tensor, values: Tensor, tables: Tensor, lengths: Tensor,
+                     scale: float) -> Tensor:
+    """One query per row: q (B, H, D), tables (B, max_blocks), lengths (B,) -> (B, H, D)."""
+    rows, heads, dim = q.shape
+    k = _gather(keys, tables).transpose(1, 2)  # (B, Hkv, S, D)
+    v = _gather(values, tables).transpose(1, 2)
+    kv_heads = k.shape[1]
+    mask = torch.arange(k.shape[2], device=q.device)[None, :] < lengths[:, None]  # (B, S)
+    packed = q.reshape(rows, kv_heads, heads // kv_heads, dim)  # each query group on the length axis
+    out = F.scaled_dot_product_attention(packed, k.to(q.dtype), v.to(q.dtype), attn_mask=mask[:, None, None, :],
+                                         scale=scale)
+    return out.reshape(rows, heads, dim)
+
+
+def prefill_attention(q: Tensor, keys: Tensor, values: Tensor, table: Tensor, start: int, scale: float) -> Tensor:
+    """A chunk of one sequence: q (T, H, D) at positions start.. start+T-1, table (num_blocks,) -> (T, H, D)."""
+    length, heads, dim = q.shape
+    end = start + length
+    k = _gather(keys, table)[:end].transpose(0, 1)[None]  # (1, Hkv, end, D)
+    v = _gather(values, table)[:end].transpose(0, 1)[None]
+    qh = q.transpose(0, 1)[None]  # (1, H, T, D)
+    if start == 0:
+        out = F.scaled_dot_product_attention(qh, k.to(q.dtype), v.to(q.dtype), is_causal=True, scale=scale,
+                                             enable_gqa=True)
+    else:
+        positions = torch.arange(start, end, device=q.device)
+        mask = torch.arange(end, device=q.device)[None, :] <= positions[:, None]  # (T, end)
+        out = F.scaled_dot_product_attention(qh, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=scale,
+                                             enable_gqa=True)
+    return out[0].transpose(0, 1)
