@@ -75,12 +75,22 @@ class ToolCallStreamParser:
     """Turns an answer's text, fed piece by piece, into events: `str` for content, `ParsedCall` for a call.
 
     Whitespace between a closing tag and the next block (the template's newline) is dropped, as it separates
-    calls rather than being part of the answer."""
+    calls rather than being part of the answer; so is whitespace before the first call when nothing else precedes
+    it (held back until the answer shows which), so a streamed answer reads as the whole one."""
 
     calls: list[ParsedCall] = field(default_factory=list)
     _pending: str = ""
     _in_block: bool = False
     _after_call: bool = False
+    _held: str = ""  # leading whitespace, not yet known to be content
+    _spoke: bool = False  # some content was emitted
+
+    def _text(self, text: str) -> list[str | ParsedCall]:
+        if not self._spoke and not self.calls and not text.strip():
+            self._held += text
+            return []
+        text, self._held, self._spoke = self._held + text, "", True
+        return [text]
 
     def feed(self, delta: str) -> list[str | ParsedCall]:
         self._pending += delta
@@ -94,8 +104,9 @@ class ToolCallStreamParser:
                 self._in_block = False
                 call = parse_block(body)
                 if call is None:
-                    events.append(OPEN + body + CLOSE)
+                    events += self._text(OPEN + body + CLOSE)
                 else:
+                    self._held = ""
                     self.calls.append(call)
                     events.append(call)
                     self._after_call = True
@@ -108,13 +119,13 @@ class ToolCallStreamParser:
             start = self._pending.find(OPEN)
             if start >= 0:
                 if start:
-                    events.append(self._pending[:start])
+                    events += self._text(self._pending[:start])
                 self._pending = self._pending[start + len(OPEN):]
                 self._in_block = True
                 continue
             keep = _partial_open_length(self._pending)
             if len(self._pending) > keep:
-                events.append(self._pending[:len(self._pending) - keep])
+                events += self._text(self._pending[:len(self._pending) - keep])
                 self._pending = self._pending[len(self._pending) - keep:]
             return events
 
@@ -122,4 +133,7 @@ class ToolCallStreamParser:
         """The held-back text at the end of the answer (an unclosed block stays text)."""
         rest = (OPEN if self._in_block else "") + self._pending
         self._pending, self._in_block = "", False
+        if self.calls and not self._spoke and not rest.strip():
+            return []
+        rest, self._held = self._held + rest, ""
         return [rest] if rest else []
