@@ -19,7 +19,7 @@ from qwen2.serving.engine import EngineConfig, LLMEngine
 
 MODEL_NAME = "tiny-qwen2"
 TINY = dict(vocab_size=151936, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True,
+            num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=False,
             bos_token_id=151643, eos_token_id=151645)
 
 
@@ -29,7 +29,10 @@ def save_tiny_model(directory: Path, tokenizer_dir: Path) -> Path:
 
     torch.manual_seed(0)
     model = qwen2.Qwen2ForCausalLM(qwen2.Qwen2Config(**TINY)).eval()
-    with torch.no_grad():  # spread the logits so greedy picks are not near-ties
+    with torch.no_grad():  # larger than the default init, so greedy answers depend on the prompt and vary
+        for name, weight in model.named_parameters():
+            if name.endswith("proj.weight") or name.endswith("lm_head.weight"):
+                weight.normal_(0.0, 0.3)
         model.get_input_embeddings().weight.normal_(0.0, 1.0)
     model.save_pretrained(directory)
     for path in tokenizer_dir.iterdir():

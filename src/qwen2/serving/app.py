@@ -22,8 +22,17 @@ except ImportError as missing:
     raise ImportError(f'the HTTP server needs the "serve" extra ({missing.name} is missing): '
                       'pip install "qwen2[serve]"') from missing
 
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from starlette.exceptions import HTTPException
+
 from qwen2.serving.async_engine import AsyncLLMEngine
-from qwen2.serving.handling import Served
+from qwen2.serving.chat import chat_completion, template_messages
+from qwen2.serving.completions import completion
+from qwen2.serving.handling import Served, check_token_ids
+from qwen2.serving.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ModelCard, ModelList,
+                                    TokenizeRequest)
 from qwen2.serving.http_errors import (APIError, body_too_large, model_not_found, to_api_error, unauthorized,
                                        unavailable, validation_error)
 from qwen2.serving.metrics import RequestRecord, ServerMetrics
@@ -168,17 +177,8 @@ class _Gate:
 
 def create_app(state: ServerState, engine_factory: Callable[[], AsyncLLMEngine] | None = None) -> Any:
     """The ASGI app. With `engine_factory`, the engine is built on a worker thread once the server is up;
-    otherwise `state.served` must already be set."""
-    from fastapi import FastAPI, Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, PlainTextResponse, Response
-    from starlette.exceptions import HTTPException
-
-    from qwen2.serving.chat import chat_completion
-    from qwen2.serving.completions import completion
-    from qwen2.serving.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ModelCard,
-                                        ModelList, TokenizeRequest)
-
+    otherwise `state.served` must already be set. Route annotations are resolved in this module's globals
+    (FastAPI reads them), so their types are imported at the top."""
     fields = _request_fields()
 
     async def load() -> None:
@@ -245,8 +245,6 @@ def create_app(state: ServerState, engine_factory: Callable[[], AsyncLLMEngine] 
     async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
         served = state.check_model(body.model)
         if body.messages is not None:
-            from qwen2.serving.chat import template_messages
-
             tokens = served.tokenizer.apply_chat_template(
                 template_messages(body.messages), add_generation_prompt=body.add_generation_prompt, tokenize=True,
                 return_dict=False, sanitize_control_tokens=True)
@@ -256,8 +254,6 @@ def create_app(state: ServerState, engine_factory: Callable[[], AsyncLLMEngine] 
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
-        from qwen2.serving.handling import check_token_ids
-
         served = state.check_model(body.model)
         check_token_ids(body.tokens, served.vocab_size, "tokens")
         return {"prompt": served.tokenizer.decode(body.tokens)}
