@@ -42,7 +42,8 @@ def to_api_error(error: BaseException, param: str | None = None) -> APIError:
         return error
     for kind, status, type_, code, headers in ERROR_TABLE:
         if isinstance(error, kind):
-            return APIError(status, str(error), type=type_, param=param, code=code, headers=headers)
+            message = str(error) if param is None or param in str(error) else f"{param}: {error}"
+            return APIError(status, message, type=type_, param=param, code=code, headers=headers)
     logger.error("internal error", exc_info=error)
     return APIError(500, "internal server error", type="internal_server_error")
 
@@ -68,15 +69,19 @@ def not_supported(param: str, what: str) -> APIError:
     return APIError(400, f"{what} is not supported by this server", param=param, code="unsupported_parameter")
 
 
+_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
+
+
 def _param(loc: tuple[Any, ...], fields: frozenset[str]) -> str | None:
     """OpenAI's spelling of a pydantic location, e.g. ('body', 'messages', 0, 'user', 'content') ->
     'messages[0].content': union-member labels that pydantic inserts are not fields and are dropped."""
-    param = ""
+    param, previous = "", None
     for part in loc[1:] if loc and loc[0] == "body" else loc:
         if isinstance(part, int):
             param += f"[{part}]"
-        elif part in fields:
+        elif part in fields and not (isinstance(previous, int) and part in _ROLES):  # a message's union tag
             param += f".{part}" if param else part
+        previous = part
     return param or None
 
 
