@@ -20,7 +20,7 @@ from qwen2.serving.outputs import CompletionOutput, RequestMetrics, RequestOutpu
 from qwen2.serving.params import SamplingParams
 from qwen2.serving.runner import ModelRunner
 from qwen2.serving.sampler import prompt_logprobs, sample
-from qwen2.serving.scheduler import ScheduledBatch, Scheduler
+from qwen2.serving.scheduler import Scheduler
 from qwen2.serving.sequence import Sequence
 from qwen2.serving.text import StopChecker
 

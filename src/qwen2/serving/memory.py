@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import logging
+import os
 from pathlib import Path
 
 import torch
 
-logger = logging.getLogger(__name__)
-
-# Without a budget the cache takes this share of the memory available when the engine starts, at most 4 GiB.
+# Without a budget the cache takes this share of the memory available when the engine starts, at most 2 GiB.
 DEFAULT_FRACTION = 0.2
-DEFAULT_CAP = 4 << 30
+DEFAULT_CAP = 2 << 30
 
 
 def available_memory(device: torch.device) -> int:
@@ -24,8 +22,6 @@ def available_memory(device: torch.device) -> int:
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
-    import os
-
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 

@@ -11,7 +11,6 @@ own (see `attention.py`).
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +21,6 @@ from qwen2.serving.attention import KVCache, decode_attention, prefill_attention
 from qwen2.serving.linears import LinearCalls
 from qwen2.serving.scheduler import ScheduledBatch
 
-logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -124,7 +122,7 @@ class _Group:
     decode: bool
     rows: slice  # token rows of the flat batch
     tables: Tensor  # decode: (B, max_blocks) block ids; prefill: (num_blocks,)
-    lengths: Tensor | None = None  # decode: (B,) context lengths
+    lengths: list[int] | None = None  # decode: context lengths
     start: int = 0  # prefill: position of the chunk's first token
 
 
@@ -139,7 +137,7 @@ def _attention_groups(batch: ScheduledBatch, block_size: int, device: torch.devi
         width = max(len(s.block_table) for s in seqs)
         tables = torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs],
                               dtype=torch.long, device=device)
-        lengths = torch.tensor([s.num_computed_tokens + 1 for s in seqs], dtype=torch.long, device=device)
+        lengths = [s.num_computed_tokens + 1 for s in seqs]
         groups.append(_Group(True, slice(0, len(decode)), tables, lengths))
     offset = len(decode)
     for seq, count in zip(batch.seqs[len(decode):], batch.num_tokens[len(decode):]):

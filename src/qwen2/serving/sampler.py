@@ -28,7 +28,7 @@ class SampleResult:
 def sample(logits: Tensor, seqs: list[Sequence], stop_ids: list[set[int]]) -> SampleResult:
     """One token per row of `logits` (B, V) float32 for `seqs`; `stop_ids` are each row's stop/eos ids (banned
     while the row has fewer than min_tokens)."""
-    rows, vocab = logits.shape
+    rows = logits.shape[0]
     device = logits.device
     params = [s.params for s in seqs]
     raw_logprobs = torch.log_softmax(logits, dim=-1) if any(p.logprobs is not None for p in params) else None

@@ -1,0 +1,85 @@
+"""AsyncLLMEngine: concurrent asyncio callers get the same tokens as the synchronous engine, errors surface
+before the first output, a consumer that stops iterating aborts its request, shutdown drains."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from qwen2 import SamplingParams
+from qwen2.serving.async_engine import AsyncLLMEngine
+from qwen2.serving.errors import ContextLengthExceededError, EngineDeadError, QueueFullError
+
+from conftest import make_engine, run_to_end
+
+PROMPTS = [[5, 6, 7], list(range(3, 80)), [9] * 40, list(range(20, 30))]
+
+
+def _params(i):
+    return SamplingParams(temperature=0, max_tokens=6 + 3 * i, ignore_eos=True)
+
+
+def test_concurrent_streams_match_the_sync_engine(tiny):
+    sync = make_engine(tiny)
+    for i, prompt in enumerate(PROMPTS):
+        sync.add_request(str(i), prompt, _params(i))
+    expected = {k: v.outputs[0].token_ids for k, v in run_to_end(sync).items()}
+
+    async def consume(engine, i):
+        snapshots = [out async for out in engine.generate(str(i), PROMPTS[i], _params(i))]
+        lengths = [len(s.outputs[0].token_ids) for s in snapshots]
+        assert lengths == sorted(lengths) and snapshots[-1].finished and not any(s.finished for s in snapshots[:-1])
+        return snapshots[-1].outputs[0].token_ids
+
+    async def main():
+        engine = AsyncLLMEngine(make_engine(tiny))
+        try:
+            return await asyncio.gather(*(consume(engine, i) for i in range(len(PROMPTS))))
+        finally:
+            await engine.shutdown(1.0)
+
+    results = asyncio.run(main())
+    assert {str(i): r for i, r in enumerate(results)} == expected
+
+
+def test_errors_before_first_output_and_abort_on_disconnect(tiny):
+    async def main():
+        engine = AsyncLLMEngine(make_engine(tiny, blocks=8, max_waiting=0))
+        with pytest.raises(QueueFullError):
+            await anext(engine.generate("q", [5], SamplingParams()))
+        await engine.shutdown(0)
+
+        engine = AsyncLLMEngine(make_engine(tiny, blocks=8))
+        with pytest.raises(ContextLengthExceededError):
+            await anext(engine.generate("long", [5] * 120, SamplingParams(max_tokens=20)))
+        stream = engine.generate("gone", [5, 6], SamplingParams(max_tokens=100, ignore_eos=True))
+        first = await anext(stream)
+        assert not first.finished
+        await stream.aclose()  # the client went away
+        for _ in range(200):
+            stats = engine.stats()
+            if stats.num_running == 0 and stats.kv_blocks_free == stats.kv_blocks_total:
+                break
+            await asyncio.sleep(0.01)
+        assert stats.num_running == 0 and stats.kv_blocks_free == stats.kv_blocks_total
+        await engine.shutdown(0)
+        with pytest.raises(EngineDeadError):
+            await anext(engine.generate("late", [5], SamplingParams()))
+
+    asyncio.run(main())
+
+
+def test_shutdown_lets_running_requests_finish(tiny):
+    async def main():
+        engine = AsyncLLMEngine(make_engine(tiny))
+        stream = engine.generate("r", [5, 6], SamplingParams(max_tokens=20, ignore_eos=True))
+        first = await anext(stream)
+        stopping = asyncio.create_task(engine.shutdown(30.0))
+        rest = [out async for out in stream]
+        await stopping
+        return first, rest
+
+    first, rest = asyncio.run(main())
+    assert rest[-1].finished and rest[-1].outputs[0].finish_reason == "length"
+    assert len(rest[-1].outputs[0].token_ids) == 20
