@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 
 import qwen2
@@ -38,6 +39,15 @@ def save_tiny_model(directory: Path, tokenizer_dir: Path) -> Path:
     for path in tokenizer_dir.iterdir():
         shutil.copy(path, directory / path.name)
     return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(default_gguf, tmp_path_factory) -> Path:
+    """Import this fixture into a test module to use it (one directory per test session)."""
+    from tokenizer_corpus import write_real_tokenizer_files
+
+    tokenizer_dir = write_real_tokenizer_files(default_gguf, tmp_path_factory.getbasetemp() / "qwen2_tokenizer_files")
+    return save_tiny_model(tmp_path_factory.mktemp("tiny_serve"), tokenizer_dir)
 
 
 @dataclass

@@ -14,16 +14,10 @@ import torch
 
 import qwen2
 from qwen2.serving.app import ServerState
-from server_harness import MODEL_NAME, engine_on, save_tiny_model, start_server
-from tokenizer_corpus import write_real_tokenizer_files
+from server_harness import MODEL_NAME, engine_on, start_server, tiny_dir  # noqa: F401 (a fixture)
 
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name three colours."}]
 
-
-@pytest.fixture(scope="module")
-def tiny_dir(default_gguf, tmp_path_factory):
-    tokenizer_dir = write_real_tokenizer_files(default_gguf, tmp_path_factory.getbasetemp() / "qwen2_tokenizer_files")
-    return save_tiny_model(tmp_path_factory.mktemp("tiny_serve"), tokenizer_dir)
 
 
 @pytest.fixture(scope="module")

@@ -17,8 +17,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server_harness import save_tiny_model
-from tokenizer_corpus import write_real_tokenizer_files
+from server_harness import tiny_dir  # noqa: F401 (a fixture)
+
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 
@@ -52,11 +52,6 @@ class _Serve:
             self.process.kill()
         self.process.wait(timeout=30)
 
-
-@pytest.fixture(scope="module")
-def tiny_dir(default_gguf, tmp_path_factory):
-    tokenizer_dir = write_real_tokenizer_files(default_gguf, tmp_path_factory.getbasetemp() / "qwen2_tokenizer_files")
-    return save_tiny_model(tmp_path_factory.mktemp("tiny_cli"), tokenizer_dir)
 
 
 def test_serve_api_key_log_lines_and_graceful_sigterm(tiny_dir):

@@ -13,16 +13,10 @@ import openai
 import pytest
 
 from qwen2.serving.app import ServerState
-from server_harness import MODEL_NAME, engine_on, save_tiny_model, start_server
-from tokenizer_corpus import write_real_tokenizer_files
+from server_harness import MODEL_NAME, engine_on, start_server, tiny_dir  # noqa: F401 (a fixture)
 
 USER = [{"role": "user", "content": "hi"}]
 
-
-@pytest.fixture(scope="module")
-def tiny_dir(default_gguf, tmp_path_factory):
-    tokenizer_dir = write_real_tokenizer_files(default_gguf, tmp_path_factory.getbasetemp() / "qwen2_tokenizer_files")
-    return save_tiny_model(tmp_path_factory.mktemp("tiny_errors"), tokenizer_dir)
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,7 @@ import httpx
 import pytest
 
 from qwen2.serving.app import ServerState
-from server_harness import MODEL_NAME, engine_on, save_tiny_model, start_server
-from tokenizer_corpus import write_real_tokenizer_files
+from server_harness import MODEL_NAME, engine_on, start_server, tiny_dir  # noqa: F401 (a fixture)
 
 PROMPTS = [f"Request {k}: tell me about {topic}." for k, topic in
            enumerate(["rivers", "bread", "stars", "compilers", "tea", "owls", "glass", "chess"])]
@@ -25,10 +24,8 @@ MAX_TOKENS = 24
 
 
 @pytest.fixture(scope="module")
-def server(default_gguf, tmp_path_factory):
-    tokenizer_dir = write_real_tokenizer_files(default_gguf, tmp_path_factory.getbasetemp() / "qwen2_tokenizer_files")
-    model_dir = save_tiny_model(tmp_path_factory.mktemp("tiny_load"), tokenizer_dir)
-    engine = engine_on(model_dir, max_num_seqs=8, max_waiting=256)
+def server(tiny_dir):
+    engine = engine_on(tiny_dir, max_num_seqs=8, max_waiting=256)
     running = start_server(ServerState(model_name=MODEL_NAME), lambda: engine)
     yield running, engine
     running.stop()

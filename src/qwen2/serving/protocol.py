@@ -11,7 +11,6 @@ fields a server does not know, so newer clients keep working; fields we know but
 from __future__ import annotations
 
 import time
-import uuid
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, StrictStr,
@@ -255,10 +254,6 @@ class DetokenizeRequest(_Model):
 
 
 # ---- responses (plain dicts would do; models document the shape and keep the names in one place) --------------
-def _id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
-
-
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
@@ -272,40 +267,37 @@ class ChatMessage(BaseModel):
     tool_calls: list[ToolCall] | None = None
 
 
-class ChatChoice(BaseModel):
+class _Choice(BaseModel):
     index: int
+    logprobs: dict[str, Any] | None = None
+    finish_reason: str | None
+    stop_reason: int | str | None = None
+
+
+class ChatChoice(_Choice):
     message: ChatMessage
-    logprobs: dict[str, Any] | None = None
-    finish_reason: str | None
-    stop_reason: int | str | None = None
 
 
-class ChatCompletion(BaseModel):
-    id: str = Field(default_factory=lambda: _id("chatcmpl"))
-    object: Literal["chat.completion"] = "chat.completion"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
-    choices: list[ChatChoice]
-    usage: Usage
-    system_fingerprint: str | None = None
-
-
-class CompletionChoice(BaseModel):
-    index: int
+class CompletionChoice(_Choice):
     text: str
-    logprobs: dict[str, Any] | None = None
-    finish_reason: str | None
-    stop_reason: int | str | None = None
 
 
-class Completion(BaseModel):
-    id: str = Field(default_factory=lambda: _id("cmpl"))
-    object: Literal["text_completion"] = "text_completion"
+class _Answer(BaseModel):
+    id: str
     created: int = Field(default_factory=lambda: int(time.time()))
     model: str
-    choices: list[CompletionChoice]
     usage: Usage
     system_fingerprint: str | None = None
+
+
+class ChatCompletion(_Answer):
+    object: Literal["chat.completion"] = "chat.completion"
+    choices: list[ChatChoice]
+
+
+class Completion(_Answer):
+    object: Literal["text_completion"] = "text_completion"
+    choices: list[CompletionChoice]
 
 
 class ModelCard(BaseModel):
