@@ -19,7 +19,7 @@ from qwen2.serving.logprobs import chat_logprobs
 from qwen2.serving.metrics import RequestRecord
 from qwen2.serving.outputs import CompletionOutput, RequestOutput
 from qwen2.serving.protocol import (AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionRequest, ChatMessage,
-                                    Message, SystemMessage, ToolCall, ToolMessage, Usage, text_of)
+                                    Message, NamedToolChoice, SystemMessage, ToolCall, ToolMessage, Usage, text_of)
 from qwen2.serving.tool_calls import ParsedCall, ToolCallStreamParser, new_call_id, parse_tool_calls
 
 
@@ -60,8 +60,7 @@ def _template_call(call: ToolCall) -> dict[str, Any]:
 
 
 def _uses_tools(body: ChatCompletionRequest) -> bool:
-    if isinstance(body.tool_choice, str) and body.tool_choice == "required" or body.tool_choice is not None and \
-            not isinstance(body.tool_choice, str):
+    if body.tool_choice == "required" or isinstance(body.tool_choice, NamedToolChoice):
         raise not_supported("tool_choice", "tool_choice 'required' or a named function (it needs constrained "
                                            "decoding, which this server does not have yet); use 'auto' or 'none'")
     return bool(body.tools) and body.tool_choice != "none"
