@@ -97,3 +97,14 @@ def test_serve_exits_1_when_the_model_cannot_load(tmp_path):
         assert "qwen2 serve: error:" in "".join(serve.lines)
     finally:
         serve.stop()
+
+
+@pytest.mark.parametrize("missing", ["fastapi", "uvicorn", "prometheus_client"])
+def test_serve_without_the_extra_names_the_pip_command(monkeypatch, capsys, missing):
+    from qwen2.cli import main
+
+    monkeypatch.setitem(sys.modules, missing, None)  # as if not installed
+    monkeypatch.delitem(sys.modules, "qwen2.serving.app", raising=False)
+    assert main(["serve", "--port", "0"]) == 1
+    error = capsys.readouterr().err
+    assert 'pip install "qwen2[serve]"' in error and missing in error

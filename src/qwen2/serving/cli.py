@@ -87,9 +87,15 @@ def _engine_factory(args: argparse.Namespace) -> Any:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from qwen2.serving.app import DEFAULT_MAX_BODY_BYTES, ServerState, create_app
+    try:
+        import uvicorn
 
-    import uvicorn
+        from qwen2.serving.app import DEFAULT_MAX_BODY_BYTES, ServerState, create_app
+    except ImportError as missing:  # the serve extra is not installed: say which pip command adds it
+        message = str(missing) if "qwen2[serve]" in str(missing) else \
+            f'{missing}; the server needs the "serve" extra: pip install "qwen2[serve]"'
+        print(f"qwen2 serve: error: {message}", file=sys.stderr)
+        return 1
 
     logging.getLogger("qwen2.serving").setLevel(logging.INFO)
     if not logging.getLogger().handlers:
