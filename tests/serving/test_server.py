@@ -137,6 +137,11 @@ def test_completions_take_every_prompt_form(client, reference):
         for c in chunk.choices:
             streamed[c.index] = streamed.get(c.index, "") + c.text
     assert streamed == {0: expected[0], 1: expected[1]}
+    usages = [chunk.usage for chunk in client.completions.create(
+        model=MODEL_NAME, prompt=texts[0], temperature=0, max_tokens=6, stream=True,
+        stream_options={"include_usage": True}, extra_body={"stream_options": {"continuous_usage_stats": True}})]
+    assert [u.completion_tokens for u in usages[:-1]] == sorted(u.completion_tokens for u in usages[:-1])
+    assert usages[-1].prompt_tokens == len(ids[0]) and usages[-1].completion_tokens == 6
 
 
 def _log_softmax(reference, ids: list[int]) -> torch.Tensor:

@@ -132,6 +132,7 @@ class _View:
                      records: list[RequestRecord]) -> AsyncIterator[dict[str, Any]]:
         body, created = self.body, int(time.time())
         include_usage = body.stream_options is not None and body.stream_options.include_usage
+        continuous = body.stream_options is not None and body.stream_options.continuous_usage_stats
         sent: dict[int, tuple[int, int]] = {}  # choice index -> (characters, tokens) sent
         finals: list[RequestOutput | None] = [None] * len(self.prompts)
         async for prompt_index, snapshot in outputs:
@@ -154,7 +155,12 @@ class _View:
                     "model": self.served.model_name,
                     "choices": [{"index": index, "text": text[chars:], "logprobs": logprobs, "finish_reason": finish}],
                 }
-                if include_usage:
+                if continuous:  # vLLM's option: the usage so far on every chunk
+                    prompt_tokens = sum(r.prompt_tokens for r in records)
+                    done = sum(r.completion_tokens for r in records)
+                    event["usage"] = Usage(prompt_tokens=prompt_tokens, completion_tokens=done,
+                                           total_tokens=prompt_tokens + done).model_dump()
+                elif include_usage:
                     event["usage"] = None
                 yield event
         _sum_records(record, records)
