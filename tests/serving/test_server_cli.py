@@ -65,7 +65,7 @@ def test_serve_api_key_log_lines_and_graceful_sigterm(tiny_dir):
             assert time.monotonic() < deadline
             time.sleep(0.05)
         headers = {"Authorization": "Bearer k"}
-        body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 300,
+        body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 150,
                 "ignore_eos": True, "stream": True}
         assert httpx.post(url + "/v1/chat/completions", json=body).status_code == 401
         with httpx.stream("POST", url + "/v1/chat/completions", json=body, headers=headers, timeout=120) as response:
@@ -84,7 +84,7 @@ def test_serve_api_key_log_lines_and_graceful_sigterm(tiny_dir):
         serve.reader.join(timeout=10)
         logged = [line for line in serve.lines if "POST /v1/chat/completions" in line]
         assert any(" 401 " in line for line in logged)
-        assert any(" 200 in=" in line and "out=300" in line and "ttft=" in line for line in logged), logged
+        assert any(" 200 in=" in line and "out=150" in line and "ttft=" in line for line in logged), logged
     finally:
         serve.stop()
 
