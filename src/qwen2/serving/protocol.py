@@ -128,6 +128,18 @@ class ResponseFormat(_Model):
     type: Literal["text", "json_object", "json_schema"]
 
 
+def _needs(name: str, other: str, message: str, unset: tuple[Any, ...] = (None,)) -> Any:
+    """A validator refusing `name` set while `other` is falsy. It runs on the later field (pydantic validates
+    fields in order, so `other` is known), and the error then names the field at fault."""
+
+    def check(cls: type, value: Any, info: ValidationInfo) -> Any:
+        if value not in unset and not info.data.get(other):
+            raise ValueError(message)
+        return value
+
+    return field_validator(name)(classmethod(check))  # type: ignore[arg-type]
+
+
 # ---- the shared sampling fields ---------------------------------------------------------------------------------
 class _Sampling(_Model):
     model: StrictStr
@@ -151,13 +163,8 @@ class _Sampling(_Model):
     user: StrictStr | None = None
     skip_special_tokens: StrictBool = True
 
-    # Combinations are checked on the later field (pydantic validates fields in order), so the error names it.
-    @field_validator("stream_options")
-    @classmethod
-    def _stream_options_need_stream(cls, value: Any, info: ValidationInfo) -> Any:
-        if value is not None and not info.data.get("stream"):
-            raise ValueError("stream_options is only allowed when stream is true")
-        return value
+    _stream_options_need_stream = _needs("stream_options", "stream",
+                                         "stream_options is only allowed when stream is true")
 
     def stop_strings(self) -> list[str]:
         if self.stop is None:
@@ -176,19 +183,9 @@ class ChatCompletionRequest(_Sampling):
     parallel_tool_calls: StrictBool | None = None
     response_format: ResponseFormat | None = None
 
-    @field_validator("top_logprobs")
-    @classmethod
-    def _top_logprobs_need_logprobs(cls, value: Any, info: ValidationInfo) -> Any:
-        if value is not None and not info.data.get("logprobs"):
-            raise ValueError("top_logprobs requires logprobs to be true")
-        return value
-
-    @field_validator("tool_choice")
-    @classmethod
-    def _tool_choice_needs_tools(cls, value: Any, info: ValidationInfo) -> Any:
-        if value not in (None, "none") and not info.data.get("tools"):
-            raise ValueError("tool_choice is only allowed when tools are given")
-        return value
+    _top_logprobs_need_logprobs = _needs("top_logprobs", "logprobs", "top_logprobs requires logprobs to be true")
+    _tool_choice_needs_tools = _needs("tool_choice", "tools", "tool_choice is only allowed when tools are given",
+                                      unset=(None, "none"))
 
     def max_new_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
