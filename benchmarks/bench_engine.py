@@ -37,7 +37,7 @@ def _workload(args: argparse.Namespace) -> dict:
     system = [rng.randrange(1000, 100_000) for _ in range(args.prefix_tokens)]
     shared = [system + [rng.randrange(1000, 100_000) for _ in range(50)] for _ in range(args.prefix_requests)]
     return {"prompts": prompts, "outputs": outputs, "shared": shared, "threads": args.threads,
-            "timeout": args.timeout}
+            "timeout": args.timeout, "proxy_layers": args.proxy_layers}
 
 
 def _percentiles(values: list[float]) -> dict[str, float]:
@@ -53,14 +53,24 @@ def _summary(start: float, first: list[float], done: list[float], tokens: list[i
             "tpot_ms": {k: v * 1000 for k, v in _percentiles(tpot).items()}}
 
 
-def _load_ours(quantization: str | None):
+def _load_ours(quantization: str | None, proxy_layers: int | None):
+    """The default model, or (`--proxy-layers N`) a random-weight model of its widths with N layers: a quick
+    stand-in that keeps every per-step cost but the layer count."""
     import torch
 
-    from qwen2 import AutoModelForCausalLM
+    from qwen2 import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
     from qwen2.loading.default_model import default_model_path
+    from qwen2.quantization import quantize_model
 
-    return AutoModelForCausalLM.from_pretrained(str(default_model_path(progress=False)), dtype=torch.bfloat16,
-                                                quantization=quantization).eval()
+    if proxy_layers is None:
+        return AutoModelForCausalLM.from_pretrained(str(default_model_path(progress=False)), dtype=torch.bfloat16,
+                                                    quantization=quantization).eval()
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=proxy_layers,
+                         num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
+                         tie_word_embeddings=True)
+    model = Qwen2ForCausalLM(config).eval().to(torch.bfloat16)
+    return quantize_model(model, quantization) if quantization else model
 
 
 def _run_engine(model, prompts, outputs, **config) -> tuple[dict, object]:
@@ -182,7 +192,7 @@ def run_worker(mode: str, spec: dict) -> dict:
     if kind == "hf":
         result = _run_hf(prompts, outputs)
     else:
-        model = _load_ours("int8" if variant == "int8" else None)
+        model = _load_ours("int8" if variant == "int8" else None, spec["proxy_layers"])
         load = time.perf_counter() - start
         if kind == "engine":
             result, _ = _run_engine(model, prompts, outputs, max_num_seqs=16, max_num_batched_tokens=512)
@@ -253,6 +263,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=int, default=900, help="seconds a mode may take")
+    parser.add_argument("--proxy-layers", type=int, help="a random model of the default widths with this many "
+                        "layers instead of the default model (not for hf-cb-bf16)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--spec", type=Path, help=argparse.SUPPRESS)

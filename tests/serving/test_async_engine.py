@@ -57,7 +57,7 @@ def test_errors_before_first_output_and_abort_on_disconnect(tiny):
         first = await anext(stream)
         assert not first.finished
         await stream.aclose()  # the client went away
-        for _ in range(200):
+        for _ in range(1000):  # up to 10 s on a loaded machine
             stats = engine.stats()
             if stats.num_running == 0 and stats.kv_blocks_free == stats.kv_blocks_total:
                 break

@@ -46,7 +46,9 @@ class EngineConfig:
 
 @dataclass
 class EngineStats:
-    """Counters for /metrics and tests. Prefix-cache queries and hits count prompt tokens."""
+    """Counters for /metrics and tests. Prefix-cache queries and hits count prompt tokens (looked up / served
+    from the cache); prompt_tokens counts prompt tokens computed (recomputation after preemption included),
+    generation_tokens the tokens sampled; num_waiting counts sequences (a request has `n`)."""
 
     num_running: int
     num_waiting: int
