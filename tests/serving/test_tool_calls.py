@@ -87,3 +87,18 @@ def test_invalid_blocks_stay_text(text):
 def test_arguments_given_as_a_json_string_are_an_object():
     content, calls = parse_tool_calls('<tool_call>\n{"name": "f", "arguments": "{\\"x\\": 1}"}\n</tool_call>')
     assert content is None and calls == [ParsedCall("f", '{"x": 1}')]
+
+
+def test_a_bare_json_answer_naming_a_tool_is_a_call():
+    names = frozenset({"get_weather"})
+    bare = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
+    assert parse_tool_calls(bare, names) == (None, [ParsedCall("get_weather", '{"city": "Paris"}')])
+    assert parse_tool_calls(bare) == (bare, [])  # no tools offered: text
+    other = '{"name": "rm_rf", "arguments": {}}'
+    assert parse_tool_calls(other, names) == (other, [])  # not an offered tool: text
+    for text in (bare, other, '{"a": 1} and more', "plain"):
+        parser = ToolCallStreamParser(names)
+        events = [e for ch in text for e in parser.feed(ch)] + parser.finish()
+        content, calls = parse_tool_calls(text, names)
+        assert [e for e in events if isinstance(e, ParsedCall)] == calls
+        assert "".join(e for e in events if isinstance(e, str)) == (content or "")

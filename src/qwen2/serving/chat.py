@@ -107,6 +107,10 @@ async def _last(outputs: AsyncIterator[RequestOutput], record: RequestRecord) ->
     return last
 
 
+def _tool_names(body: ChatCompletionRequest) -> frozenset[str]:
+    return frozenset(tool.function.name for tool in body.tools or [])
+
+
 def usage(output: RequestOutput) -> Usage:
     completion = sum(len(choice.token_ids) for choice in output.outputs)
     prompt = len(output.prompt_token_ids)
@@ -120,7 +124,7 @@ def _finish_reason(output: CompletionOutput, calls: list[ParsedCall]) -> str | N
 
 def _choice(output: CompletionOutput, served: Served, body: ChatCompletionRequest, tools: bool,
             top: int) -> ChatChoice:
-    content, calls = parse_tool_calls(output.text) if tools else (output.text, [])
+    content, calls = parse_tool_calls(output.text, _tool_names(body)) if tools else (output.text, [])
     tool_calls = [ToolCall.model_validate(call.to_openai(new_call_id())) for call in calls] or None
     logprobs = None
     if body.logprobs and output.logprobs is not None:
@@ -133,8 +137,8 @@ def _choice(output: CompletionOutput, served: Served, body: ChatCompletionReques
 class _ChoiceStream:
     """One choice's progress through a stream: what was sent, and its tool-call parser."""
 
-    def __init__(self, tools: bool) -> None:
-        self.parser = ToolCallStreamParser() if tools else None
+    def __init__(self, tool_names: frozenset[str] | None) -> None:
+        self.parser = ToolCallStreamParser(tool_names) if tool_names is not None else None
         self.text_sent = 0
         self.tokens_sent = 0
         self.calls_sent = 0
@@ -164,7 +168,7 @@ async def _chunks(body: ChatCompletionRequest, served: Served, request_id: str, 
             event["usage"] = usage(last).model_dump() if continuous and last is not None else None
         return event
 
-    states = [_ChoiceStream(tools) for _ in range(body.n)]
+    states = [_ChoiceStream(_tool_names(body) if tools else None) for _ in range(body.n)]
     for index in range(body.n):
         yield chunk(index, {"role": "assistant", "content": ""})
 

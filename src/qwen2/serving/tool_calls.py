@@ -52,10 +52,10 @@ def parse_block(body: str) -> ParsedCall | None:
     return ParsedCall(value["name"], json.dumps(arguments, ensure_ascii=False))
 
 
-def parse_tool_calls(text: str) -> tuple[str | None, list[ParsedCall]]:
+def parse_tool_calls(text: str, tool_names: frozenset[str] = frozenset()) -> tuple[str | None, list[ParsedCall]]:
     """(content, calls) of a whole answer: the text outside valid blocks (None if only whitespace remains around
     calls) and the calls in order."""
-    parser = ToolCallStreamParser()
+    parser = ToolCallStreamParser(tool_names)
     content = "".join(event for event in parser.feed(text) + parser.finish() if isinstance(event, str))
     if parser.calls and not content.strip():
         return None, parser.calls
@@ -74,11 +74,17 @@ def _partial_open_length(text: str) -> int:
 class ToolCallStreamParser:
     """Turns an answer's text, fed piece by piece, into events: `str` for content, `ParsedCall` for a call.
 
+    Small models (Qwen2.5-Coder-0.5B) often answer a call as the bare JSON object without the tags: an answer
+    that is exactly one such object naming one of `tool_names` is a call too (such an answer is held back whole,
+    as it could be either).
+
     Whitespace between a closing tag and the next block (the template's newline) is dropped, as it separates
     calls rather than being part of the answer; so is whitespace before the first call when nothing else precedes
     it (held back until the answer shows which), so a streamed answer reads as the whole one."""
 
+    tool_names: frozenset[str] = frozenset()
     calls: list[ParsedCall] = field(default_factory=list)
+    _bare: bool = False  # the answer opened with "{": held whole until it ends
     _pending: str = ""
     _in_block: bool = False
     _after_call: bool = False
@@ -95,6 +101,10 @@ class ToolCallStreamParser:
     def feed(self, delta: str) -> list[str | ParsedCall]:
         self._pending += delta
         events: list[str | ParsedCall] = []
+        if self.tool_names and not self._spoke and not self.calls and not self._in_block:
+            self._bare = self._bare or (self._held + self._pending).lstrip().startswith("{")
+        if self._bare:
+            return events
         while True:
             if self._in_block:
                 end = self._pending.find(CLOSE)
@@ -133,6 +143,13 @@ class ToolCallStreamParser:
         """The held-back text at the end of the answer (an unclosed block stays text)."""
         rest = (OPEN if self._in_block else "") + self._pending
         self._pending, self._in_block = "", False
+        if self._bare:
+            self._bare, whole, self._held = False, self._held + rest, ""
+            call = parse_block(whole)
+            if call is not None and call.name in self.tool_names:
+                self.calls.append(call)
+                return [call]
+            return [whole]
         if self.calls and not self._spoke and not rest.strip():
             return []
         rest, self._held = self._held + rest, ""
