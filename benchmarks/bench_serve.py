@@ -134,7 +134,7 @@ async def one_request(client, prompt: str, output_len: int) -> Result:
             model=MODEL_NAME, prompt=prompt, max_tokens=output_len, temperature=0, stream=True,
             stream_options={"include_usage": True}, extra_body={"ignore_eos": True, "min_tokens": output_len})
         async for chunk in stream:
-            if chunk.choices and chunk.choices[0].text:
+            if chunk.choices:  # a chunk may carry no text (special tokens are not shown), yet tokens came
                 stamps.append(time.perf_counter())
             if chunk.usage is not None:
                 tokens = chunk.usage.completion_tokens
