@@ -11,7 +11,7 @@ from qwen2 import SamplingParams
 from qwen2.serving.async_engine import AsyncLLMEngine
 from qwen2.serving.errors import ContextLengthExceededError, EngineDeadError, QueueFullError
 
-from conftest import make_engine, run_to_end
+from engine_harness import make_engine, run_to_end, tiny  # noqa: F401 (a fixture)
 
 PROMPTS = [[5, 6, 7], list(range(3, 80)), [9] * 40, list(range(20, 30))]
 

@@ -10,7 +10,7 @@ import torch
 from qwen2 import SamplingParams
 from qwen2.serving.errors import ContextLengthExceededError, QueueFullError
 
-from conftest import make_engine, run_to_end, tiny_model
+from engine_harness import make_engine, run_to_end, tiny_model, tiny  # noqa: F401 (a fixture)
 
 EOS = 2
 

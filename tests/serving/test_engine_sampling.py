@@ -9,7 +9,7 @@ import transformers
 
 from qwen2 import SamplingParams
 
-from conftest import TINY, make_engine, run_to_end
+from engine_harness import TINY, make_engine, run_to_end, tiny  # noqa: F401 (a fixture)
 
 
 def _tokens(engine, requests):

@@ -9,7 +9,7 @@ import torch
 from qwen2 import LLM, SamplingParams
 from qwen2.quantization import quantize_model
 
-from conftest import assert_same_greedy, greedy_reference, make_engine, tiny_model
+from engine_harness import assert_same_greedy, greedy_reference, make_engine, tiny_model, tiny  # noqa: F401 (a fixture)
 
 
 def _generate_alone(model, prompt, n):

@@ -21,6 +21,7 @@ SUBCOMMANDS = (
     "qwen2.cli.repl",  # chat
     "qwen2.cli.info",
     "qwen2.cli.convert",
+    "qwen2.serving.cli",  # serve
 )
 
 

@@ -172,7 +172,7 @@ def model_source(args: argparse.Namespace) -> tuple[str, str | None]:
     return args.model, args.gguf_file
 
 
-def _threads(wanted: int) -> int:
+def clamp_threads(wanted: int) -> int:
     """`--threads`, clamped to the cores this process may run on: more threads than cores only contend."""
     if wanted < 1:
         raise ValueError(f"--threads must be at least 1, got {wanted}")
@@ -191,7 +191,7 @@ def load_model(args: argparse.Namespace) -> tuple[Any, Any, float]:
     from qwen2 import AutoModelForCausalLM, AutoTokenizer
 
     if args.threads is not None:
-        torch.set_num_threads(_threads(args.threads))
+        torch.set_num_threads(clamp_threads(args.threads))
     if args.group_size is not None and args.quantization != "int4":
         raise ValueError("--group-size applies only with --quantization int4")
     source, gguf_file = model_source(args)

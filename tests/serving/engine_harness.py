@@ -1,4 +1,5 @@
-"""Tiny random models and an engine factory for the serving tests."""
+"""Tiny random models and an engine factory for the serving tests (a module of helpers, not a conftest:
+a second conftest module would shadow tests/conftest.py for `from conftest import ...`)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,254 @@
+"""Load on OpenAI-compatible servers: ours (`qwen2 serve`) and, when installed, llama.cpp's through
+llama-cpp-python (`python -m llama_cpp.server`) on the same GGUF with the same thread count.
+
+One command, one run: each server is started in its own subprocess on a free loopback port, given a seeded
+synthetic workload (random prompts of --input-len tokens, --output-len tokens out, EOS ignored where the server
+allows it) at each --concurrency, through an async `openai` client streaming /v1/completions, then stopped.
+Metrics follow vLLM's benchmark_serving definitions:
+
+- TTFT: request sent -> first streamed token; E2E: request sent -> last token;
+- TPOT: (E2E - TTFT) / (output tokens - 1) per request; ITL: gaps between successive streamed chunks;
+- output tok/s: all output tokens / wall time of the level; failed: requests that raised or returned non-200.
+
+    python benchmarks/bench_serve.py                                   # ours bf16 + int8 (+ llama.cpp if present)
+    python benchmarks/bench_serve.py --servers ours-int8 --concurrency 1 4 --num-prompts 8 --output-len 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import json
+import os
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SERVERS = ("ours-bf16", "ours-int8", "llamacpp")
+MODEL_NAME = "bench-model"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Server:
+    name: str
+    command: list[str]
+    port: int
+    process: subprocess.Popen | None = None
+    log: list[str] = field(default_factory=list)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def start(self, timeout: float) -> None:
+        import httpx
+
+        self.process = subprocess.Popen(self.command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        threading.Thread(target=lambda: self.log.extend(self.process.stderr), daemon=True).start()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited while starting:\n" + "".join(self.log[-20:]))
+            try:
+                if httpx.get(self.base_url + "/models", timeout=2).status_code == 200 and self._ready():
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"{self.name} did not become ready in {timeout:.0f} s")
+
+    def _ready(self) -> bool:
+        import httpx
+
+        if not self.name.startswith("ours"):
+            return True
+        return httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=2).status_code == 200
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def make_server(name: str, gguf: Path, threads: int, max_len: int) -> Server | None:
+    port = free_port()
+    if name.startswith("ours"):
+        variant = name.split("-", 1)[1]
+        command = [sys.executable, "-m", "qwen2.cli", "serve", "--model", str(gguf), "--port", str(port),
+                   "--served-model-name", MODEL_NAME, "--threads", str(threads), "--max-num-seqs", "32",
+                   "--max-model-len", str(max_len), "--max-waiting", "1024"]
+        command += ["--dtype", "bfloat16"] + (["--quantization", variant] if variant != "bf16" else [])
+        return Server(name, command, port)
+    if importlib.util.find_spec("llama_cpp") is None:
+        print(f"[skip] {name}: llama-cpp-python is not installed (pip install 'llama-cpp-python[server]')")
+        return None
+    command = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--port", str(port), "--host",
+               "127.0.0.1", "--n_threads", str(threads), "--n_ctx", str(max_len), "--model_alias", MODEL_NAME]
+    return Server(name, command, port)
+
+
+def workload(gguf: Path, count: int, input_len: tuple[int, int], seed: int) -> list[str]:
+    """Seeded random prompts: random ordinary tokens of the model's own vocabulary, decoded to text."""
+    from qwen2 import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf))
+    rng = random.Random(seed)
+    ordinary = min(tokenizer.added_tokens_decoder)  # ids below the first added token are plain BPE tokens
+    return [tokenizer.decode([rng.randrange(1000, ordinary) for _ in range(rng.randint(*input_len))])
+            for _ in range(count)]
+
+
+@dataclass
+class Result:
+    ok: bool
+    ttft: float = 0.0
+    e2e: float = 0.0
+    output_tokens: int = 0
+    itl: list[float] = field(default_factory=list)
+
+
+async def one_request(client, prompt: str, output_len: int) -> Result:
+    start = time.perf_counter()
+    stamps: list[float] = []
+    tokens = 0
+    try:
+        stream = await client.completions.create(
+            model=MODEL_NAME, prompt=prompt, max_tokens=output_len, temperature=0, stream=True,
+            stream_options={"include_usage": True}, extra_body={"ignore_eos": True, "min_tokens": output_len})
+        async for chunk in stream:
+            if chunk.choices:  # a chunk may carry no text (special tokens are not shown), yet tokens came
+                stamps.append(time.perf_counter())
+            if chunk.usage is not None:
+                tokens = chunk.usage.completion_tokens
+    except Exception as error:  # noqa: BLE001 - a failed request is a measurement
+        print(f"  request failed: {error!r}"[:200])
+        return Result(ok=False)
+    if not stamps:
+        return Result(ok=False)
+    return Result(ok=True, ttft=stamps[0] - start, e2e=stamps[-1] - start, output_tokens=tokens or len(stamps),
+                  itl=[b - a for a, b in zip(stamps, stamps[1:])])
+
+
+async def run_level(base_url: str, prompts: list[str], concurrency: int, output_len: int) -> dict:
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=3600)
+    gate = asyncio.Semaphore(concurrency)
+
+    async def limited(prompt: str) -> Result:
+        async with gate:
+            return await one_request(client, prompt, output_len)
+
+    start = time.perf_counter()
+    results = await asyncio.gather(*(limited(p) for p in prompts))
+    wall = time.perf_counter() - start
+    await client.close()
+    return summarise(results, wall, concurrency)
+
+
+def _percentiles(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {"mean": float("nan"), "p50": float("nan"), "p90": float("nan"), "p99": float("nan")}
+    ordered = sorted(values)
+
+    def at(q: float) -> float:
+        return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+    return {"mean": statistics.fmean(ordered), "p50": at(0.5), "p90": at(0.9), "p99": at(0.99)}
+
+
+def summarise(results: list[Result], wall: float, concurrency: int) -> dict:
+    ok = [r for r in results if r.ok]
+    out = sum(r.output_tokens for r in ok)
+    tpot = [(r.e2e - r.ttft) / (r.output_tokens - 1) for r in ok if r.output_tokens > 1]
+    return {
+        "concurrency": concurrency, "requests": len(results), "failed": len(results) - len(ok),
+        "wall_s": wall, "output_tok_s": out / wall, "request_s": len(ok) / wall,
+        "ttft_ms": {k: v * 1000 for k, v in _percentiles([r.ttft for r in ok]).items()},
+        "tpot_ms": {k: v * 1000 for k, v in _percentiles(tpot).items()},
+        "itl_ms": {k: v * 1000 for k, v in _percentiles([g for r in ok for g in r.itl]).items()},
+        "e2e_s": _percentiles([r.e2e for r in ok]),
+    }
+
+
+def table(rows: list[tuple[str, dict]]) -> str:
+    lines = ["| server | conc | reqs | failed | out tok/s | TTFT p50 / p90 / p99 ms | TPOT p50 / p99 ms "
+             "| ITL p50 / p99 ms |", "|---|---|---|---|---|---|---|---|"]
+    for name, m in rows:
+        t, p, i = m["ttft_ms"], m["tpot_ms"], m["itl_ms"]
+        lines.append(f"| {name} | {m['concurrency']} | {m['requests']} | {m['failed']} | {m['output_tok_s']:.1f} "
+                     f"| {t['p50']:.0f} / {t['p90']:.0f} / {t['p99']:.0f} | {p['p50']:.1f} / {p['p99']:.1f} "
+                     f"| {i['p50']:.1f} / {i['p99']:.1f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gguf", type=Path, default=None, help="GGUF to serve (default: the embedded model)")
+    parser.add_argument("--servers", nargs="+", default=list(SERVERS), choices=SERVERS)
+    parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 4, 16, 32])
+    parser.add_argument("--num-prompts", type=int, default=None, help="requests per level (default: 2x concurrency, "
+                                                                       "at least 8)")
+    parser.add_argument("--input-len", nargs=2, type=int, default=[100, 1000], metavar=("MIN", "MAX"))
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--start-timeout", type=float, default=600)
+    parser.add_argument("--json", type=Path, default=None, help="also write the measurements here")
+    args = parser.parse_args()
+
+    gguf = args.gguf
+    if gguf is None:
+        from qwen2.loading.default_model import default_model_path
+
+        gguf = default_model_path()
+    max_len = args.input_len[1] + args.output_len + 64
+    rows: list[tuple[str, dict]] = []
+    for name in args.servers:
+        server = make_server(name, gguf, args.threads, max_len)
+        if server is None:
+            continue
+        print(f"[{name}] starting: {' '.join(server.command)}", flush=True)
+        started = time.perf_counter()
+        try:
+            server.start(args.start_timeout)
+            print(f"[{name}] ready in {time.perf_counter() - started:.1f} s", flush=True)
+            for concurrency in args.concurrency:
+                count = args.num_prompts or max(8, 2 * concurrency)
+                prompts = workload(gguf, count, tuple(args.input_len), args.seed + concurrency)
+                asyncio.run(run_level(server.base_url, prompts[:1], 1, 4))  # warm-up (one-off costs)
+                metrics = asyncio.run(run_level(server.base_url, prompts, concurrency, args.output_len))
+                rows.append((name, metrics))
+                print(table([(name, metrics)]).splitlines()[-1], flush=True)
+        except RuntimeError as error:
+            print(f"[{name}] {error}")
+        finally:
+            server.stop()
+    print()
+    print(f"workload: input {args.input_len[0]}-{args.input_len[1]} tokens, output {args.output_len} tokens, "
+          f"seed {args.seed}, {args.threads} threads")
+    print(table(rows))
+    if args.json is not None:
+        args.json.write_text(json.dumps([{"server": n, **m} for n, m in rows], indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""`qwen2 serve`: the OpenAI-compatible server on the serving engine. The server starts listening at once and
+answers 503 while the engine loads on a worker thread; SIGTERM (or Ctrl-C) stops accepting requests, lets the
+running ones finish within `--shutdown-grace` seconds, then exits. Listed in qwen2/cli/main.py's SUBCOMMANDS."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+from typing import Any
+
+logger = logging.getLogger("qwen2.serving")
+
+DEFAULT_MODEL_NAME = "Qwen/Qwen2.5-Coder-0.5B-Instruct"
+_UNITS = {"": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "ki": 1024, "mi": 1024**2, "gi": 1024**3}
+
+
+def memory_size(text: str) -> int | float:
+    """--kv-cache-memory: bytes with an optional unit (`2GiB`, `512M`, `1000000`) or a fraction like `0.3`
+    of the memory available."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmg]i?)?b?\s*", text.lower())
+    if match is None:
+        raise argparse.ArgumentTypeError(f"expected bytes like 2GiB or 512MB, or a fraction like 0.3, got {text!r}")
+    number, unit = float(match.group(1)), match.group(2) or ""
+    if not unit and "." in match.group(1):
+        if not 0 < number <= 1:
+            raise argparse.ArgumentTypeError(f"a fraction of the memory must be in (0, 1], got {text!r}")
+        return number
+    size = int(number * _UNITS[unit])
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"--kv-cache-memory must be positive, got {text!r}")
+    return size
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def register(commands: Any, common: argparse.ArgumentParser) -> None:
+    serve = commands.add_parser("serve", parents=[common],
+                                help="an OpenAI-compatible HTTP server (needs the serve extra)")
+    serve.set_defaults(run=cmd_serve)
+    serve.add_argument("--model", "-m", default=None,
+                       help="local directory, .gguf file or hub id (default: the embedded Qwen2.5-Coder-0.5B-Instruct)")
+    serve.add_argument("--dtype", default="bfloat16", choices=("auto", "float32", "bfloat16", "float16"))
+    serve.add_argument("--quantization", "-q", default=None, choices=("int8", "int4", "w8a8"))
+    serve.add_argument("--threads", type=_positive, default=None, help="CPU threads for torch")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: localhost only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--served-model-name", default=None,
+                       help="the model name clients send (default: the --model argument, or the default model's id)")
+    serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 and tokenize routes")
+    serve.add_argument("--max-num-seqs", type=_positive, default=None, help="requests decoded together at most")
+    serve.add_argument("--max-model-len", type=_positive, default=None, help="prompt + answer tokens at most")
+    serve.add_argument("--max-waiting", type=_positive, default=None,
+                       help="queued requests at most; more get 429 with Retry-After")
+    serve.add_argument("--kv-cache-memory", type=memory_size, default=None,
+                       help="KV cache size: bytes (2GiB, 512MB) or a fraction of the available memory (0.3)")
+    serve.add_argument("--max-body-bytes", type=_positive, default=None, help="larger request bodies get 413")
+    serve.add_argument("--shutdown-grace", type=float, default=30.0,
+                       help="seconds running requests may take to finish after SIGTERM (default 30)")
+
+
+def _engine_factory(args: argparse.Namespace) -> Any:
+    def build() -> Any:
+        import torch
+
+        from qwen2.serving.async_engine import AsyncLLMEngine
+        from qwen2.serving.engine import LLMEngine
+
+        if args.threads is not None:
+            from qwen2.cli.options import clamp_threads
+
+            torch.set_num_threads(clamp_threads(args.threads))
+        model = args.model
+        if model is None:
+            from qwen2.loading.default_model import default_model_path
+
+            model = str(default_model_path(progress=False))
+        options = {"max_num_seqs": args.max_num_seqs, "max_model_len": args.max_model_len,
+                   "max_waiting": args.max_waiting, "kv_cache_memory": args.kv_cache_memory}
+        engine = LLMEngine.from_pretrained(model, quantization=args.quantization, dtype=args.dtype,
+                                           **{key: value for key, value in options.items() if value is not None})
+        return AsyncLLMEngine(engine)
+
+    return build
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from qwen2.serving.app import DEFAULT_MAX_BODY_BYTES, ServerState, create_app
+    except ImportError as missing:  # the serve extra is not installed: say which pip command adds it
+        message = str(missing) if "qwen2[serve]" in str(missing) else \
+            f'{missing}; the server needs the "serve" extra: pip install "qwen2[serve]"'
+        print(f"qwen2 serve: error: {message}", file=sys.stderr)
+        return 1
+
+    logging.getLogger("qwen2.serving").setLevel(logging.INFO)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    name = args.served_model_name or args.model or DEFAULT_MODEL_NAME
+    state = ServerState(model_name=name, api_key=args.api_key, shutdown_grace=args.shutdown_grace,
+                        max_body_bytes=args.max_body_bytes or DEFAULT_MAX_BODY_BYTES)
+    app = create_app(state, _engine_factory(args))
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            state.shutting_down = True  # new requests get 503 while running ones finish
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(app, host=args.host, port=args.port, access_log=False, log_level="info",
+                            timeout_graceful_shutdown=max(args.shutdown_grace, 0.1), lifespan="on")
+    server = Server(config)
+
+    def stop(error: BaseException) -> None:
+        server.should_exit = True
+
+    state.on_load_error = stop
+    logger.info("serving %s on http://%s:%d/v1 (the model loads in the background)", name, args.host, args.port)
+    server.run()
+    if state.load_error is not None:
+        print(f"qwen2 serve: error: {state.load_error}", file=sys.stderr)
+        return 1
+    return 0
