@@ -70,6 +70,43 @@ def test_errors_before_first_output_and_abort_on_disconnect(tiny):
     asyncio.run(main())
 
 
+def test_a_caller_cancelled_before_admission_leaves_no_request_behind(tiny):
+    """Cancelled while its request is still on the way to the engine thread (the thread held up in the add):
+    the add is undone, so nothing runs on for a client that is gone."""
+    import threading
+
+    engine = make_engine(tiny)
+    entered, release = threading.Event(), threading.Event()
+    add_request = engine.add_request
+
+    def slow_add(*args, **kwargs):
+        entered.set()
+        release.wait(10)
+        return add_request(*args, **kwargs)
+
+    engine.add_request = slow_add
+
+    async def main():
+        async_engine = AsyncLLMEngine(engine)
+        task = asyncio.create_task(anext(async_engine.generate("x", [5, 6], SamplingParams(max_tokens=500,
+                                                                                           ignore_eos=True))))
+        while not entered.is_set():
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        release.set()
+        for _ in range(1000):
+            stats = async_engine.stats()
+            if not engine.has_unfinished_requests() and stats.kv_blocks_free == stats.kv_blocks_total:
+                break
+            await asyncio.sleep(0.01)
+        assert not engine.has_unfinished_requests() and stats.kv_blocks_free == stats.kv_blocks_total
+        await async_engine.shutdown(0)
+
+    asyncio.run(main())
+
+
 def test_shutdown_lets_running_requests_finish(tiny):
     async def main():
         engine = AsyncLLMEngine(make_engine(tiny))

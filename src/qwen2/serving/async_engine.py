@@ -54,7 +54,11 @@ class AsyncLLMEngine:
         accepted: concurrent.futures.Future = concurrent.futures.Future()
         request = (request_id, list(prompt_token_ids), params, deadline, prompt, priority)
         self._send(("add", request, (loop, outputs), accepted))
-        await asyncio.wrap_future(accepted)
+        try:
+            await asyncio.wrap_future(accepted)
+        except asyncio.CancelledError:  # gone before it was admitted: commands run in order, so this undoes the add
+            self._send(("abort", request_id))
+            raise
         finished = False
         try:
             while not finished:
