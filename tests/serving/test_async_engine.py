@@ -71,37 +71,38 @@ def test_errors_before_first_output_and_abort_on_disconnect(tiny):
 
 
 def test_a_caller_cancelled_before_admission_leaves_no_request_behind(tiny):
-    """Cancelled while its request is still on the way to the engine thread (the thread held up in the add):
-    the add is undone, so nothing runs on for a client that is gone."""
+    """Cancelled while its request is on the way to the engine thread (the thread held up in the add): the
+    engine loop lives on and nothing is computed for the client that is gone."""
     import threading
 
     engine = make_engine(tiny)
     entered, release = threading.Event(), threading.Event()
     add_request = engine.add_request
 
-    def slow_add(*args, **kwargs):
-        entered.set()
-        release.wait(10)
-        return add_request(*args, **kwargs)
+    def slow_add(request_id, *args, **kwargs):
+        if request_id == "gone":
+            entered.set()
+            release.wait(10)
+        return add_request(request_id, *args, **kwargs)
 
     engine.add_request = slow_add
 
     async def main():
         async_engine = AsyncLLMEngine(engine)
-        task = asyncio.create_task(anext(async_engine.generate("x", [5, 6], SamplingParams(max_tokens=500,
-                                                                                           ignore_eos=True))))
+        params = SamplingParams(max_tokens=8, ignore_eos=True)
+        task = asyncio.create_task(anext(async_engine.generate("gone", [5, 6, 7], params)))
         while not entered.is_set():
             await asyncio.sleep(0.01)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
         release.set()
-        for _ in range(1000):
-            stats = async_engine.stats()
-            if not engine.has_unfinished_requests() and stats.kv_blocks_free == stats.kv_blocks_total:
-                break
-            await asyncio.sleep(0.01)
+        # Commands reach the engine in order: once a later request has run, the cancelled one was dealt with.
+        outputs = [out async for out in async_engine.generate("next", [9, 10], params)]
+        assert outputs[-1].finished and async_engine.is_running
+        stats = async_engine.stats()
         assert not engine.has_unfinished_requests() and stats.kv_blocks_free == stats.kv_blocks_total
+        assert (stats.prompt_tokens, stats.generation_tokens) == (2, 8)  # only "next" was computed
         await async_engine.shutdown(0)
 
     asyncio.run(main())

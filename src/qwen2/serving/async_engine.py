@@ -56,7 +56,7 @@ class AsyncLLMEngine:
         self._send(("add", request, (loop, outputs), accepted))
         try:
             await asyncio.wrap_future(accepted)
-        except asyncio.CancelledError:  # gone before it was admitted: commands run in order, so this undoes the add
+        except asyncio.CancelledError:  # gone while the add is under way: commands run in order, this undoes it
             self._send(("abort", request_id))
             raise
         finished = False
@@ -125,6 +125,8 @@ class AsyncLLMEngine:
             kind = command[0]
             if kind == "add":
                 _, (request_id, ids, params, deadline, prompt, priority), stream, accepted = command
+                if not accepted.set_running_or_notify_cancel():  # the caller gave up before the add came through
+                    continue
                 try:
                     self.engine.add_request(request_id, ids, params, deadline=deadline, prompt=prompt,
                                             priority=priority)
