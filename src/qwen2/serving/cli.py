@@ -46,11 +46,13 @@ def register(commands: Any, common: argparse.ArgumentParser) -> None:
     serve.set_defaults(run=cmd_serve)
     serve.add_argument("--model", "-m", default=None,
                        help="local directory, .gguf file or hub id (default: the embedded Qwen2.5-Coder-0.5B-Instruct)")
-    serve.add_argument("--dtype", default="bfloat16", choices=("auto", "float32", "bfloat16", "float16"))
-    serve.add_argument("--quantization", "-q", default=None, choices=("int8", "int4", "w8a8"))
+    serve.add_argument("--dtype", default="bfloat16", choices=("auto", "float32", "bfloat16", "float16"),
+                       help="dtype of the weights and KV cache (default: bfloat16)")
+    serve.add_argument("--quantization", "-q", default=None, choices=("int8", "int4", "w8a8"),
+                       help="quantise the linears at load (default: none)")
     serve.add_argument("--threads", type=_positive, default=None, help="CPU threads for torch")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: localhost only)")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
     serve.add_argument("--served-model-name", default=None,
                        help="the model name clients send (default: the --model argument, or the default model's id)")
     serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 and tokenize routes")
