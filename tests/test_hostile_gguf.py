@@ -72,6 +72,16 @@ def test_a_record_in_our_cache_naming_another_hash_is_refused(cache, model_gguf,
         checkpoint_files(impostor)
 
 
+def test_the_default_models_stand_in_trusts_only_the_embedded_ggufs_record(cache, model_gguf):
+    """cache/default/model (the embedded model with its hub generation config) holds a record too: there it
+    may name only the embedded GGUF's sha256, so a planted record pointing at another file is refused."""
+    cached = gguf_to_directory(model_gguf, progress=False)
+    stand_in = cache / "default" / "model"
+    shutil.copytree(cached, stand_in)
+    with pytest.raises(CheckpointError, match="not its directory's"):
+        checkpoint_files(stand_in)
+
+
 def test_same_size_rewrite_with_restored_mtime_is_caught(cache, model_gguf):
     """The attack the size+mtime stamp missed: other weights, same size, mtime set back. The inode change
     time moves anyway, the file is hashed again, and the sha256 no longer matches the directory."""

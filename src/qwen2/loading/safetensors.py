@@ -253,17 +253,24 @@ def file_stamp(path: Path) -> dict[str, int]:
 def gguf_weights(directory: Path) -> Path | None:
     """The GGUF a cached GGUF directory takes its weights from (see `gguf.gguf_to_directory`), or None.
 
-    The record is trusted only in qwen2's own cache, in the directory named by the file's sha256: anywhere
-    else a `gguf_source.json` could point a model directory at any file on the machine. A file whose stamp
-    (`file_stamp`) changed since is hashed again and used only if its sha256 is still the directory's.
+    The record is trusted only in qwen2's own cache: in the directory named by the file's sha256, or in the
+    embedded model's stand-in for its hub id (`default_model.default_model_dir`), for the embedded GGUF's
+    sha256 only; anywhere else a `gguf_source.json` could point a model directory at any file on the machine.
+    A file whose stamp (`file_stamp`) changed since is hashed again and used only if its sha256 is still the
+    one its directory stands for.
     """
     record_path = directory / GGUF_SOURCE_NAME
     if not record_path.is_file():
         return None
-    from qwen2.loading.default_model import cache_dir
+    from qwen2.loading.default_model import GGUF_SHA256, cache_dir
 
     cache = (cache_dir() / "gguf").resolve()
-    if directory.resolve().parent != cache:
+    resolved = directory.resolve()
+    if resolved.parent == cache:
+        expected_sha256 = resolved.name
+    elif resolved == (cache_dir() / "default" / "model").resolve():
+        expected_sha256 = GGUF_SHA256
+    else:
         raise CheckpointError(f"{record_path}: a GGUF record is only trusted inside qwen2's cache ({cache}), and "
                               f"{directory} is not there; load the .gguf file itself")
     try:
@@ -273,7 +280,7 @@ def gguf_weights(directory: Path) -> Path | None:
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise CheckpointError(f"{record_path} is not a valid GGUF record ({err!r}); delete {directory} and load "
                               f"the .gguf file again") from None
-    if sha256 != directory.resolve().name:
+    if sha256 != expected_sha256:
         raise CheckpointError(f"{record_path} names sha256 {sha256!r}, not its directory's; delete {directory} "
                               f"and load the .gguf file again")
     try:
