@@ -1,6 +1,7 @@
-"""The fast decode path computes what the plain one does: oneDNN-packed linears vs `F.linear`, the compiled
+"""The fast decode path computes what the plain one does: oneDNN's inner product vs `F.linear`, the compiled
 decode step vs the eager one, and generate()'s tokens with the fast path on vs off (tiny config and, marked
-slow, the real default model). Nothing here is timed."""
+slow, the real default model). Nothing here is timed; that the model is left as it was is
+test_fast_path_keeps_model.py's subject."""
 
 from __future__ import annotations
 
@@ -14,8 +15,7 @@ from torch import nn
 
 import qwen2
 from qwen2.generation import fast
-from qwen2.packed_linear import PackedLinear, can_pack, is_packed, pack_linears, unpack_linears
-from qwen2.row_linear import RowLinear
+from qwen2.row_linear import row_linear
 
 from conftest import REFERENCE_DIR
 
@@ -23,8 +23,7 @@ TINY = dict(
     vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
     num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1, eos_token_id=2, rope_theta=10000.0,
 )
-needs_onednn = pytest.mark.skipif(not can_pack(torch.empty(1, dtype=torch.bfloat16)),
-                                  reason="this CPU/build has no oneDNN bf16 inner product")
+needs_onednn = pytest.mark.skipif(not fast._onednn_bf16(), reason="this CPU/build has no oneDNN bf16 inner product")
 
 
 def tiny_model(dtype: torch.dtype) -> qwen2.Qwen2ForCausalLM:
@@ -34,61 +33,51 @@ def tiny_model(dtype: torch.dtype) -> qwen2.Qwen2ForCausalLM:
 
 @pytest.fixture
 def plain_settings(monkeypatch):
-    """Neither packing nor compiling unless a test asks for it."""
-    monkeypatch.setattr(fast, "settings", fast.FastPathSettings(pack_linears=False, compile=False))
+    """Neither oneDNN linears nor compiling unless a test asks for it."""
+    monkeypatch.setattr(fast, "settings", fast.FastPathSettings(onednn_linears=False, compile=False))
     return fast.settings
 
 
-# ------------------------------------------------------------------------------------------ packed linear
+def is_compiled(step) -> bool:
+    return isinstance(step.func, fast.CompiledDecodeStep)
+
+
+# ------------------------------------------------------------------------------------------ eager linears
+
+
+class _Recorder(fast.DecodeLinears):
+    """DecodeLinears that also records which linears it sent to oneDNN."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.onednn = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is F.linear and args[1].dtype == torch.bfloat16 and not torch.is_grad_enabled():
+            self.onednn += 1
+        return super().__torch_function__(func, types, args, kwargs)
 
 
 @needs_onednn
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("shape", [(1, 96), (8, 96), (3, 5, 96), (512, 96)])
 @pytest.mark.parametrize("bias", [True, False])
-def test_packed_linear_matches_f_linear_on_random_weights(dtype, shape, bias):
-    linear = nn.Linear(96, 200, bias=bias, dtype=dtype)
-    x = torch.randn(shape, dtype=dtype)
-    packed = PackedLinear(linear)
+def test_eager_decode_linears_equal_f_linear_bit_for_bit(shape, bias):
+    """bfloat16: oneDNN's inner product on the weight as it is gives F.linear's bits (same inputs, float32
+    accumulation, one rounding); float32 and anything with grad are F.linear itself."""
+    linear = nn.Linear(96, 200, bias=bias, dtype=torch.bfloat16)
+    x = torch.randn(shape, dtype=torch.bfloat16)
     with torch.no_grad():
         expected = F.linear(x, linear.weight, linear.bias)
-        # Same inputs and fp32 accumulation: equal up to the last bit of the output dtype (measured: identical).
-        torch.testing.assert_close(packed(x), expected, rtol=0, atol=0 if dtype == torch.bfloat16 else 1e-5)
+        with _Recorder() as mode:
+            got = linear(x)
+        assert mode.onednn == 1
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
         exact = F.linear(x.double(), linear.weight.double(), None if linear.bias is None else linear.bias.double())
-        tol = 2e-2 if dtype == torch.bfloat16 else 1e-5  # bf16: rounding of the output itself
-        torch.testing.assert_close(packed(x).double(), exact, rtol=tol, atol=tol)
-
-
-@needs_onednn
-def test_packing_keeps_the_state_dict_and_unpacks_exactly():
-    model = tiny_model(torch.bfloat16)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    assert pack_linears(model) == 2 * 7 + 1  # q,k,v,o,gate,up,down per layer, and lm_head
-    after = model.state_dict()
-    assert list(after) == list(before)
-    for key, value in before.items():
-        assert torch.equal(after[key], value), key
-    # Loading HF-named weights into a packed model repacks them.
-    other = tiny_model(torch.bfloat16)
-    with torch.no_grad():
-        for p in other.parameters():
-            p.add_(1.0)
-    model.load_state_dict(other.state_dict(), strict=True)
-    assert torch.equal(model.lm_head.weight, other.lm_head.weight)
-    assert unpack_linears(model) == 15 and not is_packed(model)
-    assert type(model.model.layers[0].mlp.up_proj) is nn.Linear
-    for key, value in other.state_dict().items():
-        assert torch.equal(model.state_dict()[key], value), key
-
-
-@needs_onednn
-def test_packed_model_moves_only_with_a_clear_error():
-    model = tiny_model(torch.bfloat16)
-    pack_linears(model)
-    model.float()  # repacked in float32
-    assert model.lm_head.packed_weight.dtype == torch.float32
-    with pytest.raises(RuntimeError, match="unpack_linears"):
-        model.to(torch.float16)
+        torch.testing.assert_close(got.double(), exact, rtol=2e-2, atol=2e-2)  # rounding of the bf16 output
+    with fast.DecodeLinears():  # with grad: autograd's F.linear
+        y = linear(x)
+    y.sum().backward()
+    assert linear.weight.grad is not None
 
 
 # ------------------------------------------------------------------------------------------ compiled decode step
@@ -116,8 +105,8 @@ def test_compiled_step_matches_eager_on_tiny_model(dtype, tol, plain_settings):
     model = tiny_model(dtype)
     prompt = torch.randint(3, 96, (2, 6))
     eager = _decode_logits(model, model._decode_step, prompt, 6)
-    step = fast.CompiledDecodeStep(model)
-    compiled = _decode_logits(model, step, prompt, 6)
+    step = fast.CompiledDecodeStep()
+    compiled = _decode_logits(model, lambda *args: step(model, *args), prompt, 6)
     assert not step.failed
     torch.testing.assert_close(compiled, eager, rtol=tol, atol=tol)
 
@@ -138,24 +127,33 @@ def test_generate_compiles_once_and_matches_eager(plain_settings):
         if graphs is not None:
             assert counters["stats"]["unique_graphs"] == graphs, "the decode step was recompiled"
         graphs = counters["stats"]["unique_graphs"]
-    assert not model._qwen2_decode_step.failed
-    assert isinstance(model.model.layers[0].mlp.down_proj, RowLinear)
+    assert not fast.compiled_step(model).failed
 
 
 def _compiled_single_row(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """module(x) compiled as the decode step compiles it (under DecodeLinears)."""
+    torch._dynamo.reset()  # `run` is one code object for every call: without a reset its 8 recompilations run out
+
+    def run(x):
+        with fast.DecodeLinears():
+            return module(x)
+
     with torch.no_grad():
-        return torch.compile(module, dynamic=False)(x)
+        return torch.compile(run, dynamic=False)(x)
 
 
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("shape", [(1, 1, 320), (1, 320)])
 @pytest.mark.parametrize("in_features", [320, 4864])  # 4864 > 4096: the sum is split in chunks
-def test_row_linear_compiled_matches_f_linear(bias, shape, in_features):
-    """The compiled single-row reduction is F.linear up to the rounding of the bfloat16 output."""
+def test_row_linear_compiled_matches_f_linear(bias, shape, in_features, monkeypatch):
+    """The compiled single-row product of a plain nn.Linear is the reduction (row_linear), and is F.linear up
+    to the rounding of the bfloat16 output."""
+    traced = []
+    monkeypatch.setattr(fast, "row_linear", lambda *args: traced.append(args) or row_linear(*args))
     linear = nn.Linear(in_features, 200, bias=bias, dtype=torch.bfloat16)
-    linear.__class__ = RowLinear
     x = torch.randn(*shape[:-1], in_features, dtype=torch.bfloat16)
     got = _compiled_single_row(linear, x)
+    assert traced and traced[0][1] is linear.weight
     with torch.no_grad():
         exact = F.linear(x.double(), linear.weight.double(), None if not bias else linear.bias.double())
         torch.testing.assert_close(got.double(), exact, rtol=8e-3, atol=1e-3)  # bf16 has 8 mantissa bits
@@ -238,22 +236,22 @@ def test_compile_failure_falls_back_to_eager(plain_settings, monkeypatch, caplog
     with caplog.at_level(logging.WARNING, logger="qwen2.generation.fast"):
         got = model.generate(prompt, max_new_tokens=6, do_sample=False, disable_compile=False)
     assert torch.equal(got, expected)
-    assert "decoding eagerly" in caplog.text and model._qwen2_decode_step.failed
+    assert "decoding eagerly" in caplog.text and fast.compiled_step(model).failed
 
 
 def test_compile_policy(plain_settings):
     model = tiny_model(torch.float32)
     config = qwen2.GenerationConfig(max_new_tokens=8)
-    assert fast.decode_step_fn(model, config, 1) == model._decode_step  # settings.compile=False
+    assert not is_compiled(fast.decode_step_fn(model, config, 1))  # settings.compile=False
     plain_settings.compile = None
-    assert fast.decode_step_fn(model, config, 1) == model._decode_step  # auto: too few tokens to pay off
+    assert not is_compiled(fast.decode_step_fn(model, config, 1))  # auto: too few tokens to pay off
     config.max_new_tokens = plain_settings.compile_min_new_tokens
-    assert isinstance(fast.decode_step_fn(model, config, 1), fast.CompiledDecodeStep)  # auto: one row on the CPU
-    assert fast.decode_step_fn(model, config, 8) == model._decode_step  # auto: several rows stay eager on the CPU
+    assert is_compiled(fast.decode_step_fn(model, config, 1))  # auto: one row on the CPU
+    assert not is_compiled(fast.decode_step_fn(model, config, 8))  # auto: several rows stay eager on the CPU
     config.disable_compile = False
-    assert isinstance(fast.decode_step_fn(model, config, 8), fast.CompiledDecodeStep)
+    assert is_compiled(fast.decode_step_fn(model, config, 8))
     config.disable_compile = True
-    assert fast.decode_step_fn(model, config, 1) == model._decode_step
+    assert not is_compiled(fast.decode_step_fn(model, config, 1))
 
 
 # ------------------------------------------------------------------------------------------ real model
@@ -266,13 +264,17 @@ def real_bf16(default_gguf):
 
 @pytest.mark.slow
 @needs_onednn
-def test_packed_linear_on_real_weights(real_bf16):
-    x = torch.randn(8, 896, dtype=torch.bfloat16)
-    for linear in (real_bf16.model.layers[3].mlp.gate_proj, real_bf16.model.layers[5].self_attn.q_proj):
-        if isinstance(linear, PackedLinear):
-            pytest.skip("the shared model was already packed by another test")
-        with torch.no_grad():
-            torch.testing.assert_close(PackedLinear(linear)(x), linear(x), rtol=0, atol=0)
+def test_eager_decode_linears_on_real_weights(real_bf16):
+    for rows in (1, 8):
+        x = torch.randn(rows, 896, dtype=torch.bfloat16)
+        for linear in (real_bf16.model.layers[3].mlp.gate_proj, real_bf16.model.layers[5].self_attn.q_proj,
+                       real_bf16.lm_head):
+            with torch.no_grad():
+                expected = F.linear(x, linear.weight, linear.bias)
+                with _Recorder() as mode:
+                    got = linear(x)
+            assert mode.onednn == 1
+            torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
 @pytest.mark.slow
@@ -290,13 +292,12 @@ def test_row_paths_on_real_weights(real_bf16):
             expected = F.linear(inputs.double(), linear.weight.double(),
                                 None if linear.bias is None else linear.bias.double())
         _assert_int8_compiled_row_matches_dequantized(linear, inputs)
-        linear.__class__ = RowLinear
         torch.testing.assert_close(_compiled_single_row(linear, inputs).double(), expected, rtol=8e-3, atol=2e-3)
 
 
 @pytest.mark.slow
 def test_fast_path_greedy_equals_eager_on_seed_prompt(real_bf16, default_gguf, plain_settings):
-    """Compiled decoding of the seed prompt gives the eager (packed) path's greedy tokens (bf16), and its
+    """Compiled decoding of the seed prompt gives the eager path's greedy tokens (bf16), and its
     per-step logits stay within bf16 noise of the eager ones."""
     seed = json.loads((REFERENCE_DIR / "seed_prompt_greedy.json").read_text(encoding="utf-8"))
     prompt = qwen2.AutoTokenizer.from_pretrained(str(default_gguf))(seed["rendered_prompt"], return_tensors="pt")
@@ -304,7 +305,6 @@ def test_fast_path_greedy_equals_eager_on_seed_prompt(real_bf16, default_gguf, p
     kwargs = dict(max_new_tokens=12, do_sample=False, return_dict_in_generate=True, output_logits=True)
     eager = real_bf16.generate(prompt, disable_compile=True, **kwargs)
     fast_out = real_bf16.generate(prompt, disable_compile=False, **kwargs)
-    assert not real_bf16._qwen2_decode_step.failed
-    assert isinstance(real_bf16.lm_head, RowLinear) and not is_packed(real_bf16)
+    assert not fast.compiled_step(real_bf16).failed
     assert fast_out.sequences.tolist() == eager.sequences.tolist()
     torch.testing.assert_close(torch.stack(fast_out.logits), torch.stack(eager.logits), rtol=0.05, atol=0.3)

@@ -8,9 +8,7 @@ weight to float32 (int8 uses it too). Used by generation.fast's compiled decode 
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 # Inductor's CPU sums over more than 4096 float32 elements go through a slower cascade-summation helper.
 _MAX_ROW_CHUNK = 4096
@@ -30,14 +28,10 @@ def row_matvec(x: Tensor, weight: Tensor) -> Tensor:
     return products.sum(-1).sum(-1).reshape(*x.shape[:-1], out_features)
 
 
-class RowLinear(nn.Linear):
-    """`nn.Linear` whose single-row products, inside `torch.compile` on the CPU, are `row_matvec`; otherwise
-    `F.linear`. Same parameters and state dict: generation.fast swaps the class in and out."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        if not (torch.compiler.is_compiling() and x.device.type == "cpu" and x.numel() == x.shape[-1]):
-            return F.linear(x, self.weight, self.bias)
-        y = row_matvec(x, self.weight)
-        if self.bias is not None:
-            y = y + self.bias.float()
-        return y.to(x.dtype)  # one rounding of the float32 sum, as F.linear
+def row_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """`F.linear(x, weight, bias)` for a single row through `row_matvec`: one rounding of the float32 sum to
+    x's dtype, as F.linear."""
+    y = row_matvec(x, weight)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)

@@ -1,37 +1,43 @@
-"""The fast decode path generate() uses: a `torch.compile`d decode step, or oneDNN-packed weights when eager.
+"""The fast decode path generate() uses: a `torch.compile`d decode step, or oneDNN linears when eager.
 
-Both are performance knobs outside the model (the model stays plain eager PyTorch). `decode_step_fn` picks
-the path for a generate() call and readies the model's float linears for it:
-- compiled: the model's `_decode_step` compiled once per model with inductor and cached on it; the cache
-  length is a dynamic dimension, so one compiled graph serves every prompt and context length. The linears
-  become `RowLinear` (same weights), whose single-row product inductor turns into a reduction streaming the
-  weight at ~2x oneDNN's bf16 gemv (qwen2.row_linear). If compilation fails the step logs a warning and
-  stays eager.
-- eager: on the CPU the linears become `PackedLinear` (oneDNN's blocked layout, ~2x plain `F.linear` at a
-  few rows; see qwen2.packed_linear); `qwen2.packed_linear.unpack_linears(model)` undoes it.
+Both are performance knobs outside the model: generate() never changes the model the user holds (its modules,
+parameters and state dict stay as they are, so it can still be moved, trained, wrapped by peft or saved), and
+nothing here copies a weight. The only state kept is the compiled step, in a registry keyed weakly by model.
+- compiled: the model's `_decode_step` under `torch.compile` with inductor. The graph takes the model's
+  parameters and buffers as inputs (dynamo lifts them), so it always reads the current weights: in-place
+  updates (an optimizer step, `load_state_dict`, peft's merge) need nothing, and replaced tensors, dtypes or
+  modules fail its guards and recompile it. While tracing, `DecodeLinears` writes each single-row
+  `F.linear` as `row_linear.row_matvec`, a reduction inductor streams the weight through at ~2x oneDNN's
+  bf16 gemv. The cache length is a dynamic dimension, so one graph serves every prompt and context length.
+  If compilation fails the step logs a warning and stays eager.
+- eager: on the CPU `DecodeLinears` sends bfloat16 `F.linear` calls to oneDNN's inner product on the
+  weight as it is (the same bits; ~3x `F.linear`'s bf16 matmul at one row, ~2x at 8, measured with torch
+  2.13, and as fast as the blocked copies generate() used to keep).
 
 When to compile (`_wants_compile`): `generate(disable_compile=...)` decides if given, else `settings.compile`,
 else auto. On the CPU auto compiles only single-row decoding of at least `compile_min_new_tokens` tokens:
-there it is ~1.5x faster (bf16; int8 ~1.7x), while several rows are as fast eager with packed weights
-(measured at 8 rows), and the first compile of the default model costs ~40 s on 2 cores (inductor's on-disk
-cache makes it ~10-15 s in later processes). On accelerators auto compiles any batch from
-`compile_min_new_tokens` on.
+there it is ~1.5x faster (bf16; int8 ~1.7x), while several rows are as fast eager (measured at 8 rows), and
+the first compile of the default model costs ~40 s on 2 cores (inductor's on-disk cache makes it ~10-15 s in
+later processes). On accelerators auto compiles any batch from `compile_min_new_tokens` on.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
+import types
 import weakref
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
-from qwen2.packed_linear import pack_linears, unpack_linears
 from qwen2.quantization import Int8WeightOnlyLinear, kernels
-from qwen2.row_linear import RowLinear
+from qwen2.row_linear import row_linear
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +46,7 @@ _CACHE_BUCKET = 256
 
 @dataclass
 class FastPathSettings:
-    pack_linears: bool = True  # eager decoding on the CPU: oneDNN-packed float linears
+    onednn_linears: bool = True  # eager decoding on the CPU: bfloat16 linears through oneDNN's inner product
     compile: bool | None = None  # None: auto (see the module docstring)
     compile_min_new_tokens: int = 512
 
@@ -48,29 +54,35 @@ class FastPathSettings:
 settings = FastPathSettings()
 
 
-def _set_linear_class(model: nn.Module, old: type, new: type) -> None:
-    for module in model.modules():
-        if type(module) is old:
-            module.__class__ = new  # same parameters and state dict; only forward differs
+@functools.cache
+def _onednn_bf16() -> bool:
+    return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def prepare_model(model: nn.Module, compiled: bool) -> None:
-    """Ready the model's float linears for the decode path chosen (inference only: a model in training mode
-    is left alone)."""
-    if model.training:
-        return
-    on_cpu = next(model.parameters()).device.type == "cpu"
-    if compiled:
-        if getattr(model, "_qwen2_packed", False):
-            unpack_linears(model)
-            model._qwen2_packed = False
-        _set_linear_class(model, nn.Linear, RowLinear)
-        if on_cpu and any(isinstance(m, Int8WeightOnlyLinear) for m in model.modules()):
-            kernels.load()  # before tracing: the int8 layers pick their single-row kernel while being compiled
-    elif on_cpu and settings.pack_linears and not getattr(model, "_qwen2_packed", False):
-        _set_linear_class(model, RowLinear, nn.Linear)
-        pack_linears(model)
-        model._qwen2_packed = True
+class DecodeLinears(TorchFunctionMode):
+    """Computes the `F.linear` calls of a decode step (the model's own `nn.Linear`s, or peft's around them)
+    the fast way for the CPU, reading the weight each call: single rows as `row_matvec` while compiling,
+    bfloat16 through oneDNN's inner product eagerly (no autograd there: only without grad)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear:
+            x, weight = args[0], args[1] if len(args) > 1 else kwargs["weight"]
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            same_dtype = x.dtype == weight.dtype and (bias is None or bias.dtype == x.dtype)  # else F.linear raises
+            if same_dtype and x.device.type == "cpu" and weight.device.type == "cpu":
+                if torch.compiler.is_compiling():
+                    if x.numel() == x.shape[-1]:
+                        return row_linear(x, weight, bias)
+                elif (x.dtype == torch.bfloat16 and settings.onednn_linears and not torch.is_grad_enabled()
+                      and _onednn_bf16()):
+                    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+        return func(*args, **kwargs)
+
+
+def _with_decode_linears(model: nn.Module, *args: Any) -> Tensor:
+    with DecodeLinears():
+        return model._decode_step(*args)
 
 
 def cache_length(max_length: int) -> int:
@@ -83,57 +95,52 @@ def cache_length(max_length: int) -> int:
     return length
 
 
-def _wants_compile(model: nn.Module, config: Any, rows: int) -> bool:
-    """Whether a generate() call decoding `rows` sequences uses the compiled step."""
-    disable = getattr(config, "disable_compile", None)
-    if disable is not None:
-        return not disable
-    if settings.compile is not None:
-        return settings.compile
-    step = getattr(model, "_qwen2_decode_step", None)
-    on_cpu = next(model.parameters()).device.type == "cpu"
-    if on_cpu and rows > 1:
-        return False
-    if step is not None:
-        return not step.failed  # already compiled: reuse it
-    new_tokens = config.max_new_tokens if config.max_new_tokens is not None else config.max_length
-    return new_tokens >= settings.compile_min_new_tokens
-
-
 class CompiledDecodeStep:
-    """`torch.compile` of a model's decode step with an eager fallback when compilation fails."""
+    """`torch.compile` of a model's decode step with an eager fallback when compilation fails. Holds no
+    reference to the model (it is called with it), so the registry below lets the model go."""
 
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-        self.compiled = torch.compile(model._decode_step, dynamic=False, options={"emulate_precision_casts": True})
+    def __init__(self) -> None:
+        # A code object of its own: dynamo keeps compiled graphs, and its limit of recompilations (8), per code
+        # object, so one model's step neither uses up another's budget (which silently decodes eagerly) nor
+        # outlives its model in dynamo's cache.
+        own = types.FunctionType(_with_decode_linears.__code__.replace(), _with_decode_linears.__globals__)
+        self.compiled = torch.compile(own, dynamic=False, options={"emulate_precision_casts": True})
         self.failed = False
         self.compiled_once = False
         self._marked_cache: Any = lambda: None  # weakref to the cache last marked: once per generate(), not per token
 
-    def __call__(self, *args: Any) -> torch.Tensor:
+    def __call__(self, model: nn.Module, *args: Any) -> Tensor:
         if not self.failed:
             if self._marked_cache() is not args[4]:
                 _mark_cache_length_dynamic(args[3], args[4])
                 self._marked_cache = weakref.ref(args[4])
             try:
                 if self.compiled_once:
-                    return self.compiled(*args)
-                return self._first_call(args)
+                    return self.compiled(model, *args)
+                return self._first_call(model, args)
             except Exception as err:  # noqa: BLE001 - any compiler failure must degrade to eager, not crash
                 self.failed = True
                 logger.warning("torch.compile of the decode step failed (%s: %s); decoding eagerly instead.",
                                type(err).__name__, str(err).splitlines()[0] if str(err) else "")
-                prepare_model(self.model, compiled=False)
-        return self.model._decode_step(*args)
+        return _with_decode_linears(model, *args)
 
-    def _first_call(self, args: tuple) -> torch.Tensor:
+    def _first_call(self, model: nn.Module, args: tuple) -> Tensor:
         logger.info("Compiling the decode step with torch.compile: ~40 s on 2 cores the first time on a machine, "
                     "~10 s once inductor's on-disk cache has it (generate(disable_compile=True) skips it).")
         start = time.perf_counter()
-        logits = self.compiled(*args)
+        logits = self.compiled(model, *args)
         self.compiled_once = True
         logger.info("Decode step compiled in %.1f s.", time.perf_counter() - start)
         return logits
+
+
+# model -> its compiled step; weak, so that the step neither shows in the model nor keeps it alive.
+_compiled_steps: weakref.WeakKeyDictionary[nn.Module, CompiledDecodeStep] = weakref.WeakKeyDictionary()
+
+
+def compiled_step(model: nn.Module) -> CompiledDecodeStep | None:
+    """The model's compiled decode step, if a generate() call made one."""
+    return _compiled_steps.get(model)
 
 
 def _mark_cache_length_dynamic(attention_mask: Tensor | None, cache: Any) -> None:
@@ -145,14 +152,31 @@ def _mark_cache_length_dynamic(attention_mask: Tensor | None, cache: Any) -> Non
         torch._dynamo.maybe_mark_dynamic(attention_mask, 1)
 
 
+def _wants_compile(model: nn.Module, config: Any, rows: int) -> bool:
+    """Whether a generate() call decoding `rows` sequences uses the compiled step."""
+    disable = getattr(config, "disable_compile", None)
+    if disable is not None:
+        return not disable
+    if settings.compile is not None:
+        return settings.compile
+    step = compiled_step(model)
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    if on_cpu and rows > 1:
+        return False
+    if step is not None:
+        return not step.failed  # already compiled: reuse it
+    new_tokens = config.max_new_tokens if config.max_new_tokens is not None else config.max_length
+    return new_tokens >= settings.compile_min_new_tokens
+
+
 def decode_step_fn(model: nn.Module, config: Any, rows: int) -> Any:
-    """The callable generate() calls for every new token; readies the model's linears for it."""
-    compiled = _wants_compile(model, config, rows)
-    prepare_model(model, compiled)
-    if not compiled:
-        return model._decode_step
-    step = getattr(model, "_qwen2_decode_step", None)
+    """The callable generate() calls for every new token (the signature of `model._decode_step`)."""
+    if not _wants_compile(model, config, rows):
+        return functools.partial(_with_decode_linears, model)
+    if next(model.parameters()).device.type == "cpu" and any(
+            isinstance(m, Int8WeightOnlyLinear) for m in model.modules()):
+        kernels.load()  # before tracing: the int8 layers pick their single-row kernel while being compiled
+    step = _compiled_steps.get(model)
     if step is None:
-        step = CompiledDecodeStep(model)
-        model._qwen2_decode_step = step
-    return step
+        step = _compiled_steps[model] = CompiledDecodeStep()
+    return functools.partial(step, model)

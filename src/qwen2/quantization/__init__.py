@@ -267,10 +267,6 @@ def quantize_model(model: nn.Module, scheme: str, group_size: int | None = None,
                    modules_to_not_convert: tuple[str, ...] | list[str] = ()) -> nn.Module:
     """Quantise `model`'s Linear weights in place and record the scheme in `model.config.quantization_config`."""
     handler = _handler_for(model, scheme, group_size, modules_to_not_convert)
-    from qwen2.packed_linear import unpack_linears
-
-    if unpack_linears(model):  # generate() packed the float linears for oneDNN: quantise the plain ones
-        model._qwen2_packed = False  # so the linears left in float are packed again on the next generate()
     handler.quantize(model)
     if hasattr(model, "config"):
         model.config.quantization_config = handler.quantization_config()
