@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from qwen2.constrained.constraint import Constraint, apply_bitmask, compile_constraint, fill_bitmask, new_bitmask
-from qwen2.constrained.grammar import DEFAULT_COMPILE_TIMEOUT
 
 logger = logging.getLogger(__name__)
 
@@ -30,19 +28,10 @@ class ConstrainedLogitsProcessor:
     The processor remembers where the prompt ends: one generate() call at a time, or call `reset()`.
     """
 
-    def __init__(
-        self,
-        tokenizer: Any,
-        *,
-        json_schema: dict[str, Any] | str | bool | None = None,
-        regex: str | None = None,
-        grammar: str | None = None,
-        choice: Sequence[str] | None = None,
-        eos_token_id: int | Sequence[int] | None = None,
-        timeout: float = DEFAULT_COMPILE_TIMEOUT,
-    ) -> None:
-        self._start = compile_constraint(tokenizer, json_schema=json_schema, regex=regex, grammar=grammar,
-                                         choice=choice, eos_token_id=eos_token_id, timeout=timeout)
+    def __init__(self, tokenizer: Any, **constraint: Any) -> None:
+        """`constraint`: the keyword arguments of `compile_constraint` (json_schema, regex, grammar, choice,
+        eos_token_id, timeout)."""
+        self._start = compile_constraint(tokenizer, **constraint)
         self.reset()
 
     def reset(self) -> None:
