@@ -160,7 +160,7 @@ def test_constraint_without_a_tokenizer_is_a_clear_error(model, batch):
 
 def test_constraint_runs_in_transformers_generate_too(model, tokenizer, batch):
     """The processor is a plain (input_ids, scores) callable: transformers' beam search, which reorders its rows
-    its own way, still produces valid output with it."""
+    its own way, produces valid output with it, and the same sequences as our beam search."""
     import transformers
 
     theirs = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**model.config.to_dict())).eval()
@@ -171,3 +171,6 @@ def test_constraint_runs_in_transformers_generate_too(model, tokenizer, batch):
                           num_return_sequences=2, max_new_tokens=60, pad_token_id=tokenizer.pad_token_id)
     for answer in _answers(tokenizer, out, batch["input_ids"].shape[1]):
         jsonschema.validate(json.loads(answer), schema)
+    ours = model.generate(**batch, logits_processor=[processor], num_beams=3, num_return_sequences=2,
+                          max_new_tokens=60)
+    assert torch.equal(ours, out)
