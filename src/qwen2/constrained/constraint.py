@@ -15,7 +15,9 @@ import torch
 from qwen2.constrained.engine import executor, ll_tokenizer
 from qwen2.constrained.grammar import DEFAULT_COMPILE_TIMEOUT, compile_grammar
 
-_BITS = torch.arange(32, dtype=torch.int32)
+# byte -> its 8 bits, least significant first (llguidance's order within each little-endian int32 word):
+# unpacking the mask by lookup is ~10x cheaper than shifting every word 32 times.
+_BYTE_BITS = ((torch.arange(256)[:, None] >> torch.arange(8)) & 1).bool()  # (256, 8)
 
 
 class Constraint:
@@ -85,7 +87,7 @@ def fill_bitmask(rows: Sequence[tuple[Constraint, int]], bitmask: torch.Tensor) 
 def apply_bitmask(scores: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
     """scores (N, V) with the tokens bitmask (N, W) forbids set to -inf (a new tensor). Ids past the grammar's
     vocabulary (a model's padded rows) are forbidden too."""
-    allowed = ((bitmask.unsqueeze(-1) >> _BITS) & 1).bool().view(bitmask.shape[0], -1)  # (N, 32 W)
+    allowed = _BYTE_BITS[bitmask.view(torch.uint8).long()].view(bitmask.shape[0], -1)  # (N, 32 W)
     vocab = scores.shape[-1]
     if allowed.shape[1] < vocab:
         allowed = torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[1]))
