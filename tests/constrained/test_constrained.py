@@ -174,3 +174,19 @@ def test_constraint_runs_in_transformers_generate_too(model, tokenizer, batch):
     ours = model.generate(**batch, logits_processor=[processor], num_beams=3, num_return_sequences=2,
                           max_new_tokens=60)
     assert torch.equal(ours, out)
+
+
+@pytest.mark.parametrize("use_fast", [False, True], ids=["python", "fast"])
+def test_both_tokenizers_spell_multibyte_text_for_the_grammar(default_gguf, use_fast):
+    """The token table built from the vocabulary gives llguidance each token's bytes: a valid answer's own tokens
+    (accents, CJK, an emoji split over byte-level tokens) are accepted to the end, an invalid one is refused."""
+    from qwen2.constrained import compile_constraint
+
+    tok = qwen2.AutoTokenizer.from_pretrained(str(default_gguf), use_fast=use_fast)
+    schema = {"type": "object", "properties": {"s": {"type": "string"}}, "required": ["s"]}
+    valid = compile_constraint(tok, json_schema=schema)
+    assert all(valid.advance(t) for t in tok.encode('{"s": "héllo 世界 🙂"}', add_special_tokens=False))
+    assert valid.finished and valid.advance(tok.eos_token_id)
+    invalid = compile_constraint(tok, json_schema=schema)
+    assert not all(invalid.advance(t) for t in tok.encode('{"t": 1}', add_special_tokens=False))
+    assert invalid.failed
