@@ -1,5 +1,5 @@
 """Constrained decoding on the real default model (slow): answers to ten JSON schemas, greedy and with seeded
-sampling, all parse and validate with `jsonschema`; a regex and a choice list hold too."""
+sampling (two, two answers each), all parse and validate with `jsonschema`; a regex and a choice list hold too."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def _answer(tokenizer, inputs, out):
 @pytest.mark.slow
 @pytest.mark.parametrize("sampling", [False, True], ids=["greedy", "sampled"])
 def test_real_model_json_answers_validate(our_gguf_model, tokenizer, sampling):
-    names = sorted(REAL) if not sampling else ["person", "enum", "ref_defs", "array_of_objects"]
+    names = sorted(REAL) if not sampling else ["person", "ref_defs"]
     for name in names:
         inputs = _prompt(tokenizer, REAL[name])
         options = dict(do_sample=True, seed=1, temperature=1.0, num_return_sequences=2) if sampling else {}
