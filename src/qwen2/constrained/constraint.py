@@ -79,7 +79,10 @@ def new_bitmask(rows: int, vocab_size: int) -> torch.Tensor:
 
 def fill_bitmask(rows: Sequence[tuple[Constraint, int]], bitmask: torch.Tensor) -> None:
     """Write the mask of each (constraint, row) into bitmask[row], all in one parallel call."""
-    if rows:
+    if len(rows) == 1:  # one sequence: no thread pool, whose spinning workers would take the model's cores
+        constraint, row = rows[0]
+        constraint.matcher.unsafe_compute_mask_ptr(bitmask[row].data_ptr(), bitmask.shape[1] * 4)
+    elif rows:
         executor().unsafe_compute_mask_ptr([(c.matcher, row) for c, row in rows], bitmask.data_ptr(),
                                            bitmask.shape[1] * 4, bitmask.shape[0])
 
