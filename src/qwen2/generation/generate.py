@@ -40,6 +40,9 @@ logger = logging.getLogger(__name__)
 # piece attends to are the same, so the result is unchanged.
 _DEFAULT_PREFILL_CHUNK = 2048
 
+# Structured output (qwen2.constrained): the answer is constrained to a JSON schema, a regex or a Lark grammar.
+_CONSTRAINT_ARGUMENTS = ("json_schema", "regex", "grammar")
+
 # generate() arguments of the reference that this implementation does not provide.
 _UNSUPPORTED_ARGUMENTS = (
     "synced_gpus", "assistant_model", "negative_prompt_ids",
@@ -98,7 +101,8 @@ class GenerationMixin(GenerationApiMixin):
     ) -> torch.Tensor | GenerateDecoderOnlyOutput:
         """Prompt + new tokens, shape (batch * num_return_sequences, length), as transformers returns them.
 
-        Extra arguments: `tokenizer` (needed for `stop_strings`), and `generator` (a torch.Generator) or
+        Extra arguments: `tokenizer` (needed for `stop_strings` and the constraints), `json_schema`, `regex` or
+        `grammar` (Lark) to constrain the answer (see qwen2.constrained), and `generator` (a torch.Generator) or
         `seed` for sampling that does not touch (or depend on) the global RNG.
         """
         plan = self._plan_generation(inputs, generation_config, logits_processor, stopping_criteria,
@@ -313,6 +317,7 @@ class GenerationMixin(GenerationApiMixin):
         model_kwargs.pop("use_cache", None)  # the cache is always used; the tokens are the same either way
         model_kwargs.pop("token_type_ids", None)  # some tokenizers return it; Qwen2 has no token types
         prefix_allowed_tokens_fn = model_kwargs.pop("prefix_allowed_tokens_fn", None)
+        constraint = {name: model_kwargs.pop(name) for name in _CONSTRAINT_ARGUMENTS if name in model_kwargs}
         for name in model_kwargs:
             if name in _UNSUPPORTED_ARGUMENTS:
                 raise ValueError(f"`{name}` is not supported by qwen2's generate(); remove it.")
@@ -360,7 +365,10 @@ class GenerationMixin(GenerationApiMixin):
         if seed is not None and generator is None:
             generator = torch.Generator(device=device).manual_seed(seed)
 
-        processors = build_logits_processors(config, prompt_length, eos, padding_lengths, logits_processor or (),
+        custom = list(logits_processor or ())
+        if any(value is not None for value in constraint.values()):
+            custom.append(_constraint_processor(tokenizer, eos, constraint))
+        processors = build_logits_processors(config, prompt_length, eos, padding_lengths, custom,
                                              prefix_allowed_tokens_fn)
         criteria: list[StoppingCriterion] = [MaxLength(config.max_length)]
         if config.max_time is not None:
@@ -429,6 +437,17 @@ class GenerationMixin(GenerationApiMixin):
                 config.max_length, context,
             )
             config.max_length = context
+
+
+def _constraint_processor(tokenizer: Any, eos: torch.Tensor | None, constraint: dict[str, Any]) -> LogitsProcessor:
+    """The structured-output processor for generate()'s json_schema=/regex=/grammar= (qwen2[structured])."""
+    if tokenizer is None:
+        raise ValueError(f"{' / '.join(f'`{name}`' for name in constraint)} needs the tokenizer: pass `tokenizer=` "
+                         "to generate().")
+    from qwen2.constrained import ConstrainedLogitsProcessor
+
+    eos_ids = eos.tolist() if eos is not None else None
+    return ConstrainedLogitsProcessor(tokenizer, eos_token_id=eos_ids, **constraint)
 
 
 def _refuse_prompt_learning(model: Any) -> None:
