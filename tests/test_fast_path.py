@@ -66,6 +66,17 @@ class _Recorder(fast.DecodeLinears):
         return super().__torch_function__(func, types, args, kwargs)
 
 
+def _onednn_equals_f_linear(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """The decode path's bf16 linear: through oneDNN (once), with F.linear's bits."""
+    with torch.no_grad():
+        expected = F.linear(x, linear.weight, linear.bias)
+        with _Recorder() as mode:
+            got = linear(x)
+    assert mode.onednn == 1
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    return got
+
+
 @needs_onednn
 def test_onednn_takes_bf16_where_the_cpu_can():
     assert fast._onednn_bf16(), "oneDNN refuses bf16 on a CPU with AVX-512"
@@ -79,12 +90,8 @@ def test_eager_decode_linears_equal_f_linear_bit_for_bit(shape, bias):
     accumulation, one rounding); float32 and anything with grad are F.linear itself."""
     linear = nn.Linear(96, 200, bias=bias, dtype=torch.bfloat16)
     x = torch.randn(shape, dtype=torch.bfloat16)
+    got = _onednn_equals_f_linear(linear, x)
     with torch.no_grad():
-        expected = F.linear(x, linear.weight, linear.bias)
-        with _Recorder() as mode:
-            got = linear(x)
-        assert mode.onednn == 1
-        torch.testing.assert_close(got, expected, rtol=0, atol=0)
         exact = F.linear(x.double(), linear.weight.double(), None if linear.bias is None else linear.bias.double())
         torch.testing.assert_close(got.double(), exact, rtol=2e-2, atol=2e-2)  # rounding of the bf16 output
     with fast.DecodeLinears():  # with grad: autograd's F.linear
@@ -282,12 +289,7 @@ def test_eager_decode_linears_on_real_weights(real_bf16):
         x = torch.randn(rows, 896, dtype=torch.bfloat16)
         for linear in (real_bf16.model.layers[3].mlp.gate_proj, real_bf16.model.layers[5].self_attn.q_proj,
                        real_bf16.lm_head):
-            with torch.no_grad():
-                expected = F.linear(x, linear.weight, linear.bias)
-                with _Recorder() as mode:
-                    got = linear(x)
-            assert mode.onednn == 1
-            torch.testing.assert_close(got, expected, rtol=0, atol=0)
+            _onednn_equals_f_linear(linear, x)
 
 
 @pytest.mark.slow
