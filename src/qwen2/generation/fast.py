@@ -11,8 +11,8 @@ nothing here copies a weight. The only state kept is the compiled step, in a reg
   bf16 gemv. The cache length is a dynamic dimension, so one graph serves every prompt and context length.
   If compilation fails the step logs a warning and stays eager.
 - eager: on the CPU `DecodeLinears` sends bfloat16 `F.linear` calls to oneDNN's inner product on the
-  weight as it is (the same bits; ~3x `F.linear`'s bf16 matmul at one row, ~2x at 8, measured with torch
-  2.13, and as fast as the blocked copies generate() used to keep).
+  weight as it is (the same bits, faster than `F.linear`'s bf16 matmul at one row; at several rows about
+  half as fast as the blocked copies generate() used to keep, which doubled the weights' memory: README).
 
 When to compile (`_wants_compile`): `generate(disable_compile=...)` decides if given, else `settings.compile`,
 else auto. On the CPU auto compiles only single-row decoding of at least `compile_min_new_tokens` tokens:
