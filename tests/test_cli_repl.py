@@ -8,6 +8,7 @@ saved conversation, and the readline history across sessions.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -124,6 +125,21 @@ def test_load_refuses_what_is_not_a_conversation(tiny_dir, home, tmp_path):
     assert json.loads((tmp_path / "s.json").read_text()) == []
 
 
+@contextlib.contextmanager
+def _left_with_exit(child):
+    """The spawned chat, left with `/exit` at the end of the block (and closed whatever happens there), which
+    must end it with status 0."""
+    import pexpect
+
+    try:
+        yield child
+        child.sendline("/exit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0
+
+
 def test_history_and_multiline_on_a_terminal(tiny_dir, home):
     """readline keeps the history across sessions (in $HOME/.local/state/qwen2/history); Ctrl-P recalls the
     previous session's last line. A message between \"\"\" marks spans lines on a terminal too."""
@@ -155,16 +171,10 @@ def test_history_and_multiline_on_a_terminal(tiny_dir, home):
     history = Path(home["HOME"]) / ".local" / "state" / "qwen2" / "history"
     assert "/set temperature 0.25" in history.read_text()
 
-    child = spawn()
-    try:
+    with _left_with_exit(spawn()) as child:
         child.send("\x10\r")  # Ctrl-P, Enter: the last line of the previous session, run again
         child.expect("Set temperature to 0.25")
         child.expect(">>> ")
-        child.sendline("/exit")
-        child.expect(pexpect.EOF)
-    finally:
-        child.close()
-    assert child.exitstatus == 0
 
 
 def test_chat_compiles_in_the_background_and_keeps_the_compile_caches(tiny_dir, home, tmp_path):
@@ -176,9 +186,9 @@ def test_chat_compiles_in_the_background_and_keeps_the_compile_caches(tiny_dir, 
     env = {**home, "QWEN2_CACHE": str(tmp_path / "cache")}
 
     def session() -> str:
-        child = pexpect.spawn(QWEN2, ["chat", "--model", str(tiny_dir), "--threads", "1", "--max-new-tokens", "2",
-                                      "-v"], env=env, encoding="utf-8", timeout=300)
-        try:
+        spawned = pexpect.spawn(QWEN2, ["chat", "--model", str(tiny_dir), "--threads", "1", "--max-new-tokens", "2",
+                                        "-v"], env=env, encoding="utf-8", timeout=300)
+        with _left_with_exit(spawned) as child:
             child.expect(">>> ")
             child.sendline("/show")
             child.expect(r"decode step: compiling in the background")
@@ -197,11 +207,6 @@ def test_chat_compiles_in_the_background_and_keeps_the_compile_caches(tiny_dir, 
             child.sendline("hello again")  # through the compiled step
             child.expect("eval count:")
             child.expect(">>> ")
-            child.sendline("/exit")
-            child.expect(pexpect.EOF)
-        finally:
-            child.close()
-        assert child.exitstatus == 0
         return status
 
     first = session()

@@ -176,19 +176,22 @@ def test_integer_tensor_for_a_float_weight_is_refused(saved, name, dtype):
         Qwen2ForCausalLM.from_pretrained(saved)
 
 
-@pytest.mark.parametrize("layers", [3, 1000, 20_000, 65_536])
-def test_config_with_more_layers_than_the_checkpoint_fails_fast(saved, layers):
+def _claim_layers(saved, layers: int) -> None:
+    """Rewrite the saved config to claim `layers` layers over the checkpoint's 2."""
     config = json.loads((saved / "config.json").read_text())
     config.update(num_hidden_layers=layers, layer_types=None)
     (saved / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("layers", [3, 1000, 20_000, 65_536])
+def test_config_with_more_layers_than_the_checkpoint_fails_fast(saved, layers):
+    _claim_layers(saved, layers)
     with pytest.raises(ValueError, match=f"num_hidden_layers={layers:,}.*2 layer"):
         Qwen2ForCausalLM.from_pretrained(saved)
 
 
 @pytest.mark.parametrize("layers", [1_000_000, 10**9, 2**63])
 def test_absurd_layer_count_is_refused_by_the_config(saved, layers):
-    config = json.loads((saved / "config.json").read_text())
-    config.update(num_hidden_layers=layers, layer_types=None)
-    (saved / "config.json").write_text(json.dumps(config))
+    _claim_layers(saved, layers)
     with pytest.raises(ValueError, match=f"config.json.*num_hidden_layers={layers:,}"):
         Qwen2ForCausalLM.from_pretrained(saved)
