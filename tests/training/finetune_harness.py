@@ -59,3 +59,45 @@ def generation_template(template: str) -> str:
                     lambda m: _TOOL_CALLS, marked, count=1, flags=re.S)
     assert marked.count("{% generation %}") == 2, "the Qwen2.5 template changed: update the test's marking"
     return marked
+
+
+def arithmetic_chats(count: int, offset: int = 0) -> list[dict]:
+    """A learnable sft task: the answer is the question's number plus one."""
+    return [{"messages": [{"role": "user", "content": f"What is {i} plus one?"},
+                          {"role": "assistant", "content": f"{i} plus one is {i + 1}."}]}
+            for i in range(offset, offset + count)]
+
+
+POSITIVE = ["good", "great", "lovely", "excellent", "wonderful", "fine"]
+NEGATIVE = ["bad", "awful", "terrible", "boring", "poor", "dull"]
+
+
+def sentiment_rows(subjects: list[str]) -> list[dict]:
+    """Templated sentences whose label is the sentiment of their last word."""
+    return [{"text": f"The {subject} was {word}", "label": label}
+            for subject in subjects for words, label in ((POSITIVE, "pos"), (NEGATIVE, "neg")) for word in words]
+
+
+def number_tag_rows(count: int, seed: int) -> list[dict]:
+    """Sentences whose number words are tagged B-NUM (I-NUM for the second word of 'twenty one')."""
+    import random
+
+    rng = random.Random(seed)
+    words = ["the", "cat", "saw", "a", "dog", "and", "ran", "home", "with", "we", "ate"]
+    numbers = ["one", "two", "three", "four", "five", "six", "seven", "ten"]
+    rows = []
+    for _ in range(count):
+        tokens, tags = [], []
+        for _ in range(rng.randint(4, 7)):
+            if rng.random() < 0.3:
+                if rng.random() < 0.3:
+                    tokens += ["twenty", rng.choice(numbers)]
+                    tags += ["B-NUM", "I-NUM"]
+                else:
+                    tokens.append(rng.choice(numbers))
+                    tags.append("B-NUM")
+            else:
+                tokens.append(rng.choice(words))
+                tags.append("O")
+        rows.append({"tokens": tokens, "tags": tags})
+    return rows

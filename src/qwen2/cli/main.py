@@ -22,6 +22,7 @@ SUBCOMMANDS = (
     "qwen2.cli.info",
     "qwen2.cli.convert",
     "qwen2.serving.cli",  # serve
+    "qwen2.training.cli",  # finetune
 )
 
 
