@@ -15,6 +15,9 @@ logger = logging.getLogger(__name__)
 
 # peft's task types: which head is trained and, for the classifiers, kept whole (modules_to_save = the head).
 PEFT_TASK_TYPES = {"sft": "CAUSAL_LM", "classify": "SEQ_CLS", "tag": "TOKEN_CLS"}
+# "all-linear" spelled out: peft finds the output layer to leave out only on transformers' own classes, so on
+# ours it would also adapt lm_head (tied to the embeddings: a vocabulary-sized adapter).
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def _peft() -> Any:
@@ -43,8 +46,9 @@ def prepare_model(model: torch.nn.Module, task: str, method: str = "lora", lora_
             parameter.requires_grad_(True)
         return model
     peft = _peft()
+    targets = ALL_LINEAR if lora_target == "all-linear" else lora_target
     config = peft.LoraConfig(task_type=PEFT_TASK_TYPES[task], r=lora_r, lora_alpha=lora_alpha,
-                             lora_dropout=lora_dropout, target_modules=lora_target)
+                             lora_dropout=lora_dropout, target_modules=targets)
     wrapped = peft.get_peft_model(model, config)
     trainable = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
     total = sum(p.numel() for p in wrapped.parameters())

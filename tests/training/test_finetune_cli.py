@@ -1,0 +1,86 @@
+"""`qwen2 finetune` end to end on a tiny model directory: bad data refused before the model is touched, an
+adapter and a merged model written, and the same command under torchrun (2 processes, gloo, half the batch
+each) giving the loss curve of one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers
+from finetune_harness import arithmetic_chats, tiny_model, write_jsonl
+
+import qwen2
+from qwen2.cli.main import main
+from qwen2.training.adapters import ALL_LINEAR
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model_dir(both, tmp_path_factory):
+    directory = tmp_path_factory.mktemp("tiny_finetune_model")
+    tiny_model(qwen2.Qwen2ForCausalLM, both[1]).save_pretrained(directory)
+    both[1].save_pretrained(directory)
+    return directory
+
+
+def test_bad_data_is_refused_before_loading_the_model(tmp_path, capsys):
+    data = write_jsonl(tmp_path / "chat.jsonl", [*arithmetic_chats(2), {"messages": [{"role": "user", "content": "?"}]}])
+    status = main(["finetune", "sft", "--model", str(tmp_path / "no-such-model"), "--data", str(data),
+                   "--output", str(tmp_path / "out")])
+    assert status == 1
+    assert f"{data}:3: field 'messages': no assistant turn" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_sft_writes_an_adapter_and_a_merged_model(model_dir, tmp_path):
+    data = write_jsonl(tmp_path / "chat.jsonl", arithmetic_chats(8))
+    out = tmp_path / "out"
+    status = main(["finetune", "sft", "--model", str(model_dir), "--data", str(data), "--eval-data", str(data),
+                   "--output", str(out), "--max-steps", "3", "--save-steps", "2", "--lr", "1e-2", "--lora-r", "4",
+                   "--merge", "--no-progress", "--bf16", "--gradient-checkpointing"])
+    assert status == 0
+    adapter = json.loads((out / "adapter_config.json").read_text())
+    assert adapter["r"] == 4 and sorted(adapter["target_modules"]) == sorted(ALL_LINEAR)  # not lm_head
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["checkpoint-2"]
+    ids = torch.tensor([[3, 1000, 2000, 151643]])
+    with torch.no_grad():
+        ours = qwen2.Qwen2ForCausalLM.from_pretrained(out / "merged").eval()(ids).logits
+        theirs = transformers.Qwen2ForCausalLM.from_pretrained(out / "merged").eval()(ids).logits
+        base = qwen2.Qwen2ForCausalLM.from_pretrained(model_dir).eval()(ids).logits
+    torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=0)
+    assert (ours - base).abs().max() > 1e-3  # the merged weights are the trained ones
+
+
+def _history(out):
+    state = json.loads((out / "checkpoints" / "checkpoint-3" / "trainer_state.json").read_text())
+    return [(h["step"], h["loss"], h["grad_norm"]) for h in state["history"]]
+
+
+def test_torchrun_two_processes_match_one(model_dir, tmp_path):
+    data = write_jsonl(tmp_path / "chat.jsonl", arithmetic_chats(16))
+    common = ["sft", "--model", str(model_dir), "--data", str(data), "--max-steps", "3", "--save-steps", "3",
+              "--lr", "1e-2", "--full", "--no-progress", "--seed", "5"]
+    assert main(["finetune", *common, "--output", str(tmp_path / "one"), "--batch-size", "4"]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "qwen2.cli", "finetune", *common, "--output", str(tmp_path / "two"),
+                          "--batch-size", "2", "--threads", "1"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    one, two = _history(tmp_path / "one"), _history(tmp_path / "two")
+    assert [s for s, _, _ in two] == [1, 2, 3]
+    torch.testing.assert_close([x[1:] for x in two], [x[1:] for x in one], rtol=1e-5, atol=1e-6)
+    saved = torch.load(tmp_path / "two/checkpoints/checkpoint-3/training.pt", weights_only=True)
+    assert len(saved["rng"]) == 2  # each process' generator state, written by rank 0 alone
