@@ -35,11 +35,12 @@ def _examples(tok, tmp_path, name, rows, task, labels=None):
     return encode_dataset(tok, data, max_length=128, labels=labels), data.labels
 
 
-def _sft_trainer(tok, tmp_path, seed=0, init=0.02, **config):
+def _sft_trainer(tok, tmp_path, seed=0, init=0.02, checkpointing=False, **config):
     tmp_path.mkdir(parents=True, exist_ok=True)
     train, _ = _examples(tok, tmp_path, "train.jsonl", arithmetic_chats(16), "sft")
     model = prepare_model(tiny_model(qwen2.Qwen2ForCausalLM, tok, seed=seed, initializer_range=init), "sft",
-                          lora_r=4, lora_alpha=8, lora_dropout=config.pop("lora_dropout", 0.0))
+                          lora_r=4, lora_alpha=8, lora_dropout=config.pop("lora_dropout", 0.0),
+                          gradient_checkpointing=checkpointing)
     settings = dict(task="sft", learning_rate=1e-2, batch_size=4, max_steps=6, progress=False, seed=seed)
     return Trainer(model, TrainingConfig(**{**settings, **config}), train, pad_id=tok.pad_token_id,
                    output_dir=tmp_path / "out")
@@ -67,7 +68,8 @@ def test_sft_loss_falls_and_only_assistant_tokens_count(tok, tmp_path):
 
 def test_accumulation_and_checkpointing_change_nothing_but_speed(tok, tmp_path):
     reference = [h["loss"] for h in _sft_trainer(tok, tmp_path / "a", max_steps=3).train().history]
-    accumulated = _sft_trainer(tok, tmp_path / "b", max_steps=3, batch_size=2, grad_accum=2).train().history
+    accumulated = _sft_trainer(tok, tmp_path / "b", max_steps=3, batch_size=2, grad_accum=2,
+                               checkpointing=True).train().history
     torch.testing.assert_close([h["loss"] for h in accumulated], reference, rtol=1e-5, atol=1e-6)
 
 

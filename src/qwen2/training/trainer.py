@@ -55,6 +55,7 @@ class TrainingConfig:
     max_grad_norm: float | None = 1.0
     bf16: bool = False
     seed: int = 0
+    shuffle: bool = True  # a seeded permutation per epoch; False reads the examples in order
     pack: bool = False
     max_length: int = 1024  # the length of a packed row
     eval_steps: int | None = None
@@ -140,6 +141,8 @@ class Trainer:
     # ---- data -------------------------------------------------------------------------------------
     def _unit(self, index: int) -> Any:
         epoch, at = divmod(index, len(self.units))
+        if not self.config.shuffle:
+            return self.units[at]
         if epoch not in self._permutations:
             generator = torch.Generator().manual_seed(self.config.seed * 1000003 + epoch)
             self._permutations[epoch] = torch.randperm(len(self.units), generator=generator).tolist()
