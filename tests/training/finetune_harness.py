@@ -8,6 +8,7 @@ import json
 import re
 from pathlib import Path
 
+import pytest
 import torch
 
 import qwen2
@@ -19,6 +20,16 @@ TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_atten
 def write_jsonl(path: Path, rows: list) -> Path:
     path.write_text("".join((row if isinstance(row, str) else json.dumps(row)) + "\n" for row in rows))
     return path
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and on a loaded machine their barriers cost 10x (import it into a
+    test module to apply it there)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def tiny_config(tokenizer, **extra) -> qwen2.Qwen2Config:

@@ -7,6 +7,7 @@ import pytest
 import torch
 import transformers
 from finetune_harness import sentiment_rows, tiny_model, write_jsonl
+from finetune_harness import one_thread  # noqa: F401 (an autouse fixture)
 from peft import PeftModel
 
 import qwen2
@@ -14,13 +15,6 @@ from qwen2.training import Trainer, TrainingConfig, encode_dataset, prepare_mode
 
 ATOL = 1e-4
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_classifier_adapter_and_merged_model_load_in_transformers(both, tmp_path):

@@ -13,18 +13,12 @@ import pytest
 import torch
 import transformers
 from finetune_harness import arithmetic_chats, tiny_model, write_jsonl
+from finetune_harness import one_thread  # noqa: F401 (an autouse fixture)
 
 import qwen2
 from qwen2.cli.main import main
 from qwen2.training.adapters import ALL_LINEAR
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
