@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 import transformers
-from finetune_harness import arithmetic_chats, tiny_model, write_jsonl
+from finetune_harness import arithmetic_chats, number_tag_rows, sentiment_rows, tiny_model, write_jsonl
 from finetune_harness import one_thread  # noqa: F401 (an autouse fixture)
 
 import qwen2
@@ -55,6 +55,21 @@ def test_sft_writes_an_adapter_and_a_merged_model(model_dir, tmp_path):
         base = qwen2.Qwen2ForCausalLM.from_pretrained(model_dir).eval()(ids).logits
     torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=0)
     assert (ours - base).abs().max() > 1e-3  # the merged weights are the trained ones
+
+
+@pytest.mark.parametrize("task", ["classify", "tag"])
+def test_classifier_heads_from_a_causal_lm_checkpoint(task, model_dir, tmp_path):
+    rows = sentiment_rows(["film", "meal"]) if task == "classify" else number_tag_rows(8, seed=1)
+    data = write_jsonl(tmp_path / "data.jsonl", rows)
+    out = tmp_path / "out"
+    extra = ["--merge"] if task == "classify" else ["--full", "--pack"]
+    assert main(["finetune", task, "--model", str(model_dir), "--data", str(data), "--eval-data", str(data),
+                 "--output", str(out), "--max-steps", "2", "--no-progress", *extra]) == 0
+    model_out = out / "merged" if task == "classify" else out
+    labels = ["neg", "pos"] if task == "classify" else ["B-NUM", "I-NUM", "O"]
+    config = json.loads((model_out / "config.json").read_text())
+    assert config["id2label"] == {str(i): name for i, name in enumerate(labels)}
+    assert config["architectures"] == [f"Qwen2For{'Sequence' if task == 'classify' else 'Token'}Classification"]
 
 
 def _history(out):
