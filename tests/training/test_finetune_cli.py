@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -93,3 +95,31 @@ def test_torchrun_two_processes_match_one(model_dir, tmp_path):
     torch.testing.assert_close([x[1:] for x in two], [x[1:] for x in one], rtol=1e-5, atol=1e-6)
     saved = torch.load(tmp_path / "two/checkpoints/checkpoint-3/training.pt", weights_only=True)
     assert len(saved["rng"]) == 2  # each process' generator state, written by rank 0 alone
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_finishes(model_dir, tmp_path):
+    data = write_jsonl(tmp_path / "chat.jsonl", arithmetic_chats(8))
+    out = tmp_path / "out"
+    command = ["sft", "--model", str(model_dir), "--data", str(data), "--output", str(out), "--no-progress",
+               "--batch-size", "2", "--logging-steps", "1", "--threads", "1"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    process = subprocess.Popen([sys.executable, "-m", "qwen2.cli", "finetune", *command, "--max-steps", "100000"],
+                               env=env, stderr=subprocess.PIPE, text=True)
+    watchdog = threading.Timer(120, process.kill)  # never hang on a run that does not get to step 2
+    watchdog.start()
+    try:
+        for line in process.stderr:
+            if "step 2/100000" in line:
+                process.send_signal(signal.SIGTERM)
+                break
+        rest = process.stderr.read()
+        assert process.wait(timeout=60) == 130
+    finally:
+        watchdog.cancel()
+        process.kill()
+    assert "continue with --resume" in rest
+    (saved,) = (out / "checkpoints").iterdir()
+    step = int(saved.name.split("-")[1])
+    assert step >= 2 and json.loads((saved / "trainer_state.json").read_text())["step"] == step
+    assert main(["finetune", *command, "--max-steps", str(step + 2), "--resume"]) == 0
+    assert (out / "adapter_model.safetensors").is_file()
