@@ -4,7 +4,8 @@ Why not accelerate: our loop already owns what accelerate's `Accelerator` would 
 optimizer step, mixed precision by `torch.autocast`, checkpoints that resume step for step), so accelerate
 would add a layer without removing code. DDP is the piece that matters (gradient all-reduce overlapped with
 backward, `no_sync` for accumulation), and both launchers start processes the same way: `torchrun` and
-`accelerate launch` set RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT, which `init_from_environment` reads.
+`accelerate launch --multi_gpu` set RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT, which
+`init_from_environment` reads (accelerate's multi-CPU mode launches through mpirun instead).
 gloo on CPU, nccl on CUDA.
 """
 
