@@ -125,6 +125,8 @@ def test_classifier_reaches_accuracy_on_held_out_sentences(tok, tmp_path):
     trainer = Trainer(model, TrainingConfig(task="classify", learning_rate=2e-2, batch_size=8, max_steps=25,
                                             progress=False), train, held_out, pad_id=tok.pad_token_id,
                       label_names=labels)
+    with pytest.raises(ValueError, match="differs from the model's config.pad_token_id"):
+        Trainer(model, TrainingConfig(task="classify"), train, pad_id=tok.pad_token_id + 1)
     assert trainer.evaluate()["accuracy"] <= 0.75
     trainer.train()
     metrics = trainer.evaluate()

@@ -115,6 +115,12 @@ class Trainer:
         if not train_examples:
             raise ValueError("no training examples")
         self.model, self.config, self.pad_id = model, config, pad_id
+        model_pad = getattr(getattr(model, "config", None), "pad_token_id", pad_id)
+        if config.task == "classify" and model_pad != pad_id:
+            # the head pools each row's last token that is not config.pad_token_id: padding with another id
+            # would pool a padding position
+            raise ValueError(f"pad_id {pad_id} differs from the model's config.pad_token_id {model_pad}: "
+                             "set model.config.pad_token_id = tokenizer.pad_token_id")
         self.eval_examples = list(eval_examples or [])
         self.output_dir = Path(output_dir) if output_dir is not None else None
         self.label_names = list(label_names or [])
