@@ -1,0 +1,74 @@
+"""Start the ranks of a tensor-parallel job on this machine, as `torchrun --nproc-per-node N` would: one
+process per rank with RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT set. Used by
+`qwen2 serve --tensor-parallel-size N`; multi-node jobs use torchrun itself (docs/scaling.md)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+
+logger = logging.getLogger(__name__)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def rank_env(rank: int, world_size: int, port: int, threads: int | None = None) -> dict[str, str]:
+    """The environment torchrun gives rank `rank`, on the loopback interface; `threads` sets each rank's
+    OpenMP threads (N ranks on the cores one process would use, not N times as many)."""
+    env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+               LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
+    return env
+
+
+def launch(argv: list[str], world_size: int, threads: int | None = None) -> list[subprocess.Popen]:
+    """Run `python argv...` once per rank; rank 0 inherits stdout/stderr, the others' output goes there too."""
+    if world_size < 1:
+        raise ValueError(f"world_size must be at least 1, got {world_size}")
+    port = free_port()
+    return [subprocess.Popen([sys.executable, *argv], env=rank_env(rank, world_size, port, threads))
+            for rank in range(world_size)]
+
+
+def wait(processes: list[subprocess.Popen], timeout: float | None = None) -> int:
+    """Wait for every rank; when one fails (or `timeout` passes) the rest are stopped. Returns the first
+    non-zero exit code (or 0)."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    try:
+        while True:
+            codes = [p.poll() for p in processes]
+            failed = [c for c in codes if c not in (None, 0)]
+            if failed:
+                logger.error("A rank exited with code %d; stopping the others.", failed[0])
+                return failed[0]
+            if all(c == 0 for c in codes):
+                return 0
+            if deadline is not None and time.monotonic() > deadline:
+                logger.error("The ranks did not finish within %.0f s; stopping them.", timeout)
+                return 124
+            time.sleep(0.05)
+    finally:
+        stop(processes)
+
+
+def stop(processes: list[subprocess.Popen], grace: float = 5.0) -> None:
+    """SIGTERM each running rank, then SIGKILL what is left after `grace` seconds."""
+    for p in processes:
+        if p.poll() is None:
+            p.terminate()
+    end = time.monotonic() + grace
+    for p in processes:
+        try:
+            p.wait(max(0.0, end - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
