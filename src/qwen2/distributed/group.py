@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -74,11 +75,11 @@ def all_gather_last(tensor: Tensor) -> Tensor:
     return torch.cat(parts, dim=-1)
 
 
-def broadcast_object(value: object = None, src: int = 0) -> object:
-    """`value` from rank `src` on every rank (pickled: for small control messages, not tensors)."""
+def broadcast_object(value: Any = None, src: int = 0, group: Any = None) -> Any:
+    """`value` from rank `src` on every rank (pickled: for small messages such as a serving step's inputs)."""
     box = [value]
     try:
-        dist.broadcast_object_list(box, src=src)
+        dist.broadcast_object_list(box, src=src, group=group)
     except RuntimeError as err:
         raise _failed("broadcast", err) from err
     return box[0]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -72,3 +73,28 @@ def stop(processes: list[subprocess.Popen], grace: float = 5.0) -> None:
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait()
+
+
+def run_job(argv: list[str], world_size: int, threads: int | None = None) -> int:
+    """Launch the ranks and wait for them (the parent of `qwen2 serve --tensor-parallel-size N`). SIGTERM and
+    Ctrl-C go to rank 0, which shuts down gracefully and releases the others; a rank that fails stops the
+    job. Returns rank 0's exit code (or the failed rank's)."""
+    processes = launch(argv, world_size, threads)
+
+    def forward(signum: int, frame: object) -> None:
+        if processes[0].poll() is None:
+            processes[0].send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while processes[0].poll() is None:
+            failed = [p.returncode for p in processes[1:] if p.poll() not in (None, 0)]
+            if failed:
+                logger.error("A tensor-parallel rank exited with code %d; stopping the job.", failed[0])
+                return failed[0]
+            time.sleep(0.1)
+        return processes[0].returncode
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        stop(processes, grace=10.0)
