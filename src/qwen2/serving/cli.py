@@ -67,6 +67,12 @@ def register(commands: Any, common: argparse.ArgumentParser) -> None:
     serve.add_argument("--max-body-bytes", type=_positive, default=None, help="larger request bodies get 413")
     serve.add_argument("--shutdown-grace", type=float, default=30.0,
                        help="seconds running requests may take to finish after SIGTERM (default 30)")
+    serve.add_argument("--replicas", type=_positive, default=None,
+                       help="run N engine replicas behind Ray Serve's HTTP proxy (needs the ray extra)")
+    serve.add_argument("--ray-address", default=None,
+                       help="with --replicas: an existing Ray cluster's address (default: start a local one)")
+    serve.add_argument("--max-queued-requests", type=_positive, default=64,
+                       help="with --replicas: requests Ray queues beyond the replicas' --max-num-seqs; more get 429")
     serve.add_argument("--tensor-parallel-size", "-tp", type=_positive, default=1,
                        help="split the model over N processes on this machine (torch.distributed; gloo on the "
                             "CPU, nccl on GPUs); --threads is then per process")
@@ -144,7 +150,26 @@ def _tensor_parallel_role(args: argparse.Namespace) -> int | None:
     return 0
 
 
+def _serve_replicas(args: argparse.Namespace) -> int:
+    """--replicas N: the engine replicas on Ray Serve (qwen2.serving.ray) until SIGTERM or Ctrl-C."""
+    from qwen2.serving.ray import run_replicas
+
+    if args.tensor_parallel_size > 1:
+        raise ValueError("--replicas and --tensor-parallel-size cannot be combined yet")
+    options = {"max_num_seqs": args.max_num_seqs, "max_model_len": args.max_model_len,
+               "kv_cache_memory": args.kv_cache_memory,
+               "max_waiting": args.max_waiting, "threads": args.threads, "api_key": args.api_key,
+               "quantization": args.quantization}
+    run_replicas(_model_path(args), served_model_name=args.served_model_name or args.model or DEFAULT_MODEL_NAME,
+                 replicas=args.replicas, host=args.host, port=args.port, address=args.ray_address,
+                 max_ongoing_requests=args.max_num_seqs or 16, max_queued_requests=args.max_queued_requests,
+                 dtype=args.dtype, **{key: value for key, value in options.items() if value is not None})
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
+    if args.replicas is not None:
+        return _serve_replicas(args)
     role = _tensor_parallel_role(args)
     if role is not None:
         return role

@@ -184,3 +184,28 @@ def build_app(model: str, *, served_model_name: str | None = None, replicas: int
     ingress = serve.deployment(Qwen2Ingress, name="Qwen2Ingress", ray_actor_options={"num_cpus": 0},
                                max_ongoing_requests=max(1000, 4 * max_queued_requests))
     return ingress.bind(engine)
+
+
+def run_replicas(model: str, *, host: str = "127.0.0.1", port: int = 8000, address: str | None = None,
+                 **options: Any) -> None:
+    """`qwen2 serve --replicas N`: join the Ray cluster at `address` (default: start a local one), serve
+    `build_app(model, **options)` on host:port until SIGTERM or Ctrl-C, then shut Serve (and a local
+    cluster) down."""
+    import signal
+    import threading
+
+    import ray
+
+    serve = _require_ray()
+    ray.init(address=address, include_dashboard=False)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: stop.set())
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(build_app(model, **options), name="qwen2", route_prefix="/")
+        logger.info("serving %d replicas of %s on http://%s:%d/v1", options.get("replicas", 2), model, host, port)
+        stop.wait()
+    finally:
+        serve.shutdown()
+        ray.shutdown()
