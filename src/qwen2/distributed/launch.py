@@ -36,8 +36,17 @@ def launch(argv: list[str], world_size: int, threads: int | None = None) -> list
     if world_size < 1:
         raise ValueError(f"world_size must be at least 1, got {world_size}")
     port = free_port()
-    return [subprocess.Popen([sys.executable, *argv], env=rank_env(rank, world_size, port, threads))
-            for rank in range(world_size)]
+    return [subprocess.Popen([sys.executable, *argv], env=rank_env(rank, world_size, port, threads),
+                             preexec_fn=_die_with_parent) for rank in range(world_size)]
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: on Linux, SIGTERM when the launcher dies (even by SIGKILL), so no rank is
+    left waiting for a peer that will never come."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def wait(processes: list[subprocess.Popen], timeout: float | None = None) -> int:
