@@ -1,5 +1,6 @@
 """Tensor parallelism (qwen2.distributed) over 2 and 4 gloo processes against the single-process model on the
-same checkpoints, and transformers for the causal LM: logits of every head, greedy generate(), bf16, int8,
+same checkpoints, and transformers for the causal LM: logits of every head (also from a GGUF), greedy
+generate(), bf16, int8,
 the refusals, and a killed rank."""
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from qwen2.heads import Qwen2ForSequenceClassification, Qwen2ForTokenClassificat
 from qwen2.model import Qwen2ForCausalLM
 
 from tp_harness import TINY, run_ranks, save_checkpoints
-from tp_worker import IDS, MASK, TIMEOUT, forward_logits
+from tp_worker import IDS, MASK, TIMEOUT, forward_logits, gguf_logits
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +39,7 @@ def reference(checkpoints):
         "tied": forward_logits(Qwen2ForCausalLM.from_pretrained(checkpoints / "tied")),
         "seq": forward_logits(Qwen2ForSequenceClassification.from_pretrained(checkpoints / "seq")),
         "tok": forward_logits(Qwen2ForTokenClassification.from_pretrained(checkpoints / "tok")),
+        "gguf": gguf_logits(Qwen2ForCausalLM.from_pretrained(checkpoints / "tiny.gguf")),
         "bf16": forward_logits(Qwen2ForCausalLM.from_pretrained(checkpoints / "lm", dtype=torch.bfloat16)),
         "int8": forward_logits(int8),
     }
@@ -58,6 +60,7 @@ def test_tensor_parallel_matches_single_process(checkpoints, reference, tmp_path
         assert result["k_proj"] == (max(1, TINY["num_key_value_heads"] // world_size) * 8, TINY["hidden_size"])
         if world_size > 2:
             continue  # the classification heads, bf16 and int8 are checked over 2 ranks
+        torch.testing.assert_close(result["gguf"], reference["gguf"], atol=1e-4, rtol=0)
         # bf16: the same computation in another summation order.
         assert result["bf16_dtype"] == torch.bfloat16
         torch.testing.assert_close(result["bf16"], reference["bf16"], atol=3e-2, rtol=3e-2)

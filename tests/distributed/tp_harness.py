@@ -11,6 +11,7 @@ import torch
 import qwen2
 from qwen2.distributed.launch import launch, stop
 from qwen2.heads import Qwen2ForSequenceClassification, Qwen2ForTokenClassification
+from test_gguf import write_tiny_gguf
 
 WORKER = Path(__file__).resolve().parent / "tp_worker.py"
 # 8 query / 2 key-value heads: over 2 ranks the kv heads are split, over 4 each is replicated on two ranks.
@@ -21,13 +22,15 @@ TINY = dict(vocab_size=130, hidden_size=64, intermediate_size=128, num_hidden_la
 
 
 def save_checkpoints(root: Path) -> Path:
-    """float32 safetensors checkpoints: a causal LM (untied and tied head) and the two classification heads."""
+    """float32 safetensors checkpoints (a causal LM with an untied and a tied head, the two classification
+    heads) and a GGUF."""
     builds = {"lm": (qwen2.Qwen2ForCausalLM, {}), "tied": (qwen2.Qwen2ForCausalLM, {"tie_word_embeddings": True}),
               "seq": (Qwen2ForSequenceClassification, {"num_labels": 3}),
               "tok": (Qwen2ForTokenClassification, {"num_labels": 5})}
     for seed, (name, (cls, extra)) in enumerate(builds.items()):
         torch.manual_seed(seed)
         cls(qwen2.Qwen2Config(**{**TINY, **extra})).float().eval().save_pretrained(root / name)
+    write_tiny_gguf(root / "tiny.gguf")  # quantised blocks: slices read through the GGUF reader
     return root
 
 

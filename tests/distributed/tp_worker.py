@@ -34,6 +34,11 @@ def forward_logits(model) -> torch.Tensor:
         return model(IDS, attention_mask=MASK).logits.float()
 
 
+def gguf_logits(model) -> torch.Tensor:
+    with torch.inference_mode():
+        return model(IDS % model.config.vocab_size).logits.float()
+
+
 def check(root: Path) -> tuple[dict, torch.nn.Module]:
     lm = Qwen2ForCausalLM.from_pretrained(root / "lm", tp_plan="auto", dtype=torch.float32)
     result = {"lm": forward_logits(lm),
@@ -46,6 +51,7 @@ def check(root: Path) -> tuple[dict, torch.nn.Module]:
     result["tied"] = forward_logits(tied)
     if dist.get_world_size() > 2:  # the other heads, dtypes and int8 split as over 2 ranks: checked there
         return result, tied
+    result["gguf"] = gguf_logits(Qwen2ForCausalLM.from_pretrained(root / "tiny.gguf", tp_plan="auto"))
     for name, cls in (("seq", Qwen2ForSequenceClassification), ("tok", Qwen2ForTokenClassification)):
         result[name] = forward_logits(cls.from_pretrained(root / name, tp_plan="auto", dtype=torch.float32))
     bf16 = Qwen2ForCausalLM.from_pretrained(root / "lm", tp_plan="auto", dtype=torch.bfloat16)
