@@ -1,7 +1,6 @@
 """Tensor parallelism (qwen2.distributed) over 2 and 4 gloo processes against the single-process model on the
 same checkpoints, and transformers for the causal LM: logits of every head (also from a GGUF), greedy
-generate(), bf16, int8,
-the refusals, and a killed rank."""
+generate(), bf16, int8, the refusals, and a killed rank."""
 
 from __future__ import annotations
 
