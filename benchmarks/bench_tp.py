@@ -130,7 +130,8 @@ def worker(args: argparse.Namespace) -> None:
         result.update(_collectives(model.config, args.prompt))
         result.update(_dtensor_vs_explicit(model))
         if dist.get_rank() != 0:
-            return
+            dist.barrier()
+            os._exit(0)  # no interpreter teardown: DTensor's collectives can abort it ("terminate called")
     c = model.config
     result["weight_bytes"] = 2 * sum(p.numel() for p in model.parameters())  # this rank's, bf16
     result["layers"] = c.num_hidden_layers
@@ -140,6 +141,9 @@ def worker(args: argparse.Namespace) -> None:
         + c.num_attention_heads * c.head_dim * c.hidden_size + 3 * c.hidden_size * c.intermediate_size)
     result["params_head"] = c.hidden_size * c.vocab_size
     Path(args.out).write_text(json.dumps(result))
+    if tp:
+        dist.barrier()
+        os._exit(0)
 
 
 def _run(name: str, args: argparse.Namespace, threads: int, ranks: int) -> dict:

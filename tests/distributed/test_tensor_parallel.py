@@ -52,6 +52,7 @@ def test_tensor_parallel_matches_single_process(checkpoints, reference, tmp_path
         for head in ("lm", "tied", "seq", "tok")[:4 if world_size == 2 else 2]:
             torch.testing.assert_close(result[head], reference[head], atol=1e-4, rtol=0, msg=f"{head} rank {rank}")
         assert torch.equal(result["greedy"], reference["greedy"])
+        assert "split over tensor-parallel ranks" in result["save_refused"]  # not a checkpoint of slices
         # Each rank holds its slices only: 1/N of the layers' and the vocabulary's weights, the norms whole.
         assert result["params"] < reference["params"] / world_size * 1.1
         heads_per_rank = TINY["num_attention_heads"] // world_size

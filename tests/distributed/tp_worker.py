@@ -46,6 +46,10 @@ def check(root: Path) -> tuple[dict, torch.nn.Module]:
               "params": sum(p.numel() for p in lm.parameters()),
               "q_proj": tuple(lm.model.layers[0].self_attn.q_proj.weight.shape),
               "k_proj": tuple(lm.model.layers[0].self_attn.k_proj.weight.shape)}
+    try:
+        lm.save_pretrained(root / f"saved{dist.get_rank()}")
+    except ValueError as err:
+        result["save_refused"] = str(err)
     del lm
     tied = Qwen2ForCausalLM.from_pretrained(root / "tied", tp_plan="auto")
     result["tied"] = forward_logits(tied)
@@ -79,6 +83,7 @@ def after_death(model, result: dict, out: Path) -> None:
         result["after_death"] = str(err)
     result["seconds_to_fail"] = time.monotonic() - start
     torch.save(result, out / f"rank{dist.get_rank()}.pt")
+    os._exit(0)  # no teardown of a group with a dead peer: gloo may abort it ("terminate called")
 
 
 def main() -> None:

@@ -123,8 +123,8 @@ class TensorParallelLoader:
         return ShardSource(source, shard, columns)
 
     def finish(self, model: nn.Module) -> None:
-        """Add the collectives once the weights are in; generate() decodes eagerly (compiling a step with
-        collectives in it is not supported on gloo)."""
+        """Add the collectives once the weights are in. For inference only (the parameters do not require
+        grad); generate() decodes eagerly (compiling a step with collectives in it is not supported here)."""
         self._files.clear()
         for name, module in model.named_modules():
             leaf = name.rpartition(".")[2]
@@ -134,8 +134,9 @@ class TensorParallelLoader:
         if head is not None:
             vocab = self.plan.vocab_size
             head.register_forward_hook(lambda module, inputs, output: all_gather_last(output)[..., :vocab])
-        model.tp_size = self.plan.world_size
+        model.tp_size = self.plan.world_size  # save_pretrained refuses a split model
         model.tp_plan = "auto"
+        model.requires_grad_(False)  # inference only: the collectives here carry no gradients
         generation_config = getattr(model, "generation_config", None)
         if generation_config is not None and getattr(generation_config, "disable_compile", None) is None:
             generation_config.disable_compile = True

@@ -279,6 +279,9 @@ class PreTrainedModel(nn.Module):
         directory = Path(save_directory)
         if directory.is_file():
             raise ValueError(f"save_pretrained needs a directory, but {directory} is a file")
+        if getattr(self, "tp_size", 1) > 1:
+            raise ValueError("This model is split over tensor-parallel ranks (tp_plan='auto'): each holds only its "
+                             "slices. Save the checkpoint it was loaded from, or load it without tp_plan to save")
         if kwargs.get("push_to_hub") or kwargs.get("variant"):
             raise ValueError("push_to_hub and variant are not supported: save to a directory, then upload it with "
                              "huggingface_hub (`hf upload`)")
