@@ -205,6 +205,7 @@ class PreTrainedModel(nn.Module):
         without it. A weight holding NaN or Inf is refused, naming it, unless `allow_non_finite=True`.
         """
         output_loading_info = kwargs.pop("output_loading_info", False)
+        tp_plan, tp_size = kwargs.pop("tp_plan", None), kwargs.pop("tp_size", None)
         use_safetensors = kwargs.pop("use_safetensors", None)
         subfolder = kwargs.pop("subfolder", "") or ""
         if kwargs.pop("variant", None) is not None:
@@ -229,13 +230,24 @@ class PreTrainedModel(nn.Module):
         target_dtype = _resolve_dtype(dtype if dtype is not None else torch_dtype, index_metadata, files, config)
         config.dtype = target_dtype
         device = _target_device(device_map)
+        if tp_plan is not None and device_map is not None:
+            raise ValueError("tp_plan and device_map are mutually exclusive: under tp_plan each rank places its "
+                             "slice on its own device")
 
         with _default_dtype(target_dtype), torch.device("meta"), _no_init():
             model = cls(config, *model_args)
-            if getattr(config, "quantization_config", None):
+            if getattr(config, "quantization_config", None) and tp_plan is None:
                 from qwen2.quantization import convert_for_runtime
 
                 convert_for_runtime(model, config.quantization_config)  # same module swap as when it was saved
+        sharder = None
+        if tp_plan is not None:  # tensor parallelism: this rank's slices only (qwen2.distributed)
+            from qwen2.distributed import TensorParallelLoader
+
+            sharder = TensorParallelLoader(model, tp_plan, tp_size)
+            device = sharder.device
+        elif tp_size is not None:
+            raise ValueError("tp_size applies only with tp_plan='auto'")
         quantizer = None
         if quantization is not None:
             from qwen2.quantization import QuantizingLoader
@@ -243,13 +255,15 @@ class PreTrainedModel(nn.Module):
             quantizer = QuantizingLoader(model, quantization, group_size)
         elif group_size is not None:
             raise ValueError("group_size= applies only with quantization='int4'")
-        info = _load_weights(model, files, device, ignore_mismatched_sizes, quantizer, not allow_non_finite)
+        info = _load_weights(model, files, device, ignore_mismatched_sizes, quantizer, not allow_non_finite, sharder)
         if device.type == "cpu":
             reuse_large_blocks()  # after loading: the load's own peak memory is unchanged
         if device_map is not None:
             model.hf_device_map = {"": str(device)}
         model.eval()
         _load_generation_config(model, directory)
+        if sharder is not None:
+            sharder.finish(model)
         return (model, info) if output_loading_info else model
 
     # ------------------------------------------------------------------------------------------------- saving
@@ -265,6 +279,9 @@ class PreTrainedModel(nn.Module):
         directory = Path(save_directory)
         if directory.is_file():
             raise ValueError(f"save_pretrained needs a directory, but {directory} is a file")
+        if getattr(self, "tp_size", 1) > 1:
+            raise ValueError("This model is split over tensor-parallel ranks (tp_plan='auto'): each holds only its "
+                             "slices. Save the checkpoint it was loaded from, or load it without tp_plan to save")
         if kwargs.get("push_to_hub") or kwargs.get("variant"):
             raise ValueError("push_to_hub and variant are not supported: save to a directory, then upload it with "
                              "huggingface_hub (`hf upload`)")
@@ -459,10 +476,11 @@ class _FiniteSource:
 
 
 def _load_weights(model: nn.Module, files: list[Path], device: torch.device, ignore_mismatched_sizes: bool,
-                  quantizer: Any = None, check_finite: bool = True) -> dict[str, list]:
+                  quantizer: Any = None, check_finite: bool = True, sharder: Any = None) -> dict[str, list]:
     """Fill the meta-built `model` from the checkpoint, one tensor at a time; returns transformers'
     loading-info dict. `quantizer` (a `QuantizingLoader`) quantises the weights of the modules it swapped;
-    `check_finite` refuses NaN and Inf in the float weights (`_FiniteSource`)."""
+    `check_finite` refuses NaN and Inf in the float weights (`_FiniteSource`); `sharder` (a
+    `qwen2.distributed.TensorParallelLoader`) turns each source into this rank's slice of it."""
     expected = model.state_dict()  # meta tensors: names and shapes only
     quantized = quantizer.modules if quantizer is not None else {}
     rename = _key_renamer(set(expected), getattr(model, "base_model_prefix", "model"))
@@ -474,6 +492,8 @@ def _load_weights(model: nn.Module, files: list[Path], device: torch.device, ign
                 continue
             name = rename(raw_name)
             stored = getattr(source, "name", raw_name)  # a GGUF's own name for it, which its user knows
+            if sharder is not None:
+                source = sharder(name, raw_name, source, path)
             label = repr(raw_name) if stored == raw_name else f"{stored!r} ({raw_name})"
             if name in quantized:  # checked once quantised: a NaN or Inf weight gives non-finite scales
                 quantizer.load(name, source, device)

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
+import signal
 import sys
 from typing import Any
 
@@ -65,6 +67,15 @@ def register(commands: Any, common: argparse.ArgumentParser) -> None:
     serve.add_argument("--max-body-bytes", type=_positive, default=None, help="larger request bodies get 413")
     serve.add_argument("--shutdown-grace", type=float, default=30.0,
                        help="seconds running requests may take to finish after SIGTERM (default 30)")
+    serve.add_argument("--replicas", type=_positive, default=None,
+                       help="run N engine replicas behind Ray Serve's HTTP proxy (needs the ray extra)")
+    serve.add_argument("--ray-address", default=None,
+                       help="with --replicas: an existing Ray cluster's address (default: start a local one)")
+    serve.add_argument("--max-queued-requests", type=_positive, default=64,
+                       help="with --replicas: requests Ray queues beyond the replicas' --max-num-seqs; more get 429")
+    serve.add_argument("--tensor-parallel-size", "-tp", type=_positive, default=1,
+                       help="split the model over N processes on this machine (torch.distributed; gloo on the "
+                            "CPU, nccl on GPUs); --threads is then per process")
 
 
 def _engine_factory(args: argparse.Namespace) -> Any:
@@ -72,27 +83,96 @@ def _engine_factory(args: argparse.Namespace) -> Any:
         import torch
 
         from qwen2.serving.async_engine import AsyncLLMEngine
-        from qwen2.serving.engine import LLMEngine
+        from qwen2.serving.engine import EngineConfig, LLMEngine
 
         if args.threads is not None:
             from qwen2.cli.options import clamp_threads
 
             torch.set_num_threads(clamp_threads(args.threads))
-        model = args.model
-        if model is None:
-            from qwen2.loading.default_model import default_model_path
-
-            model = str(default_model_path(progress=False))
         options = {"max_num_seqs": args.max_num_seqs, "max_model_len": args.max_model_len,
                    "max_waiting": args.max_waiting, "kv_cache_memory": args.kv_cache_memory}
-        engine = LLMEngine.from_pretrained(model, quantization=args.quantization, dtype=args.dtype,
-                                           **{key: value for key, value in options.items() if value is not None})
+        options = {key: value for key, value in options.items() if value is not None}
+        if args.tensor_parallel_size > 1:
+            from qwen2.distributed.serving import LockstepAsyncEngine, lockstep_engine
+
+            model, tokenizer = _load_rank(args)
+            return LockstepAsyncEngine(lockstep_engine(model, tokenizer, EngineConfig(**options)))
+        engine = LLMEngine.from_pretrained(_model_path(args), quantization=args.quantization, dtype=args.dtype,
+                                           **options)
         return AsyncLLMEngine(engine)
 
     return build
 
 
+def _model_path(args: argparse.Namespace) -> str:
+    if args.model is not None:
+        return args.model
+    from qwen2.loading.default_model import default_model_path
+
+    return str(default_model_path(progress=False))
+
+
+def _load_rank(args: argparse.Namespace) -> tuple[Any, Any]:
+    """This tensor-parallel rank's slices of the model, and the tokenizer."""
+    from qwen2.auto import AutoModelForCausalLM, AutoTokenizer
+
+    path = _model_path(args)
+    model = AutoModelForCausalLM.from_pretrained(path, tp_plan="auto", quantization=args.quantization,
+                                                 dtype=args.dtype).eval()
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+def _tensor_parallel_role(args: argparse.Namespace) -> int | None:
+    """Under --tensor-parallel-size N: the launcher starts the N ranks; ranks > 0 run the steps rank 0 sends.
+    Returns an exit code for those roles, None for a process that serves HTTP (rank 0, or no TP)."""
+    if args.tensor_parallel_size == 1:
+        return None
+    if "RANK" not in os.environ:
+        from qwen2.distributed.launch import run_job
+
+        threads = args.threads or max(1, (os.cpu_count() or 1) // args.tensor_parallel_size)
+        code = run_job(["-m", "qwen2.cli", *sys.argv[1:]], args.tensor_parallel_size, threads)
+        if code < 0:  # rank 0 ended by a signal (uvicorn re-raises SIGTERM after a graceful stop): end alike
+            signal.raise_signal(-code)
+        return code
+    if int(os.environ.get("WORLD_SIZE", "1")) != args.tensor_parallel_size:
+        raise ValueError(f"--tensor-parallel-size {args.tensor_parallel_size} differs from the launcher's "
+                         f"WORLD_SIZE={os.environ.get('WORLD_SIZE')}")
+    if int(os.environ["RANK"]) == 0:
+        return None
+    from qwen2.distributed.serving import run_worker
+
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    run_worker(_load_rank(args)[0])
+    return 0
+
+
+def _serve_replicas(args: argparse.Namespace) -> int:
+    """--replicas N: the engine replicas on Ray Serve (qwen2.serving.ray) until SIGTERM or Ctrl-C."""
+    from qwen2.serving.ray import run_replicas
+
+    if args.tensor_parallel_size > 1:
+        raise ValueError("--replicas and --tensor-parallel-size cannot be combined yet")
+    options = {"max_num_seqs": args.max_num_seqs, "max_model_len": args.max_model_len,
+               "kv_cache_memory": args.kv_cache_memory,
+               "max_waiting": args.max_waiting, "threads": args.threads, "api_key": args.api_key,
+               "quantization": args.quantization}
+    run_replicas(_model_path(args), served_model_name=args.served_model_name or args.model or DEFAULT_MODEL_NAME,
+                 replicas=args.replicas, host=args.host, port=args.port, address=args.ray_address,
+                 max_ongoing_requests=args.max_num_seqs or 16, max_queued_requests=args.max_queued_requests,
+                 dtype=args.dtype, **{key: value for key, value in options.items() if value is not None})
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
+    if args.replicas is not None:
+        return _serve_replicas(args)
+    role = _tensor_parallel_role(args)
+    if role is not None:
+        return role
     try:
         import uvicorn
 

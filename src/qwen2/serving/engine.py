@@ -92,11 +92,12 @@ class LLMEngine:
         self.model_config = model.config
         mc = model.config
         device = next(model.parameters()).device
-        dtype = _activation_dtype(model)
+        dtype = activation_dtype(model)
+        kv_heads = kv_heads_of(model)
         num_blocks = kv_cache_blocks(config.kv_cache_memory, KVCache.bytes_per_block(
-            mc.num_hidden_layers, config.block_size, mc.num_key_value_heads, mc.head_dim, dtype), device)
-        self.cache = KVCache(mc.num_hidden_layers, num_blocks, config.block_size, mc.num_key_value_heads,
-                             mc.head_dim, dtype, device)
+            mc.num_hidden_layers, config.block_size, kv_heads, mc.head_dim, dtype), device)
+        self.cache = KVCache(mc.num_hidden_layers, num_blocks, config.block_size, kv_heads, mc.head_dim, dtype,
+                             device)
         self.pool = BlockPool(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.pool, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(model, self.cache)
@@ -114,8 +115,8 @@ class LLMEngine:
         self._prompt_tokens = 0
         self._generation_tokens = 0
         logger.info("KV cache: %d blocks of %d tokens (%.0f MiB, %s).", num_blocks, config.block_size,
-                    num_blocks * KVCache.bytes_per_block(mc.num_hidden_layers, config.block_size,
-                                                         mc.num_key_value_heads, mc.head_dim, dtype) / 2**20,
+                    num_blocks * KVCache.bytes_per_block(mc.num_hidden_layers, config.block_size, kv_heads,
+                                                         mc.head_dim, dtype) / 2**20,
                     dtype)
 
     @classmethod
@@ -306,7 +307,12 @@ class LLMEngine:
         )
 
 
-def _activation_dtype(model: Any) -> torch.dtype:
+def kv_heads_of(model: Any) -> int:
+    """Key/value heads the model's attention computes: the config's, or a tensor-parallel rank's share."""
+    return getattr(model, "model", model).layers[0].self_attn.num_key_value_heads
+
+
+def activation_dtype(model: Any) -> torch.dtype:
     """The dtype the model computes keys and values in: its embeddings' (quantised linears keep it too)."""
     dtype = model.get_input_embeddings().weight.dtype
     return dtype if dtype.is_floating_point else torch.get_default_dtype()

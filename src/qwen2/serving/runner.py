@@ -50,18 +50,22 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch, prompt_logprob_rows: set[int]) -> StepLogits:
-        with DecodeLinears():
-            return self._execute(batch, prompt_logprob_rows)
+        return self.run(self.prepare(batch, prompt_logprob_rows))
 
-    def _execute(self, batch: ScheduledBatch, prompt_logprob_rows: set[int]) -> StepLogits:
+    def prepare(self, batch: ScheduledBatch, prompt_logprob_rows: set[int]) -> StepInputs:
+        """The step's flat inputs, on the CPU; small and picklable, so a tensor-parallel engine's rank 0 can
+        send them to the other ranks (qwen2.distributed.serving)."""
         block_size = self.cache.block_size
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
         sample_rows: list[int] = []
         last_token_rows: list[int] = []
+        prompt_rows: dict[int, tuple[int, int, int]] = {}
         for row, (seq, count) in enumerate(zip(batch.seqs, batch.num_tokens)):
             start = seq.num_computed_tokens
+            if row in prompt_logprob_rows:
+                prompt_rows[row] = (start, len(ids), count)
             ids.extend(seq.token_ids[start:start + count])
             span = range(start, start + count)
             positions.extend(span)
@@ -69,14 +73,22 @@ class ModelRunner:
             if start + count == seq.num_tokens:
                 sample_rows.append(row)
                 last_token_rows.append(len(ids) - 1)
-        device = self.device
-        input_ids = torch.tensor(ids, dtype=torch.long, device=device)
-        position_ids = torch.tensor(positions, dtype=torch.long, device=device)
-        slot_mapping = torch.tensor(slots, dtype=torch.long, device=device)
-        groups = _attention_groups(batch, block_size, device)
+        return StepInputs(torch.tensor(ids, dtype=torch.long), torch.tensor(positions, dtype=torch.long),
+                          torch.tensor(slots, dtype=torch.long), sample_rows,
+                          torch.tensor(last_token_rows, dtype=torch.long), prompt_rows,
+                          _attention_groups(batch, block_size))
 
-        hidden = self.decoder.embed_tokens(input_ids)  # (T, hidden)
-        cos, sin = self.decoder.rotary_emb(hidden, position_ids[None])
+    @torch.inference_mode()
+    def run(self, inputs: StepInputs) -> StepLogits:
+        with DecodeLinears():
+            return self._run(inputs)
+
+    def _run(self, inputs: StepInputs) -> StepLogits:
+        device = self.device
+        slot_mapping = inputs.slots.to(device)
+        groups = [g.to(device) for g in inputs.groups]
+        hidden = self.decoder.embed_tokens(inputs.ids.to(device))  # (T, hidden)
+        cos, sin = self.decoder.rotary_emb(hidden, inputs.positions.to(device)[None])
         cos, sin = cos[0, :, None, :], sin[0, :, None, :]  # (T, 1, D): broadcast over heads
         for index, layer in enumerate(self.decoder.layers):
             hidden = hidden + self._attention(layer.self_attn, layer.input_layernorm(hidden), cos, sin,
@@ -84,15 +96,11 @@ class ModelRunner:
             hidden = hidden + self._mlp(layer.mlp, layer.post_attention_layernorm(hidden))
         hidden = self.decoder.norm(hidden)
 
-        rows = torch.tensor(last_token_rows, dtype=torch.long, device=device)
-        logits = self._head(hidden.index_select(0, rows)) if last_token_rows else hidden.new_zeros(0, 0).float()
-        prompt_logits: dict[int, tuple[int, Tensor]] = {}
-        offset = 0
-        for row, (seq, count) in enumerate(zip(batch.seqs, batch.num_tokens)):
-            if row in prompt_logprob_rows:
-                prompt_logits[row] = (seq.num_computed_tokens, self._head(hidden[offset:offset + count]))
-            offset += count
-        return StepLogits(sample_rows, logits, prompt_logits)
+        rows = inputs.last_token_rows.to(device)
+        logits = self._head(hidden.index_select(0, rows)) if len(rows) else hidden.new_zeros(0, 0).float()
+        prompt_logits = {row: (first, self._head(hidden[offset:offset + count]))
+                         for row, (first, offset, count) in inputs.prompt_rows.items()}
+        return StepLogits(inputs.sample_rows, logits, prompt_logits)
 
     def _head(self, hidden: Tensor) -> Tensor:
         return self.model.lm_head(hidden).float()
@@ -130,8 +138,25 @@ class _Group:
     lengths: list[int] | None = None  # decode: context lengths
     start: int = 0  # prefill: position of the chunk's first token
 
+    def to(self, device: torch.device) -> _Group:
+        return _Group(self.decode, self.rows, self.tables.to(device), self.lengths, self.start)
 
-def _attention_groups(batch: ScheduledBatch, block_size: int, device: torch.device) -> list[_Group]:
+
+@dataclass
+class StepInputs:
+    """What a step computes, laid out flat: token ids, positions and cache slots of every scheduled token,
+    the rows that sample, the prompt-logprob spans, and the attention groups."""
+
+    ids: Tensor  # (T,)
+    positions: Tensor  # (T,)
+    slots: Tensor  # (T,)
+    sample_rows: list[int]  # index into batch.seqs of each sampled row
+    last_token_rows: Tensor  # flat row of each sampled sequence's last token
+    prompt_rows: dict[int, tuple[int, int, int]]  # batch index -> (first position, flat offset, count)
+    groups: list[_Group]
+
+
+def _attention_groups(batch: ScheduledBatch, block_size: int) -> list[_Group]:
     """The decode rows (one token each, laid out first by the scheduler) as one group; each prefill chunk as
     its own."""
     groups: list[_Group] = []
@@ -141,14 +166,14 @@ def _attention_groups(batch: ScheduledBatch, block_size: int, device: torch.devi
         seqs = [batch.seqs[i] for i in decode]
         width = max(len(s.block_table) for s in seqs)
         tables = torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs],
-                              dtype=torch.long, device=device)
+                              dtype=torch.long)
         lengths = [s.num_computed_tokens + 1 for s in seqs]
         groups.append(_Group(True, slice(0, len(decode)), tables, lengths))
     offset = len(decode)
     for seq, count in zip(batch.seqs[len(decode):], batch.num_tokens[len(decode):]):
         end = seq.num_computed_tokens + count
         blocks = -(-end // block_size)
-        tables = torch.tensor(seq.block_table[:blocks], dtype=torch.long, device=device)
+        tables = torch.tensor(seq.block_table[:blocks], dtype=torch.long)
         groups.append(_Group(False, slice(offset, offset + count), tables, start=seq.num_computed_tokens))
         offset += count
     return groups
