@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from qwen2.serving.errors import ConstraintError
 from qwen2.serving.params import SamplingParams
 from qwen2.serving.sequence import Sequence
 
@@ -28,19 +29,19 @@ DEFAULT_COMPILE_TIMEOUT = 5.0
 
 def compile_request_constraint(tokenizer: Any, eos_token_ids: set[int], params: SamplingParams,
                                timeout: float = DEFAULT_COMPILE_TIMEOUT) -> Any:
-    """The Constraint at the start of `params.structured_outputs` (None without one); ValueError naming the
-    problem for an invalid, unsupported or too slow to compile constraint."""
+    """The Constraint at the start of `params.structured_outputs` (None without one); ConstraintError (a
+    ValueError) naming the problem for an invalid, unsupported or too slow to compile constraint."""
     if params.structured_outputs is None:
         return None
     if tokenizer is None:
-        raise ValueError("structured_outputs needs the engine to have a tokenizer.")
+        raise ConstraintError("the engine has no tokenizer to compile it with.")
     from qwen2.constrained import compile_constraint
 
     try:
         return compile_constraint(tokenizer, eos_token_id=sorted(eos_token_ids), timeout=timeout,
                                   **params.structured_outputs.constraint())
     except ValueError as error:
-        raise ValueError(f"structured_outputs: {error}") from None
+        raise ConstraintError(str(error)) from None
 
 
 @dataclass
