@@ -52,14 +52,14 @@ class PendingMasks:
     bitmask: torch.Tensor
     future: concurrent.futures.Future
 
-    @torch.inference_mode()  # the runner's logits are inference tensors
     def apply(self, logits: torch.Tensor) -> None:
-        """Wait for the masks and set the logits of every forbidden token of the constrained rows to -inf."""
-        from qwen2.constrained import apply_bitmask
+        """Wait for the masks and set the logits of every forbidden token of the constrained rows to -inf, in
+        place."""
+        from qwen2.constrained import apply_bitmask_
 
         self.future.result()
-        index = torch.tensor(self.rows, device=logits.device)
-        logits[index] = apply_bitmask(logits.index_select(0, index), self.bitmask)
+        for i, row in enumerate(self.rows):
+            apply_bitmask_(logits[row:row + 1], self.bitmask[i:i + 1])
 
 
 class MaskWorker:
