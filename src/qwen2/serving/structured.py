@@ -63,7 +63,8 @@ class PendingMasks:
 
 
 class MaskWorker:
-    """One thread that computes a step's masks beside the forward."""
+    """One thread that computes a step's masks beside the forward (started on first use; it ends with the
+    engine, when the pool is collected)."""
 
     def __init__(self) -> None:
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
@@ -80,11 +81,6 @@ class MaskWorker:
             self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="qwen2-masks")
         work = [(constraint, i) for i, (constraint, _) in enumerate(rows)]
         return PendingMasks([row for _, row in rows], bitmask, self._pool.submit(fill_bitmask, work, bitmask))
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
 
 
 def advance(seq: Sequence, token: int) -> bool:
