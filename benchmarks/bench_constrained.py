@@ -1,16 +1,18 @@
-"""Decode throughput with and without a JSON-schema constraint (qwen2.constrained), same run, batch 1 and 4.
+"""Decode throughput with and without a JSON-schema constraint (qwen2.constrained), same run: generate() with
+the logits processor, and the serving engine with `structured_outputs` (batch 1 and 16 by default).
 
-The constraint's cost per step is the masks (llguidance, all rows in one parallel call), the history lookup
-and the masking of the (rows, vocabulary) logits. The schema asks for a long array so every row decodes many
-tokens; rates are rows x steps / decode time (prefill subtracted), as in bench_decode.py. Check `uptime`:
-on busy cores the numbers move a lot.
+The constraint's cost per step is the masks (llguidance, all rows in one parallel call; the engine computes
+them beside the forward), the history lookup (generate()) and the masking of the (rows, vocabulary) logits.
+The schema asks for a long array so every row decodes many tokens; rates are rows x steps / decode time
+(prefill subtracted), as in bench_decode.py. Check `uptime`: on busy cores the numbers move a lot.
 
-    flock /tmp/qwen2-heavy.lock python benchmarks/bench_constrained.py --batch 1 4
+    flock /tmp/qwen2-heavy.lock python benchmarks/bench_constrained.py --batch 1 16
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import time
 
@@ -19,6 +21,8 @@ import torch
 import qwen2
 from qwen2.constrained import ConstrainedLogitsProcessor
 from qwen2.loading.default_model import default_model_path
+from qwen2.serving import SamplingParams, StructuredOutputsParams
+from qwen2.serving.engine import EngineConfig, LLMEngine
 
 SCHEMA = {"type": "array", "items": {"type": "object", "properties": {"id": {"type": "integer"},
                                                                        "name": {"type": "string", "maxLength": 16}},
@@ -30,7 +34,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--batch", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--only", choices=("generate", "engine"), help="measure one of the two (default both)")
     parser.add_argument("--new-tokens", type=int, default=64)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -55,18 +60,53 @@ def main() -> None:
     start = time.perf_counter()
     constraint = ConstrainedLogitsProcessor(tokenizer, json_schema=SCHEMA, eos_token_id=[tokenizer.eos_token_id])
     print(f"constraint built in {time.perf_counter() - start:.2f} s (tokenizer table included, cached after)")
+    engine = LLMEngine(model, tokenizer, EngineConfig(max_num_seqs=max(args.batch), kv_cache_memory=512 << 20))
+    structured = StructuredOutputsParams(json=SCHEMA)
     for batch in args.batch:
         ids = prompt.repeat(batch, 1)
-        rates = {}
-        for label, processors in (("unconstrained", []), ("json_schema", [constraint])):
-            run(ids, 2, processors)  # warm up
-            prefill = min(run(ids, 1, processors)[0] for _ in range(2))
-            total, steps = run(ids, args.new_tokens, processors)
-            rates[label] = batch * (steps - 1) / (total - prefill)
-            print(f"batch {batch}: {label:13s} decode {rates[label]:.1f} tok/s over {steps} steps, "
-                  f"load average {os.getloadavg()[0]:.1f}")
-        print(f"batch {batch}: the constraint costs {100 * (1 - rates['json_schema'] / rates['unconstrained']):.1f}% "
-              "of decode throughput")
+        if args.only != "engine":
+            rates = {}
+            for label, processors in (("unconstrained", []), ("json_schema", [constraint])):
+                run(ids, 2, processors)  # warm up
+                prefill = min(run(ids, 1, processors)[0] for _ in range(2))
+                total, steps = run(ids, args.new_tokens, processors)
+                rates[label] = batch * (steps - 1) / (total - prefill)
+                _report("generate()", batch, label, rates[label], f"over {steps} steps")
+            _cost("generate()", batch, rates)
+        if args.only != "generate":
+            rates = {}
+            for label, constrained in (("unconstrained", None), ("json_schema", structured)):
+                params = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=constrained is None,
+                                        structured_outputs=constrained)
+                engine_rate(engine, prompt[0].tolist(), batch, 4, params)  # warm up
+                rates[label] = engine_rate(engine, prompt[0].tolist(), batch, args.new_tokens, params)
+                _report("engine", batch, label, rates[label], "")
+            _cost("engine", batch, rates)
+
+
+def engine_rate(engine: LLMEngine, ids: list[int], batch: int, new_tokens: int, params: SamplingParams) -> float:
+    """Tokens per second from the step where every request has its first token to the end."""
+    params = dataclasses.replace(params, max_tokens=new_tokens)
+    for i in range(batch):
+        engine.add_request(str(i), ids, params)
+    generated = {str(i): 0 for i in range(batch)}
+    start = None
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            generated[output.request_id] = len(output.outputs[0].token_ids)
+        if start is None and all(generated.values()):
+            start, at_start = time.perf_counter(), sum(generated.values())
+    return (sum(generated.values()) - at_start) / (time.perf_counter() - start)
+
+
+def _report(path: str, batch: int, label: str, rate: float, detail: str) -> None:
+    print(f"{path} batch {batch}: {label:13s} decode {rate:.1f} tok/s {detail}, load average "
+          f"{os.getloadavg()[0]:.1f}")
+
+
+def _cost(path: str, batch: int, rates: dict[str, float]) -> None:
+    print(f"{path} batch {batch}: the constraint costs {100 * (1 - rates['json_schema'] / rates['unconstrained']):.1f}% "
+          "of decode throughput")
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ _EXPORTS = {
     "TextIteratorStreamer": "qwen2.generation",
     "LLM": "qwen2.serving.llm",
     "SamplingParams": "qwen2.serving.params",
+    "StructuredOutputsParams": "qwen2.serving.params",
 }
 
 __all__ = sorted(_EXPORTS)

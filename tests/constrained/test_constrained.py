@@ -127,6 +127,17 @@ def test_processor_object_and_choices(model, tokenizer, batch):
         assert set(_answers(tokenizer, out, length)) <= {"alpha", "beta gamma", "δέλτα"}
 
 
+def test_min_new_tokens_lets_a_complete_grammar_end(model, tokenizer, batch):
+    """min_new_tokens bans the end tokens, which are all a finished grammar allows: the answer still ends there,
+    instead of the decode loop picking a token outside the grammar from a row of -inf."""
+    length = batch["input_ids"].shape[1]
+    for options in (dict(do_sample=False), dict(do_sample=True, seed=3)):
+        out = model.generate(**batch, regex=r"(yes|no)", tokenizer=tokenizer, min_new_tokens=6, max_new_tokens=10,
+                             **options)
+        assert _ended(tokenizer, out, length)
+        assert set(_answers(tokenizer, out, length)) <= {"yes", "no"}, options
+
+
 def test_streamed_tokens_equal_generate(model, tokenizer, batch):
     schema = SCHEMAS["nested_object"]
     whole = model.generate(**batch, json_schema=schema, tokenizer=tokenizer, max_new_tokens=60, do_sample=False)

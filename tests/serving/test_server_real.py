@@ -117,3 +117,26 @@ def test_real_langchain_bind_tools_round_trip(real_server):
     assert final.usage_metadata["input_tokens"] > call_message.usage_metadata["input_tokens"] + 10
     assert final.response_metadata["finish_reason"] in ("stop", "length", "tool_calls")
     # (the 0.5B model tends to repeat its call here rather than answer: a model limit, not the server's)
+
+
+@pytest.mark.slow
+def test_real_json_schema_answer_parses_into_the_pydantic_model(real_server):
+    """The default model answers a question under a response_format json_schema (the openai client's parse with a
+    pydantic model, strict): the answer is JSON matching the schema, parsed by the client."""
+    from typing import Literal
+
+    from pydantic import BaseModel, Field
+
+    class Capital(BaseModel):
+        country: str = Field(max_length=40)
+        capital: str = Field(max_length=40)
+        continent: Literal["Africa", "Asia", "Europe", "North America", "South America", "Oceania"]
+
+    running, _ = real_server
+    client = openai.OpenAI(base_url=running.base_url, api_key="unused", max_retries=0)
+    messages = [{"role": "user", "content": "What is the capital of France? Answer in JSON."}]
+    answer = client.chat.completions.parse(model=NAME, messages=messages, response_format=Capital, temperature=0,
+                                           max_tokens=48)
+    parsed = answer.choices[0].message.parsed
+    assert answer.choices[0].finish_reason == "stop" and isinstance(parsed, Capital)
+    assert parsed.capital == "Paris" and parsed.continent == "Europe"

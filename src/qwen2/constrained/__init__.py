@@ -6,7 +6,8 @@ use: it computes the set of tokens that keep the output inside the grammar, per 
 `compile_constraint` gives the per-sequence `Constraint` a serving engine drives itself.
 """
 
-from qwen2.constrained.constraint import Constraint, apply_bitmask, compile_constraint, fill_bitmask, new_bitmask
+from qwen2.constrained.constraint import (Constraint, apply_bitmask, apply_bitmask_, compile_constraint, fill_bitmask,
+                                          new_bitmask)
 from qwen2.constrained.grammar import compile_grammar
 from qwen2.constrained.processor import ConstrainedLogitsProcessor
 
@@ -14,6 +15,7 @@ __all__ = [
     "ConstrainedLogitsProcessor",
     "Constraint",
     "apply_bitmask",
+    "apply_bitmask_",
     "compile_constraint",
     "compile_grammar",
     "fill_bitmask",

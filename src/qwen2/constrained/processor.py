@@ -53,8 +53,15 @@ class ConstrainedLogitsProcessor:
         bitmask = new_bitmask(len(keys), self._start.vocab_size)
         fill_bitmask([(self._states[key], i) for i, key in enumerate(keys)], bitmask)
         index = {key: i for i, key in enumerate(keys)}
-        rows = torch.tensor([index[h] for h in histories])
-        return apply_bitmask(scores, bitmask[rows])
+        masks = bitmask[torch.tensor([index[h] for h in histories])]
+        masked = apply_bitmask(scores, masks)
+        dead = masked.amax(dim=-1).isneginf()
+        if bool(dead.any()):
+            # An earlier processor banned every token the grammar allows (min_new_tokens against a grammar that is
+            # complete, whose only tokens are the end tokens): the grammar wins, rather than an argmax over -inf
+            # picking a token outside it.
+            masked[dead] = apply_bitmask(torch.zeros(int(dead.sum()), scores.shape[1]), masks[dead]).to(masked)
+        return masked
 
     def _advance(self, histories: list[tuple[int, ...]]) -> dict[tuple[int, ...], Constraint] | None:
         """The state of each distinct history, from the previous step's states; None if a row has no parent."""

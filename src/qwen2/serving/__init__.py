@@ -2,9 +2,9 @@
 
 from qwen2.serving.errors import ContextLengthExceededError, EngineDeadError, EngineError, QueueFullError
 from qwen2.serving.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
-from qwen2.serving.params import SamplingParams
+from qwen2.serving.params import SamplingParams, StructuredOutputsParams
 
 __all__ = [
     "CompletionOutput", "ContextLengthExceededError", "EngineDeadError", "EngineError", "Logprob",
-    "QueueFullError", "RequestMetrics", "RequestOutput", "SamplingParams",
+    "QueueFullError", "RequestMetrics", "RequestOutput", "SamplingParams", "StructuredOutputsParams",
 ]

@@ -44,15 +44,19 @@ class AsyncLLMEngine:
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, *,
                        deadline: float | None = None, prompt: str | None = None,
                        priority: int = 0) -> AsyncIterator[RequestOutput]:
-        """Yield snapshots as the request advances, the last with finished=True. Raises QueueFullError or
-        ContextLengthExceededError before the first yield; stopping the iteration (client gone) aborts it."""
+        """Yield snapshots as the request advances, the last with finished=True. Raises QueueFullError,
+        ContextLengthExceededError or ValueError (e.g. an invalid structured_outputs) before the first yield;
+        stopping the iteration (client gone) aborts it."""
         self._check_alive()
         if not self._admitting:
             raise EngineDeadError("The engine is shutting down and accepts no new requests.")
+        # a grammar compiles here, on a worker thread, so the engine's steps never wait for it
+        constraint = await asyncio.to_thread(self.engine.compile_constraint, params) \
+            if params.structured_outputs is not None else None
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue = asyncio.Queue()
         accepted: concurrent.futures.Future = concurrent.futures.Future()
-        request = (request_id, list(prompt_token_ids), params, deadline, prompt, priority)
+        request = (request_id, list(prompt_token_ids), params, deadline, prompt, priority, constraint)
         self._send(("add", request, (loop, outputs), accepted))
         try:
             await asyncio.wrap_future(accepted)
@@ -124,12 +128,12 @@ class AsyncLLMEngine:
                 return
             kind = command[0]
             if kind == "add":
-                _, (request_id, ids, params, deadline, prompt, priority), stream, accepted = command
+                _, (request_id, ids, params, deadline, prompt, priority, constraint), stream, accepted = command
                 if not accepted.set_running_or_notify_cancel():  # the caller gave up before the add came through
                     continue
                 try:
                     self.engine.add_request(request_id, ids, params, deadline=deadline, prompt=prompt,
-                                            priority=priority)
+                                            priority=priority, constraint=constraint)
                 except Exception as err:  # noqa: BLE001 - handed to the caller, raised there
                     accepted.set_exception(err)
                 else:

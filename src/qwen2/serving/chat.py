@@ -14,12 +14,13 @@ from starlette.responses import JSONResponse, Response
 
 from qwen2.serving.handling import (EventStreamResponse, Served, event_stream, note, sampling_params, start,
                                    until_disconnect)
-from qwen2.serving.http_errors import APIError, not_supported
+from qwen2.serving.constraints import request_constraint
+from qwen2.serving.http_errors import APIError
 from qwen2.serving.logprobs import chat_logprobs
 from qwen2.serving.metrics import RequestRecord
 from qwen2.serving.outputs import CompletionOutput, RequestOutput
 from qwen2.serving.protocol import (AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionRequest, ChatMessage,
-                                    Message, NamedToolChoice, SystemMessage, ToolCall, ToolMessage, Usage, text_of)
+                                    Message, SystemMessage, ToolCall, ToolMessage, Usage, text_of)
 from qwen2.serving.tool_calls import ParsedCall, ToolCallStreamParser, new_call_id, parse_tool_calls
 
 
@@ -60,9 +61,6 @@ def _template_call(call: ToolCall) -> dict[str, Any]:
 
 
 def _uses_tools(body: ChatCompletionRequest) -> bool:
-    if body.tool_choice == "required" or isinstance(body.tool_choice, NamedToolChoice):
-        raise not_supported("tool_choice", "tool_choice 'required' or a named function (it needs constrained "
-                                           "decoding, which this server does not have yet); use 'auto' or 'none'")
     return bool(body.tools) and body.tool_choice != "none"
 
 
@@ -81,16 +79,16 @@ def prompt_ids(served: Served, body: ChatCompletionRequest, tools: bool) -> list
 
 async def chat_completion(request: Request, body: ChatCompletionRequest, served: Served,
                           record: RequestRecord) -> Response:
-    if body.response_format is not None and body.response_format.type != "text":
-        raise not_supported("response_format", f"response_format {body.response_format.type!r}")
     tools = _uses_tools(body)
+    structured, field = request_constraint(body)
     ids = prompt_ids(served, body, tools)
     top = body.top_logprobs or 0
     params = sampling_params(body, max_tokens=body.max_new_tokens(), vocab_size=served.vocab_size,
-                             logprobs=top if body.logprobs else None)
+                             logprobs=top if body.logprobs else None, structured=structured)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     record.request_id = request_id
-    outputs = await start(served.engine, request_id, ids, params, record, prompt_param="messages")
+    outputs = await start(served.engine, request_id, ids, params, record, prompt_param="messages",
+                          constraint_param="tools" if field == "tool_choice" else field)
     if body.stream:
         return EventStreamResponse(event_stream(_chunks(body, served, request_id, outputs, record, tools, top)))
     final = await until_disconnect(request, _last(outputs, record))

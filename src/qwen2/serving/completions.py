@@ -15,6 +15,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from qwen2.serving.constraints import request_constraint
 from qwen2.serving.handling import (EventStreamResponse, Served, check_token_ids, event_stream, merge, note,
                                    sampling_params, start, until_disconnect)
 from qwen2.serving.http_errors import APIError
@@ -51,14 +52,17 @@ async def completion(request: Request, body: CompletionRequest, served: Served, 
     prompts = _prompts(served, body)
     # The engine always generates at least one token: a prompt-only request drops the one it makes.
     score_only = body.max_tokens == 0
+    structured, field = request_constraint(body)
     params = sampling_params(body, max_tokens=1 if score_only else body.max_tokens, vocab_size=served.vocab_size,
                              logprobs=body.logprobs,
-                             prompt_logprobs=body.logprobs if body.echo and body.logprobs is not None else None)
+                             prompt_logprobs=body.logprobs if body.echo and body.logprobs is not None else None,
+                             structured=structured)
     request_id = f"cmpl-{uuid.uuid4().hex}"
     record.request_id = request_id
     records = [RequestRecord(arrival=record.arrival) for _ in prompts]
     started = await asyncio.gather(*(
-        start(served.engine, f"{request_id}-{i}", p.ids, params, records[i], prompt=p.text, prompt_param="prompt")
+        start(served.engine, f"{request_id}-{i}", p.ids, params, records[i], prompt=p.text, prompt_param="prompt",
+              constraint_param=field)
         for i, p in enumerate(prompts)), return_exceptions=True)
     failed = next((item for item in started if isinstance(item, BaseException)), None)
     if failed is not None:

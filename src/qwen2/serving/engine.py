@@ -22,6 +22,7 @@ from qwen2.serving.runner import ModelRunner
 from qwen2.serving.sampler import prompt_logprobs, sample
 from qwen2.serving.scheduler import Scheduler
 from qwen2.serving.sequence import Sequence
+from qwen2.serving.structured import DEFAULT_COMPILE_TIMEOUT, MaskWorker, advance, compile_request_constraint
 from qwen2.serving.text import StopChecker
 
 logger = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ class EngineConfig:
     block_size: int = 16
     kv_cache_memory: int | float | None = None
     enable_prefix_caching: bool = True
+    structured_outputs_timeout: float = DEFAULT_COMPILE_TIMEOUT  # seconds a request's grammar may take to compile
 
 
 @dataclass
@@ -109,6 +111,7 @@ class LLMEngine:
         self.max_model_len = min(limit, capacity)
         self.eos_token_ids = _eos_ids(model, tokenizer)
         self._requests: dict[str, _Request] = {}
+        self._masks = MaskWorker()
         self._pending: list[RequestOutput] = []  # outputs of requests aborted or expired between steps
         self._seq_ids = itertools.count()
         self._arrivals = itertools.count()
@@ -131,20 +134,28 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ requests
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, *,
-                    deadline: float | None = None, prompt: str | None = None, priority: int = 0) -> None:
+                    deadline: float | None = None, prompt: str | None = None, priority: int = 0,
+                    constraint: Any = None) -> None:
         """Queue a request. `deadline` is a time.time() after which it finishes with reason "timeout";
         lower `priority` values are admitted first (FIFO within a priority). Raises QueueFullError,
-        ContextLengthExceededError, or ValueError (duplicate id, empty prompt, ids outside the vocabulary)."""
+        ContextLengthExceededError, or ValueError (duplicate id, empty prompt, ids outside the vocabulary, an
+        invalid `structured_outputs`). `constraint`: `params.structured_outputs` already compiled
+        (`compile_constraint`), so a caller can compile it off the engine's thread."""
         if request_id in self._requests:
             raise ValueError(f"A request with id {request_id!r} is already running.")
         self.check_request(prompt_token_ids, params)
         if self.num_waiting_requests() >= self.config.max_waiting:
             raise QueueFullError(f"The engine's queue is full ({self.config.max_waiting} waiting requests).")
+        if constraint is None:
+            constraint = self.compile_constraint(params)
         arrival = next(self._arrivals)
         seqs = [Sequence(next(self._seq_ids), request_id, index, list(prompt_token_ids), len(prompt_token_ids),
                          params, arrival, priority, _generator(params.seed, index, self.cache.keys[0].device),
                          logprobs=[] if params.logprobs is not None else None)
                 for index in range(params.n)]
+        if constraint is not None:
+            for seq in seqs:  # the last sample takes the compiled one, the others a copy each
+                seq.constraint = constraint.fork() if seq is not seqs[-1] else constraint
         stops = [StopChecker(self.tokenizer, params) for _ in seqs]
         request = _Request(request_id, prompt, list(prompt_token_ids), params, seqs, deadline, stops)
         self._requests[request_id] = request
@@ -168,6 +179,12 @@ class LLMEngine:
         if params.stop and self.tokenizer is None:
             raise ValueError("Stop strings need the engine to have a tokenizer.")
 
+    def compile_constraint(self, params: SamplingParams) -> Any:
+        """`params.structured_outputs` compiled for this engine's tokenizer and end tokens (None without one);
+        ValueError if it is invalid or takes longer than `structured_outputs_timeout` to compile."""
+        return compile_request_constraint(self.tokenizer, self.eos_token_ids, params,
+                                          self.config.structured_outputs_timeout)
+
     def num_waiting_requests(self) -> int:
         return sum(1 for r in self._requests.values() if not any(s.admitted for s in r.seqs))
 
@@ -184,6 +201,7 @@ class LLMEngine:
             if not seq.is_finished:
                 self.scheduler.finish(seq)
                 seq.finish_reason = reason
+                seq.constraint = None
         request.metrics.finished_time = time.time()
         self._pending.append(self._output(request))
 
@@ -199,7 +217,12 @@ class LLMEngine:
         if not batch.seqs:
             return outputs
         wants_prompt = {row for row, seq in enumerate(batch.seqs) if self._wants_prompt_logprobs(seq)}
+        sampling = [seq for seq, count in zip(batch.seqs, batch.num_tokens)
+                    if seq.num_computed_tokens + count == seq.num_tokens]
+        masks = self._masks.start(sampling)  # computed beside the forward
         logits = self.runner.execute(batch, wants_prompt)
+        if masks is not None:
+            masks.apply(logits.logits)
         self.scheduler.after_step(batch)
         self._prompt_tokens += sum(n for s, n in zip(batch.seqs, batch.num_tokens) if not s.num_output_tokens)
         touched: dict[str, _Request] = {}
@@ -256,7 +279,9 @@ class LLMEngine:
             seq.cumulative_logprob += logprob[token].logprob
         params = seq.params
         stop = request.stops[seq.index]
-        if not params.ignore_eos and token in self.eos_token_ids:
+        if not advance(seq, token):
+            seq.finish_reason = "stop"
+        elif not params.ignore_eos and token in self.eos_token_ids:
             seq.finish_reason = "stop"
         elif token in params.stop_token_ids:
             seq.finish_reason, seq.stop_reason = "stop", token
@@ -268,6 +293,7 @@ class LLMEngine:
             seq.finish_reason = "length"
         if seq.finish_reason is not None:
             self.scheduler.finish(seq)
+            seq.constraint = None
 
     def _output(self, request: _Request) -> RequestOutput:
         completions = []

@@ -17,3 +17,12 @@ class ContextLengthExceededError(EngineError, ValueError):
 
 class EngineDeadError(EngineError):
     """The engine loop stopped (it crashed or was shut down); no request can be served (HTTP 503)."""
+
+
+class ConstraintError(EngineError, ValueError):
+    """A request's structured_outputs is invalid, unsupported or too slow to compile (HTTP 400, naming the field
+    it came from). `reason` is the problem without the field's name."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"structured_outputs: {reason}")
+        self.reason = reason

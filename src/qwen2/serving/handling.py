@@ -21,7 +21,8 @@ from qwen2.serving.http_errors import APIError, to_api_error
 from qwen2.serving.logprobs import TokenText
 from qwen2.serving.metrics import RequestRecord
 from qwen2.serving.outputs import RequestOutput
-from qwen2.serving.params import SamplingParams
+from qwen2.serving.errors import ConstraintError
+from qwen2.serving.params import SamplingParams, StructuredOutputsParams
 from qwen2.serving.protocol import _Sampling
 
 T = TypeVar("T")
@@ -52,7 +53,8 @@ def check_token_ids(ids: list[int], vocab_size: int, param: str) -> None:
 
 
 def sampling_params(request: _Sampling, *, max_tokens: int | None, vocab_size: int, logprobs: int | None = None,
-                    prompt_logprobs: int | None = None) -> SamplingParams:
+                    prompt_logprobs: int | None = None,
+                    structured: StructuredOutputsParams | None = None) -> SamplingParams:
     """The engine's SamplingParams for a request; OpenAI's defaults where the request is silent."""
     bias: dict[int, float] | None = None
     if request.logit_bias is not None:
@@ -73,6 +75,7 @@ def sampling_params(request: _Sampling, *, max_tokens: int | None, vocab_size: i
             n=request.n, seed=request.seed, stop=request.stop_strings(), stop_token_ids=request.stop_token_ids or [],
             ignore_eos=request.ignore_eos, max_tokens=max_tokens, min_tokens=request.min_tokens, logprobs=logprobs,
             prompt_logprobs=prompt_logprobs, logit_bias=bias, skip_special_tokens=request.skip_special_tokens,
+            structured_outputs=structured,
             **{name: value for name, value in fields.items() if value is not None},
         )
     except ValueError as error:  # combinations SamplingParams checks (min_tokens > max_tokens, ...)
@@ -81,16 +84,20 @@ def sampling_params(request: _Sampling, *, max_tokens: int | None, vocab_size: i
 
 
 async def start(engine: AsyncLLMEngine, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                record: RequestRecord, *, prompt: str | None = None,
-                prompt_param: str = "messages") -> AsyncIterator[RequestOutput]:
-    """Submit a request and wait for its first output, so queue-full and context-length errors surface here,
-    before any byte of the response; returns the request's outputs from that first one on."""
+                record: RequestRecord, *, prompt: str | None = None, prompt_param: str = "messages",
+                constraint_param: str | None = None) -> AsyncIterator[RequestOutput]:
+    """Submit a request and wait for its first output, so queue-full, context-length and grammar errors
+    surface here, before any byte of the response; returns the request's outputs from that first one on.
+    `constraint_param` names the field a structured_outputs grammar came from."""
     record.prompt_tokens = len(prompt_ids)
     stream = engine.generate(request_id, prompt_ids, params, prompt=prompt)
     try:
         first = await stream.__anext__()
     except StopAsyncIteration:
         raise APIError(500, "the engine ended the request without output", type="internal_server_error")
+    except ConstraintError as error:
+        field = constraint_param or "structured_outputs"
+        raise APIError(400, f"{field}: {error.reason}", param=field) from error
     except Exception as error:
         raise to_api_error(error, param=prompt_param) from error
     note(record, first)

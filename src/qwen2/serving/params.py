@@ -3,10 +3,46 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 # Below this temperature a request is decoded greedily (vLLM's threshold).
 GREEDY_TEMPERATURE = 1e-5
+
+
+@dataclass
+class StructuredOutputsParams:
+    """Constrain a request's output (vLLM's `StructuredOutputsParams`): exactly one of a JSON schema (`json`, a
+    dict or its JSON text), a regex, a list of literal `choice`s, a Lark `grammar` (as llguidance takes it), or
+    `json_object=True` (any JSON object). The engine compiles it when the request is added."""
+
+    json: dict[str, Any] | str | None = None
+    regex: str | None = None
+    choice: Sequence[str] | None = None
+    grammar: str | None = None
+    json_object: bool = False
+
+    def __post_init__(self) -> None:
+        given = [name for name in ("json", "regex", "choice", "grammar") if getattr(self, name) is not None]
+        given += ["json_object"] if self.json_object else []
+        if len(given) != 1:
+            raise ValueError("structured_outputs needs exactly one of json, regex, choice, grammar or json_object "
+                             f"(got {', '.join(given) or 'none'}).")
+        if self.choice is not None:
+            self.choice = list(self.choice)
+
+    def constraint(self) -> dict[str, Any]:
+        """The keyword arguments of `qwen2.constrained.compile_constraint` for this constraint."""
+        if self.json_object:
+            return {"json_schema": {"type": "object"}}
+        if self.json is not None:
+            return {"json_schema": self.json}
+        if self.regex is not None:
+            return {"regex": self.regex}
+        if self.choice is not None:
+            return {"choice": self.choice}
+        return {"grammar": self.grammar}
 
 
 @dataclass
@@ -16,7 +52,8 @@ class SamplingParams:
     `temperature=0` is greedy; `top_k` 0 or -1 and `top_p=1` switch those filters off; `seed` makes the
     request's samples reproducible whatever else runs beside it; `stop` strings are cut from the text;
     `logprobs=k` returns the chosen token's and the top-k tokens' logprobs per generated token (0: only the
-    chosen one); `prompt_logprobs=k` the same for the prompt tokens. Bad values raise ValueError naming the field.
+    chosen one); `prompt_logprobs=k` the same for the prompt tokens; `structured_outputs` constrains the output
+    to a JSON schema, regex, grammar or choices. Bad values raise ValueError naming the field.
     """
 
     n: int = 1
@@ -37,6 +74,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     logit_bias: dict[int, float] | None = None
     skip_special_tokens: bool = True
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -81,6 +119,9 @@ class SamplingParams:
             _integer("logprobs", self.logprobs, minimum=0)
         if self.prompt_logprobs is not None:
             _integer("prompt_logprobs", self.prompt_logprobs, minimum=0)
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            raise ValueError("structured_outputs must be a StructuredOutputsParams, got "
+                             f"{type(self.structured_outputs).__name__}.")
 
 
 def _parse_logit_bias(bias: dict) -> dict[int, float]:

@@ -124,8 +124,34 @@ class StreamOptions(_Closed):
     continuous_usage_stats: StrictBool = False  # vLLM's name; accepted, usage then rides on every chunk
 
 
+class JsonSchemaFormat(_Closed):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: Annotated[StrictStr, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_\-]+$")]
+    description: StrictStr | None = None
+    json_schema: dict[str, Any] | StrictBool | None = Field(default=None, alias="schema")
+    strict: StrictBool | None = None
+
+
 class ResponseFormat(_Model):
     type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> "ResponseFormat":
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is required with type 'json_schema', and allowed only with it")
+        return self
+
+
+class StructuredOutputs(_Model):
+    """vLLM's `structured_outputs` extra: exactly one of these constrains the answer."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    json_: dict[str, Any] | StrictStr | StrictBool | None = Field(default=None, alias="json")
+    regex: StrictStr | None = None
+    choice: Annotated[list[Annotated[StrictStr, Field(min_length=1)]], Field(min_length=1)] | None = None
+    grammar: StrictStr | None = None
+    json_object: StrictBool | None = None
 
 
 def _needs(name: str, other: str, message: str, unset: tuple[Any, ...] = (None,)) -> Any:
@@ -162,6 +188,11 @@ class _Sampling(_Model):
     stream_options: StreamOptions | None = None
     user: StrictStr | None = None
     skip_special_tokens: StrictBool = True
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: dict[str, Any] | StrictStr | StrictBool | None = None  # vLLM's older spellings
+    guided_regex: StrictStr | None = None
+    guided_choice: Annotated[list[Annotated[StrictStr, Field(min_length=1)]], Field(min_length=1)] | None = None
+    guided_grammar: StrictStr | None = None
 
     _stream_options_need_stream = _needs("stream_options", "stream",
                                          "stream_options is only allowed when stream is true")

@@ -49,9 +49,13 @@ def sample(logits: Tensor, seqs: list[Sequence], stop_ids: list[set[int]]) -> Sa
 
 
 def _ban_stops(logits: Tensor, seqs: list[Sequence], stop_ids: list[set[int]]) -> None:
+    """min_tokens: no stop token before then, unless nothing else is allowed (a structured output whose grammar
+    is complete ends rather than be forced into a token outside it)."""
     for row, (seq, ids) in enumerate(zip(seqs, stop_ids)):
         if ids and seq.num_output_tokens < seq.params.min_tokens:
-            logits[row, list(ids)] = float("-inf")
+            banned = logits[row].index_fill(0, torch.tensor(sorted(ids), device=logits.device), float("-inf"))
+            if seq.constraint is None or bool(banned.isfinite().any()):
+                logits[row] = banned
 
 
 def _add_bias(logits: Tensor, params: list) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 import hashlib
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -56,6 +57,7 @@ class Sequence:
     cumulative_logprob: float = 0.0
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
     text: str = ""
+    constraint: Any = None  # a qwen2.constrained.Constraint when the request has structured_outputs
     _hashes: list[bytes] = field(default_factory=list)
 
     @property
