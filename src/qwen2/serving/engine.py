@@ -22,6 +22,7 @@ from qwen2.serving.runner import ModelRunner
 from qwen2.serving.sampler import prompt_logprobs, sample
 from qwen2.serving.scheduler import Scheduler
 from qwen2.serving.sequence import Sequence
+from qwen2.serving.speculation import NgramSpeculation
 from qwen2.serving.text import StopChecker
 
 logger = logging.getLogger(__name__)
@@ -40,6 +41,9 @@ class EngineConfig:
     block_size: int = 16
     kv_cache_memory: int | float | None = None
     enable_prefix_caching: bool = True
+    # n-gram speculation (prompt lookup): up to this many draft tokens per decoding sequence, verified in the
+    # step's one forward; 0 is off. Greedy outputs are those of the engine without it (qwen2.serving.speculation).
+    speculative_ngram_tokens: int = 0
 
 
 @dataclass
@@ -86,6 +90,9 @@ class LLMEngine:
             raise ValueError(f"block_size must be >= 1, got {config.block_size}.")
         if config.max_waiting < 0:
             raise ValueError(f"max_waiting must be >= 0, got {config.max_waiting}.")
+        ngram = config.speculative_ngram_tokens
+        if not isinstance(ngram, int) or isinstance(ngram, bool) or ngram < 0:
+            raise ValueError(f"speculative_ngram_tokens must be an integer >= 0, got {ngram!r}.")
         self.config = config
         self.model = model
         self.tokenizer = tokenizer
@@ -99,6 +106,7 @@ class LLMEngine:
                              mc.head_dim, dtype, device)
         self.pool = BlockPool(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.pool, config.max_num_seqs, config.max_num_batched_tokens)
+        self.speculation = NgramSpeculation(config.speculative_ngram_tokens) if ngram else None
         self.runner = ModelRunner(model, self.cache)
         limit = config.max_model_len or mc.max_position_embeddings
         capacity = num_blocks * config.block_size
@@ -194,6 +202,8 @@ class LLMEngine:
         """Run one scheduled batch; return a snapshot of every request that advanced or finished."""
         self._expire()
         outputs, self._pending = self._pending, []
+        if self.speculation is not None:
+            self.speculation.propose(self.scheduler.running, self.max_model_len)
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return outputs
@@ -214,12 +224,37 @@ class LLMEngine:
                 if request.metrics.first_token_time is None:
                     request.metrics.first_token_time = now
                 touched[seq.request_id] = request
+        for row, rows in logits.draft_logits.items():
+            seq = batch.seqs[row]
+            request = self._requests[seq.request_id]
+            self._verify(request, seq, rows)
+            if request.metrics.first_token_time is None:
+                request.metrics.first_token_time = time.time()
+            touched[seq.request_id] = request
         for request in touched.values():
             if request.finished:
                 del self._requests[request.request_id]
                 request.metrics.finished_time = time.time()
             outputs.append(self._output(request))
         return outputs
+
+    def _verify(self, request: _Request, seq: Sequence, logits: torch.Tensor) -> None:
+        """Take a speculative row's tokens: each position is sampled as a plain step would (so greedy picks the
+        same tokens and sampling keeps its distribution: the draft's q is one-hot), and the draft is kept while
+        it agrees. Its verified positions' keys/values become the sequence's; blocks past them are freed."""
+        draft, seq.draft = seq.draft, []
+        accepted = 0
+        for i in range(len(draft) + 1):
+            result = sample(logits[i:i + 1], [seq], [self._stop_ids(seq)])
+            token = result.tokens[0]
+            self._append(request, seq, token, result.logprobs[0])
+            if seq.is_finished or i == len(draft) or token != draft[i]:
+                break
+            accepted += 1
+            self.scheduler.computed(seq, 1)  # draft[i] is the sequence's token: its keys/values stand
+        self.speculation.verified(seq, len(draft), accepted)
+        if not seq.is_finished:
+            self.scheduler.trim(seq)
 
     def _expire(self) -> None:
         now = time.time()

@@ -33,6 +33,7 @@ class StepLogits:
     sample_rows: list[int]  # index into batch.seqs of each row of `logits`
     logits: Tensor  # (len(sample_rows), V)
     prompt_logits: dict[int, tuple[int, Tensor]]  # batch index -> (first position, (n, V) logits)
+    draft_logits: dict[int, Tensor]  # batch index of a speculative row -> (1 + draft, V) logits
 
 
 class ModelRunner:
@@ -63,10 +64,11 @@ class ModelRunner:
         for row, (seq, count) in enumerate(zip(batch.seqs, batch.num_tokens)):
             start = seq.num_computed_tokens
             ids.extend(seq.token_ids[start:start + count])
+            ids.extend(seq.draft)  # a speculative row: its last token, then the draft to verify
             span = range(start, start + count)
             positions.extend(span)
             slots.extend(seq.block_table[p // block_size] * block_size + p % block_size for p in span)
-            if start + count == seq.num_tokens:
+            if start + count == seq.num_tokens and not seq.draft:
                 sample_rows.append(row)
                 last_token_rows.append(len(ids) - 1)
         device = self.device
@@ -87,12 +89,15 @@ class ModelRunner:
         rows = torch.tensor(last_token_rows, dtype=torch.long, device=device)
         logits = self._head(hidden.index_select(0, rows)) if last_token_rows else hidden.new_zeros(0, 0).float()
         prompt_logits: dict[int, tuple[int, Tensor]] = {}
+        draft_logits: dict[int, Tensor] = {}
         offset = 0
         for row, (seq, count) in enumerate(zip(batch.seqs, batch.num_tokens)):
             if row in prompt_logprob_rows:
                 prompt_logits[row] = (seq.num_computed_tokens, self._head(hidden[offset:offset + count]))
+            if seq.draft:
+                draft_logits[row] = self._head(hidden[offset:offset + count])
             offset += count
-        return StepLogits(sample_rows, logits, prompt_logits)
+        return StepLogits(sample_rows, logits, prompt_logits, draft_logits)
 
     def _head(self, hidden: Tensor) -> Tensor:
         return self.model.lm_head(hidden).float()

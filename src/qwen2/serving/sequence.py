@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from qwen2.generation.speculative import SpeculationControl
 from qwen2.serving.outputs import Logprob
 from qwen2.serving.params import SamplingParams
 
@@ -56,6 +57,8 @@ class Sequence:
     cumulative_logprob: float = 0.0
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
     text: str = ""
+    draft: list[int] = field(default_factory=list)  # n-gram speculation: tokens proposed for this step
+    speculation: SpeculationControl | None = None
     _hashes: list[bytes] = field(default_factory=list)
 
     @property
