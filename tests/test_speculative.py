@@ -14,18 +14,7 @@ import qwen2
 from qwen2.generation import GenerationConfig
 from qwen2.generation.speculative import _verify, last_speculation_stats
 
-TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, rope_theta=10000.0)
-
-
-@pytest.fixture(scope="module")
-def pair():
-    """(ours, transformers') with identical random weights, float32."""
-    torch.manual_seed(1234)
-    theirs = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**TINY)).eval()
-    ours = qwen2.Qwen2ForCausalLM(qwen2.Qwen2Config(**TINY)).eval()
-    ours.load_state_dict(theirs.state_dict(), strict=True)
-    return ours, theirs
+from test_generation import TINY, tiny_pair  # noqa: F401 (a fixture: ours and transformers' on the same weights)
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +34,8 @@ def _repetitive_prompts(count: int) -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize("ngram", [None, 1, 3])
-def test_prompt_lookup_greedy_equals_transformers_prompt_lookup_and_plain_greedy(pair, ngram):
-    ours, theirs = pair
+def test_prompt_lookup_greedy_equals_transformers_prompt_lookup_and_plain_greedy(tiny_pair, ngram):
+    ours, theirs = tiny_pair
     drafted = 0
     for ids in _repetitive_prompts(4):
         options = dict(max_new_tokens=30, do_sample=False, prompt_lookup_num_tokens=5, max_matching_ngram_size=ngram)
@@ -58,8 +47,8 @@ def test_prompt_lookup_greedy_equals_transformers_prompt_lookup_and_plain_greedy
 
 
 @pytest.mark.parametrize("schedule", ["constant", "heuristic"])
-def test_assistant_greedy_equals_plain_greedy(pair, assistant, schedule):
-    ours = pair[0]
+def test_assistant_greedy_equals_plain_greedy(tiny_pair, assistant, schedule):
+    ours = tiny_pair[0]
     for ids in _repetitive_prompts(3):
         plain = ours.generate(ids, max_new_tokens=25, do_sample=False)
         for helper in (assistant, ours):  # a poor assistant (mostly rejected) and a perfect one (all accepted)
@@ -71,8 +60,8 @@ def test_assistant_greedy_equals_plain_greedy(pair, assistant, schedule):
                 assert stats.accepted == stats.drafted > 0
 
 
-def test_stops_at_eos_inside_an_accepted_draft_as_plain(pair):
-    ours = pair[0]
+def test_stops_at_eos_inside_an_accepted_draft_as_plain(tiny_pair):
+    ours = tiny_pair[0]
     for ids in _repetitive_prompts(4):
         plain = ours.generate(ids, max_new_tokens=20, do_sample=False)
         answer = plain[0, ids.shape[1]:]
@@ -84,14 +73,14 @@ def test_stops_at_eos_inside_an_accepted_draft_as_plain(pair):
 
 
 @pytest.mark.parametrize("drafter", ["lookup", "assistant"])
-def test_cache_after_speculation_equals_a_plain_runs(pair, drafter):
+def test_cache_after_speculation_equals_a_plain_runs(tiny_pair, drafter):
     """The rejected positions are rolled back: same length, same keys and values as plain decoding leaves."""
-    ours = pair[0]
+    ours = tiny_pair[0]
     ids = _repetitive_prompts(2)[1]
     options = dict(max_new_tokens=24, do_sample=False, return_dict_in_generate=True, eos_token_id=None, pad_token_id=0)
     plain = ours.generate(ids, **options)
     extra = dict(prompt_lookup_num_tokens=6) if drafter == "lookup" else dict(
-        assistant_model=pair[0], num_assistant_tokens=5, assistant_confidence_threshold=0.0)
+        assistant_model=tiny_pair[0], num_assistant_tokens=5, assistant_confidence_threshold=0.0)
     speculative = ours.generate(ids, **options, **extra)
     assert last_speculation_stats().accepted > 0
     assert torch.equal(speculative.sequences, plain.sequences)
@@ -102,8 +91,8 @@ def test_cache_after_speculation_equals_a_plain_runs(pair, drafter):
         torch.testing.assert_close(mine.values[:, :, :length], reference.values[:, :, :length])
 
 
-def test_streaming_yields_the_speculative_tokens_one_by_one(pair):
-    ours = pair[0]
+def test_streaming_yields_the_speculative_tokens_one_by_one(tiny_pair):
+    ours = tiny_pair[0]
     ids = _repetitive_prompts(1)[0]
     streamed = list(ours.generate_stream(ids, max_new_tokens=20, do_sample=False, prompt_lookup_num_tokens=4))
     assert all(t.shape == (1,) for t in streamed)
@@ -112,19 +101,6 @@ def test_streaming_yields_the_speculative_tokens_one_by_one(pair):
 
 # -------------------------------------------------------------------------------- the sampling distribution
 SMALL = dict(TINY, vocab_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=1)
-
-
-def _exact_third_token_distribution(model, ids: torch.Tensor) -> torch.Tensor:
-    """P(x3 | prompt) = sum over x1, x2 of p(x1) p(x2 | x1) p(x3 | x1 x2), by enumerating the vocabulary."""
-    vocab = SMALL["vocab_size"]
-    with torch.no_grad():
-        p1 = model(ids).logits[0, -1].softmax(-1)  # (V,)
-        pairs = torch.cartesian_prod(torch.arange(vocab), torch.arange(vocab))  # (V*V, 2)
-        rows = torch.cat([ids.expand(vocab * vocab, -1), pairs], dim=1)
-        logits = model(rows).logits.softmax(-1)  # (V*V, L+2, V)
-    p2 = logits[:, -2]  # p(x2 | x1), rows ordered by x1 then x2
-    joint = p1[pairs[:, 0]] * p2[torch.arange(vocab * vocab), pairs[:, 1]]  # p(x1, x2)
-    return (joint[:, None] * logits[:, -1]).sum(0)
 
 
 def _tv(counts: torch.Tensor, exact: torch.Tensor) -> float:
@@ -197,22 +173,22 @@ def test_speculative_sampling_keeps_the_models_distribution_end_to_end():
     (dict(prompt_lookup_num_tokens=3, regex="a+"), "Structured output"),
     (dict(assistant_model="small"), "assistant_model"),
 ])
-def test_bad_speculative_arguments_are_refused(pair, options, message):
+def test_bad_speculative_arguments_are_refused(tiny_pair, options, message):
     with pytest.raises(ValueError, match=message):
-        pair[0].generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4, **options)
+        tiny_pair[0].generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4, **options)
 
 
-def test_an_assistant_with_another_vocabulary_is_refused(pair):
+def test_an_assistant_with_another_vocabulary_is_refused(tiny_pair):
     other = qwen2.Qwen2ForCausalLM(qwen2.Qwen2Config(**{**TINY, "vocab_size": 100})).eval()
     with pytest.raises(ValueError, match="vocabulary"):
-        pair[0].generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4, assistant_model=other)
+        tiny_pair[0].generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4, assistant_model=other)
     with pytest.raises(ValueError, match="prompt_lookup_num_tokens.*assistant_model|either"):
-        pair[0].generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4, assistant_model=pair[0],
+        tiny_pair[0].generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4, assistant_model=tiny_pair[0],
                          prompt_lookup_num_tokens=2)
 
 
-def test_a_batch_decodes_plainly(pair):
-    ours = pair[0]
+def test_a_batch_decodes_plainly(tiny_pair):
+    ours = tiny_pair[0]
     ids = torch.cat(_repetitive_prompts(1) * 2)
     assert torch.equal(ours.generate(ids, max_new_tokens=10, prompt_lookup_num_tokens=3),
                        ours.generate(ids, max_new_tokens=10))

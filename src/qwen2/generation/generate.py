@@ -108,10 +108,11 @@ class GenerationMixin(GenerationApiMixin):
         `prompt_lookup_num_tokens` or `assistant_model` (see qwen2.generation.speculative).
         """
         assistant = kwargs.pop("assistant_model", None)
+        _refuse_constrained_speculation(generation_config, assistant, kwargs)
         plan = self._plan_generation(inputs, generation_config, logits_processor, stopping_criteria,
                                      tokenizer, generator, seed, kwargs)
         config = plan.config
-        steps = self._steps(plan, assistant, kwargs)
+        steps = self._steps(plan, assistant)
         if config.num_beams > 1:
             if streamer is not None:
                 raise ValueError("`streamer` cannot be used with beam search. Set `num_beams=1` to stream.")
@@ -162,25 +163,23 @@ class GenerationMixin(GenerationApiMixin):
         new-token part of `generate()`'s output.
         """
         assistant = kwargs.pop("assistant_model", None)
+        generation_config = kwargs.pop("generation_config", None)
+        _refuse_constrained_speculation(generation_config, assistant, kwargs)
         plan = self._plan_generation(
-            inputs, kwargs.pop("generation_config", None), kwargs.pop("logits_processor", None),
+            inputs, generation_config, kwargs.pop("logits_processor", None),
             kwargs.pop("stopping_criteria", None), kwargs.pop("tokenizer", None), kwargs.pop("generator", None),
             kwargs.pop("seed", None), kwargs,
         )
-        steps = self._steps(plan, assistant, kwargs)
+        steps = self._steps(plan, assistant)
         if plan.config.num_beams > 1:
             raise ValueError("generate_stream() does not do beam search; set `num_beams=1`.")
         for step in steps:
             yield step.tokens
 
-    def _steps(self, plan: GenerationPlan, assistant: Any, constraint: dict[str, Any]) -> Iterator[DecodeStep]:
-        """The decode loop for this call: speculative (prompt lookup or an assistant) or plain. `constraint`:
-        the structured-output arguments the call had (their processor follows one token at a time)."""
+    def _steps(self, plan: GenerationPlan, assistant: Any) -> Iterator[DecodeStep]:
+        """The decode loop for this call: speculative (prompt lookup or an assistant) or plain."""
         if not check_speculation(self, plan.config, assistant, plan.input_ids.shape[0]):
             return self._decode_steps(plan)
-        if any(constraint.get(name) is not None for name in _CONSTRAINT_ARGUMENTS):
-            raise ValueError("Structured output (json_schema / regex / grammar) cannot be combined with speculative "
-                             "decoding (`prompt_lookup_num_tokens` / `assistant_model`) in generate(); drop one.")
         return speculative_steps(self, plan, assistant)
 
     # ------------------------------------------------------------------ model calls
@@ -464,6 +463,16 @@ def _constraint_processor(tokenizer: Any, eos: torch.Tensor | None, constraint: 
 
     eos_ids = eos.tolist() if eos is not None else None
     return ConstrainedLogitsProcessor(tokenizer, eos_token_id=eos_ids, **constraint)
+
+
+def _refuse_constrained_speculation(config: GenerationConfig | None, assistant: Any, kwargs: dict[str, Any]) -> None:
+    """The structured-output processor follows the answer one token at a time; speculation's verification asks
+    it about several prefixes at once."""
+    lookup = kwargs.get("prompt_lookup_num_tokens", getattr(config, "prompt_lookup_num_tokens", None))
+    if (assistant is not None or lookup is not None) and any(
+            kwargs.get(name) is not None for name in _CONSTRAINT_ARGUMENTS):
+        raise ValueError("Structured output (json_schema / regex / grammar) cannot be combined with speculative "
+                         "decoding (`prompt_lookup_num_tokens` / `assistant_model`) in generate(); drop one.")
 
 
 def _refuse_prompt_learning(model: Any) -> None:
