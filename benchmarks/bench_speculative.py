@@ -90,11 +90,10 @@ def main() -> None:
     data = json.loads(DATA.read_text())
     code = [f"{p['instruction']}\n\n```python\n{p['code']}```" for p in data["prompts"][:args.code_prompts]]
     workloads = {"code editing": code, "chat": CHAT[:args.chat_prompts]}
-    encoded = {name: [tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                                    tokenize=True) for text in texts]
+    encoded = {name: [list(tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=True,
+                                                         add_generation_prompt=True, return_dict=True)["input_ids"])
+                      for text in texts]
                for name, texts in workloads.items()}
-    encoded = {name: [list(ids["input_ids"]) if isinstance(ids, dict) else list(ids) for ids in rows]
-               for name, rows in encoded.items()}
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     print(f"torch {torch.__version__}, {args.threads} threads, ours {args.scheme}, prompt_lookup_num_tokens="
           f"{args.lookup}, up to {args.new_tokens} new tokens, load average {os.getloadavg()[0]:.1f}")
