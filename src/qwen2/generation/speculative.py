@@ -206,13 +206,8 @@ def speculative_steps(model: Any, plan: Any, assistant: Any = None) -> Iterator[
         done = bool(any_done(plan.criteria, ids[None], scores[None])[0])
         return DecodeStep(tokens=token.reshape(1), scores=scores[None], logits=raw[None], cache=cache), done
 
-    def choose(scores: torch.Tensor) -> torch.Tensor:
-        if config.do_sample:
-            return torch.multinomial(torch.softmax(scores, -1), 1, generator=plan.generator)[0]
-        return scores.argmax(-1)
-
     scores = apply_processors(plan.processors, ids[None], logits[None])[0]
-    step, done = emit(choose(scores), scores, logits)
+    step, done = emit(_pick(config, scores, plan.generator), scores, logits)
     yield step
     while not done:
         room = config.max_length - ids.shape[0] - 1  # the verification adds one token beyond the draft
@@ -220,15 +215,15 @@ def speculative_steps(model: Any, plan: Any, assistant: Any = None) -> Iterator[
         draft, q = drafter.propose(ids, want) if want > 0 else (ids[:0], None)
         position = offset + ids.shape[0] - 1  # of the last token, not yet in the cache
         if draft.numel() == 0:
-            logits = decode_step(ids[-1:][None], torch.tensor([[position + position_shift]]),
-                                 torch.tensor([position]), mask, cache)[0]
+            logits = decode_step(ids[-1:][None], torch.tensor([[position + position_shift]], device=ids.device),
+                                 torch.tensor([position], device=ids.device), mask, cache)[0]
             scores = apply_processors(plan.processors, ids[None], logits[None])[0]
-            step, done = emit(choose(scores), scores, logits)
+            step, done = emit(_pick(config, scores, plan.generator), scores, logits)
             control.plain_step()
             yield step
             continue
         tokens = torch.cat([ids[-1:], draft])  # (D + 1,)
-        cache_position = torch.arange(position, position + tokens.shape[0])
+        cache_position = torch.arange(position, position + tokens.shape[0], device=ids.device)
         with DecodeLinears():
             output = model(input_ids=tokens[None], position_ids=(cache_position + position_shift)[None],
                            attention_mask=mask, past_key_values=cache, use_cache=True, cache_position=cache_position,
