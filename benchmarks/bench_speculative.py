@@ -56,15 +56,19 @@ def torch_run(model: Any, ids: list[int], new_tokens: int, eos: int, **options: 
     return answer, (len(answer) - 1) / (end - (timer.first or start))
 
 
-def llama_run(llm: Any, ids: list[int], new_tokens: int) -> tuple[int, float]:
+def llama_run(llm: Any, ids: list[int], new_tokens: int, eos: int) -> tuple[int, float]:
+    """(answer tokens, decode tok/s after the first) of llama.cpp's greedy loop (with its draft model if set)."""
+    llm.reset()  # no reuse of a cached prompt prefix
     first, count, start = None, 0, time.perf_counter()
-    for _ in llm.create_completion(prompt=ids, max_tokens=new_tokens, temperature=0.0, stream=True):
-        count += 1
+    for token in llm.generate(ids, temp=0.0, top_k=1, reset=True):
         first = first or time.perf_counter()
+        count += 1
+        if token == eos or count == new_tokens:
+            break
     return count, (count - 1) / (time.perf_counter() - (first or start))
 
 
-def summarise(name: str, rates: dict[str, list[float]], tokens: dict[str, list[int]]) -> dict[str, float]:
+def summarise(rates: dict[str, list[float]], tokens: dict[str, list[int]]) -> dict[str, float]:
     """Token-weighted decode tok/s per engine over the workload."""
     result = {}
     for engine, values in rates.items():
@@ -145,17 +149,17 @@ def main() -> None:
             print("llama.cpp column skipped: llama-cpp-python is not installed (pip install llama-cpp-python)")
         else:
             for label, draft in (("plain", None), ("lookup", LlamaPromptLookupDecoding(num_pred_tokens=args.lookup))):
-                llm = Llama(model_path=str(gguf), n_ctx=4096, n_threads=args.threads, n_threads_batch=args.threads,
-                            draft_model=draft, verbose=False)
+                llm = Llama(model_path=str(gguf), n_ctx=4096, n_batch=2048, n_ubatch=512, n_threads=args.threads,
+                            n_threads_batch=args.threads, draft_model=draft, logits_all=draft is not None,
+                            verbose=False)
                 for workload, rows in encoded.items():
                     for ids in rows:
-                        llm.reset()
-                        count, rate = llama_run(llm, ids, args.new_tokens)
+                        count, rate = llama_run(llm, ids, args.new_tokens, eos)
                         record(workload, f"llama.cpp {label}", count, rate)
                 del llm
 
     for workload in workloads:
-        summary = summarise(workload, rates[workload], tokens[workload])
+        summary = summarise(rates[workload], tokens[workload])
         base = summary[f"{ours_name} plain"]
         accepted, drafted = acceptance[workload]
         print(f"\n{workload}: {len(encoded[workload])} prompts, acceptance (ours) {accepted}/{drafted} = "
