@@ -110,6 +110,7 @@ def main() -> None:
     def record(workload: str, engine: str, count: int, rate: float) -> None:
         rates[workload].setdefault(engine, []).append(rate)
         tokens[workload].setdefault(engine, []).append(count)
+        print(f"  {workload}, {engine}: {count} tokens, {rate:.1f} tok/s", flush=True)  # partial runs still tell
 
     ours_name = f"ours {args.scheme}"
     model = qwen2.Qwen2ForCausalLM.from_pretrained(str(gguf), dtype=torch.bfloat16,
