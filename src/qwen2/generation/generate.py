@@ -30,6 +30,7 @@ from qwen2.generation.fast import cache_length, decode_step_fn
 from qwen2.generation.logits import LogitsProcessor, apply_processors, build_logits_processors, check_supported
 from qwen2.generation.outputs import GenerateDecoderOnlyOutput
 from qwen2.generation.prompt import cached_length, extend_user_cache, seed_cache, take_prompt_embeds
+from qwen2.generation.speculative import check_speculation, speculative_steps
 from qwen2.generation.step_outputs import step_outputs
 from qwen2.generation.stopping import EosToken, MaxLength, MaxTime, StoppingCriterion, StopStrings, any_done
 
@@ -45,7 +46,7 @@ _CONSTRAINT_ARGUMENTS = ("json_schema", "regex", "grammar")
 
 # generate() arguments of the reference that this implementation does not provide.
 _UNSUPPORTED_ARGUMENTS = (
-    "synced_gpus", "assistant_model", "negative_prompt_ids",
+    "synced_gpus", "negative_prompt_ids",
     "negative_prompt_attention_mask", "custom_generate", "assistant_tokenizer",
 )
 
@@ -103,11 +104,15 @@ class GenerationMixin(GenerationApiMixin):
 
         Extra arguments: `tokenizer` (needed for `stop_strings` and the constraints), `json_schema`, `regex` or
         `grammar` (Lark) to constrain the answer (see qwen2.constrained), and `generator` (a torch.Generator) or
-        `seed` for sampling that does not touch (or depend on) the global RNG.
+        `seed` for sampling that does not touch (or depend on) the global RNG. Speculative decoding:
+        `prompt_lookup_num_tokens` or `assistant_model` (see qwen2.generation.speculative).
         """
+        assistant = kwargs.pop("assistant_model", None)
+        _refuse_constrained_speculation(generation_config, assistant, kwargs)
         plan = self._plan_generation(inputs, generation_config, logits_processor, stopping_criteria,
                                      tokenizer, generator, seed, kwargs)
         config = plan.config
+        steps = self._steps(plan, assistant)
         if config.num_beams > 1:
             if streamer is not None:
                 raise ValueError("`streamer` cannot be used with beam search. Set `num_beams=1` to stream.")
@@ -122,7 +127,7 @@ class GenerationMixin(GenerationApiMixin):
         if streamer is not None:
             streamer.put(plan.input_ids.cpu())
         try:
-            for step in self._decode_steps(plan):
+            for step in steps:
                 tokens.append(step.tokens)
                 cache = step.cache
                 if record_scores:
@@ -157,15 +162,25 @@ class GenerationMixin(GenerationApiMixin):
         Takes the same arguments as `generate()`; the concatenation of what it yields is exactly the
         new-token part of `generate()`'s output.
         """
+        assistant = kwargs.pop("assistant_model", None)
+        generation_config = kwargs.pop("generation_config", None)
+        _refuse_constrained_speculation(generation_config, assistant, kwargs)
         plan = self._plan_generation(
-            inputs, kwargs.pop("generation_config", None), kwargs.pop("logits_processor", None),
+            inputs, generation_config, kwargs.pop("logits_processor", None),
             kwargs.pop("stopping_criteria", None), kwargs.pop("tokenizer", None), kwargs.pop("generator", None),
             kwargs.pop("seed", None), kwargs,
         )
+        steps = self._steps(plan, assistant)
         if plan.config.num_beams > 1:
             raise ValueError("generate_stream() does not do beam search; set `num_beams=1`.")
-        for step in self._decode_steps(plan):
+        for step in steps:
             yield step.tokens
+
+    def _steps(self, plan: GenerationPlan, assistant: Any) -> Iterator[DecodeStep]:
+        """The decode loop for this call: speculative (prompt lookup or an assistant) or plain."""
+        if not check_speculation(self, plan.config, assistant, plan.input_ids.shape[0]):
+            return self._decode_steps(plan)
+        return speculative_steps(self, plan, assistant)
 
     # ------------------------------------------------------------------ model calls
     def _forward_last_logits(self, input_ids, attention_mask, position_ids, cache, cache_position,
@@ -448,6 +463,16 @@ def _constraint_processor(tokenizer: Any, eos: torch.Tensor | None, constraint: 
 
     eos_ids = eos.tolist() if eos is not None else None
     return ConstrainedLogitsProcessor(tokenizer, eos_token_id=eos_ids, **constraint)
+
+
+def _refuse_constrained_speculation(config: GenerationConfig | None, assistant: Any, kwargs: dict[str, Any]) -> None:
+    """The structured-output processor follows the answer one token at a time; speculation's verification asks
+    it about several prefixes at once."""
+    lookup = kwargs.get("prompt_lookup_num_tokens", getattr(config, "prompt_lookup_num_tokens", None))
+    if (assistant is not None or lookup is not None) and any(
+            kwargs.get(name) is not None for name in _CONSTRAINT_ARGUMENTS):
+        raise ValueError("Structured output (json_schema / regex / grammar) cannot be combined with speculative "
+                         "decoding (`prompt_lookup_num_tokens` / `assistant_model`) in generate(); drop one.")
 
 
 def _refuse_prompt_learning(model: Any) -> None:

@@ -254,7 +254,6 @@ _UNSUPPORTED = {
     "guidance_scale": (None, 1, 1.0),
     "num_beam_groups": (None, 1),
     "diversity_penalty": (None, 0, 0.0),
-    "prompt_lookup_num_tokens": None,
     "assistant_early_exit": None,
     "use_mtp": (None, False),
     "encoder_repetition_penalty": (None, 1, 1.0),

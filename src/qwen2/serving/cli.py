@@ -64,6 +64,8 @@ def register(commands: Any, common: argparse.ArgumentParser) -> None:
                        help="queued requests at most; more get 429 with Retry-After")
     serve.add_argument("--kv-cache-memory", type=memory_size, default=None,
                        help="KV cache size: bytes (2GiB, 512MB) or a fraction of the available memory (0.3)")
+    serve.add_argument("--speculative-ngram", type=_positive, default=None, metavar="N",
+                       help="n-gram speculation: draft up to N tokens per sequence from its own text (prompt lookup)")
     serve.add_argument("--max-body-bytes", type=_positive, default=None, help="larger request bodies get 413")
     serve.add_argument("--shutdown-grace", type=float, default=30.0,
                        help="seconds running requests may take to finish after SIGTERM (default 30)")
@@ -90,7 +92,8 @@ def _engine_factory(args: argparse.Namespace) -> Any:
 
             torch.set_num_threads(clamp_threads(args.threads))
         options = {"max_num_seqs": args.max_num_seqs, "max_model_len": args.max_model_len,
-                   "max_waiting": args.max_waiting, "kv_cache_memory": args.kv_cache_memory}
+                   "max_waiting": args.max_waiting, "kv_cache_memory": args.kv_cache_memory,
+                   "speculative_ngram_tokens": args.speculative_ngram}
         options = {key: value for key, value in options.items() if value is not None}
         if args.tensor_parallel_size > 1:
             from qwen2.distributed.serving import LockstepAsyncEngine, lockstep_engine

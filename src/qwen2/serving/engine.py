@@ -23,6 +23,7 @@ from qwen2.serving.sampler import prompt_logprobs, sample
 from qwen2.serving.scheduler import Scheduler
 from qwen2.serving.sequence import Sequence
 from qwen2.serving.structured import DEFAULT_COMPILE_TIMEOUT, MaskWorker, advance, compile_request_constraint
+from qwen2.serving.speculation import NgramSpeculation
 from qwen2.serving.text import StopChecker
 
 logger = logging.getLogger(__name__)
@@ -42,6 +43,9 @@ class EngineConfig:
     kv_cache_memory: int | float | None = None
     enable_prefix_caching: bool = True
     structured_outputs_timeout: float = DEFAULT_COMPILE_TIMEOUT  # seconds a request's grammar may take to compile
+    # n-gram speculation (prompt lookup): up to this many draft tokens per decoding sequence, verified in the
+    # step's one forward; 0 is off. Greedy outputs are those of the engine without it (qwen2.serving.speculation).
+    speculative_ngram_tokens: int = 0
 
 
 @dataclass
@@ -88,6 +92,9 @@ class LLMEngine:
             raise ValueError(f"block_size must be >= 1, got {config.block_size}.")
         if config.max_waiting < 0:
             raise ValueError(f"max_waiting must be >= 0, got {config.max_waiting}.")
+        ngram = config.speculative_ngram_tokens
+        if not isinstance(ngram, int) or isinstance(ngram, bool) or ngram < 0:
+            raise ValueError(f"speculative_ngram_tokens must be an integer >= 0, got {ngram!r}.")
         self.config = config
         self.model = model
         self.tokenizer = tokenizer
@@ -102,6 +109,7 @@ class LLMEngine:
                              device)
         self.pool = BlockPool(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.pool, config.max_num_seqs, config.max_num_batched_tokens)
+        self.speculation = NgramSpeculation(config.speculative_ngram_tokens) if ngram else None
         self.runner = ModelRunner(model, self.cache)
         limit = config.max_model_len or mc.max_position_embeddings
         capacity = num_blocks * config.block_size
@@ -213,6 +221,8 @@ class LLMEngine:
         """Run one scheduled batch; return a snapshot of every request that advanced or finished."""
         self._expire()
         outputs, self._pending = self._pending, []
+        if self.speculation is not None:
+            self.speculation.propose(self.scheduler.running, self.max_model_len)
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return outputs
@@ -238,12 +248,37 @@ class LLMEngine:
                 if request.metrics.first_token_time is None:
                     request.metrics.first_token_time = now
                 touched[seq.request_id] = request
+        for row, rows in logits.draft_logits.items():
+            seq = batch.seqs[row]
+            request = self._requests[seq.request_id]
+            self._verify(request, seq, rows)
+            if request.metrics.first_token_time is None:
+                request.metrics.first_token_time = time.time()
+            touched[seq.request_id] = request
         for request in touched.values():
             if request.finished:
                 del self._requests[request.request_id]
                 request.metrics.finished_time = time.time()
             outputs.append(self._output(request))
         return outputs
+
+    def _verify(self, request: _Request, seq: Sequence, logits: torch.Tensor) -> None:
+        """Take a speculative row's tokens: each position is sampled as a plain step would (so greedy picks the
+        same tokens and sampling keeps its distribution: the draft's q is one-hot), and the draft is kept while
+        it agrees. Its verified positions' keys/values become the sequence's; blocks past them are freed."""
+        draft, seq.draft = seq.draft, []
+        accepted = 0
+        for i in range(len(draft) + 1):
+            result = sample(logits[i:i + 1], [seq], [self._stop_ids(seq)])
+            token = result.tokens[0]
+            self._append(request, seq, token, result.logprobs[0])
+            if seq.is_finished or i == len(draft) or token != draft[i]:
+                break
+            accepted += 1
+            self.scheduler.computed(seq, 1)  # draft[i] is the sequence's token: its keys/values stand
+        self.speculation.verified(seq, len(draft), accepted)
+        if not seq.is_finished:
+            self.scheduler.trim(seq)
 
     def _expire(self) -> None:
         now = time.time()

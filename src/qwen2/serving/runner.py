@@ -33,6 +33,7 @@ class StepLogits:
     sample_rows: list[int]  # index into batch.seqs of each row of `logits`
     logits: Tensor  # (len(sample_rows), V)
     prompt_logits: dict[int, tuple[int, Tensor]]  # batch index -> (first position, (n, V) logits)
+    draft_logits: dict[int, Tensor]  # batch index of a speculative row -> (1 + draft, V) logits
 
 
 class ModelRunner:
@@ -62,20 +63,24 @@ class ModelRunner:
         sample_rows: list[int] = []
         last_token_rows: list[int] = []
         prompt_rows: dict[int, tuple[int, int, int]] = {}
+        draft_rows: dict[int, tuple[int, int]] = {}
         for row, (seq, count) in enumerate(zip(batch.seqs, batch.num_tokens)):
             start = seq.num_computed_tokens
             if row in prompt_logprob_rows:
                 prompt_rows[row] = (start, len(ids), count)
+            if seq.draft:
+                draft_rows[row] = (len(ids), count)
             ids.extend(seq.token_ids[start:start + count])
+            ids.extend(seq.draft)  # a speculative row: its last token, then the draft to verify
             span = range(start, start + count)
             positions.extend(span)
             slots.extend(seq.block_table[p // block_size] * block_size + p % block_size for p in span)
-            if start + count == seq.num_tokens:
+            if start + count == seq.num_tokens and not seq.draft:
                 sample_rows.append(row)
                 last_token_rows.append(len(ids) - 1)
         return StepInputs(torch.tensor(ids, dtype=torch.long), torch.tensor(positions, dtype=torch.long),
                           torch.tensor(slots, dtype=torch.long), sample_rows,
-                          torch.tensor(last_token_rows, dtype=torch.long), prompt_rows,
+                          torch.tensor(last_token_rows, dtype=torch.long), prompt_rows, draft_rows,
                           _attention_groups(batch, block_size))
 
     @torch.inference_mode()
@@ -100,7 +105,9 @@ class ModelRunner:
         logits = self._head(hidden.index_select(0, rows)) if len(rows) else hidden.new_zeros(0, 0).float()
         prompt_logits = {row: (first, self._head(hidden[offset:offset + count]))
                          for row, (first, offset, count) in inputs.prompt_rows.items()}
-        return StepLogits(inputs.sample_rows, logits, prompt_logits)
+        draft_logits = {row: self._head(hidden[offset:offset + count])
+                        for row, (offset, count) in inputs.draft_rows.items()}
+        return StepLogits(inputs.sample_rows, logits, prompt_logits, draft_logits)
 
     def _head(self, hidden: Tensor) -> Tensor:
         return self.model.lm_head(hidden).float()
@@ -153,6 +160,7 @@ class StepInputs:
     sample_rows: list[int]  # index into batch.seqs of each sampled row
     last_token_rows: Tensor  # flat row of each sampled sequence's last token
     prompt_rows: dict[int, tuple[int, int, int]]  # batch index -> (first position, flat offset, count)
+    draft_rows: dict[int, tuple[int, int]]  # batch index of a speculative row -> (flat offset, count)
     groups: list[_Group]
 
 

@@ -68,13 +68,15 @@ class Scheduler:
         batch = ScheduledBatch()
         budget = self.max_num_batched_tokens
         decoding = [s for s in self.running if s.num_uncomputed_tokens == 1]
+        decoding.sort(key=lambda s: bool(s.draft))  # one-token rows first: the runner's decode group
         prefilling = [s for s in self.running if s.num_uncomputed_tokens > 1]
         for seq in decoding + prefilling:
             if budget == 0:
                 break
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # preempted by an older sequence of this step
-            count = min(seq.num_uncomputed_tokens, budget)
+            count = min(seq.num_uncomputed_tokens + len(seq.draft), budget)
+            seq.draft = seq.draft[:max(count - seq.num_uncomputed_tokens, 0)]  # a draft only fills spare budget
             while not self._grow(seq, seq.num_computed_tokens + count):
                 victim = max((s for s in self.running if s not in batch.seqs), key=lambda s: s.key)
                 self._preempt(victim, batch)
@@ -130,6 +132,7 @@ class Scheduler:
         """Recompute later: release the blocks, keep the tokens."""
         self.running.remove(seq)
         self._release(seq)
+        seq.draft = []
         self.add(seq)
         self.num_preemptions += 1
         batch.preempted.append(seq)
@@ -141,12 +144,25 @@ class Scheduler:
         seq.num_registered_blocks = 0
 
     def after_step(self, batch: ScheduledBatch) -> None:
-        """Advance the computed counts and offer newly full blocks to the prefix cache."""
+        """Advance the computed counts and offer newly full blocks to the prefix cache. A speculative row's
+        draft positions count only once verified (`computed`)."""
         for seq, count in zip(batch.seqs, batch.num_tokens):
-            seq.num_computed_tokens += count
-            full = seq.num_computed_tokens // self.block_size
-            if full > seq.num_registered_blocks and self.pool.enable_prefix_caching:
-                keys = seq.block_hashes(full, self.block_size)
-                for i in range(seq.num_registered_blocks, full):
-                    self.pool.register(seq.block_table[i], keys[i])
-            seq.num_registered_blocks = max(seq.num_registered_blocks, full)
+            self.computed(seq, count - len(seq.draft))
+
+    def computed(self, seq: Sequence, count: int) -> None:
+        """`count` more of `seq`'s tokens have their keys/values in its blocks."""
+        seq.num_computed_tokens += count
+        full = seq.num_computed_tokens // self.block_size
+        if full > seq.num_registered_blocks and self.pool.enable_prefix_caching:
+            keys = seq.block_hashes(full, self.block_size)
+            for i in range(seq.num_registered_blocks, full):
+                self.pool.register(seq.block_table[i], keys[i])
+        seq.num_registered_blocks = max(seq.num_registered_blocks, full)
+
+    def trim(self, seq: Sequence) -> None:
+        """Free the blocks past the sequence's computed tokens (those that held only a rejected draft's
+        keys/values), as a plain decode step leaves it."""
+        keep = -(-seq.num_computed_tokens // self.block_size)
+        if len(seq.block_table) > keep:
+            self.pool.release(seq.block_table[keep:])
+            del seq.block_table[keep:]

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from qwen2.generation.speculative import SpeculationControl
 from qwen2.serving.outputs import Logprob
 from qwen2.serving.params import SamplingParams
 
@@ -58,6 +59,8 @@ class Sequence:
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
     text: str = ""
     constraint: Any = None  # a qwen2.constrained.Constraint when the request has structured_outputs
+    draft: list[int] = field(default_factory=list)  # n-gram speculation: tokens proposed for this step
+    speculation: SpeculationControl | None = None
     _hashes: list[bytes] = field(default_factory=list)
 
     @property
