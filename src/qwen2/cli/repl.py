@@ -71,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
         compiling = BackgroundCompile(model, {name: getattr(args, name) for name in MODEL_OPTIONS}).start()
         if args.compile:
             compiling.wait()
+            print(f"Decode step {compiling.status}.", file=sys.stderr, flush=True)
     chat = Chat(model, tokenizer, sampling, args.system, args.verbose, load_seconds, compiling)
     print("Chat with the model. /help lists the commands, /exit (or Ctrl-D) quits, "
           "Ctrl-C stops the current answer.", flush=True)
