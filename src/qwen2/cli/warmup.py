@@ -47,8 +47,8 @@ def keep_inductor_cache() -> None:
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(compile_dir() / "inductor"))
 
 
-def artifacts_path(model: Any) -> Path:
-    """Where the compiled decode step of `model` is kept."""
+def artifacts_key(model: Any) -> dict[str, Any]:
+    """What the compiled decode step of `model` depends on (its file's name is a digest of it)."""
     import torch
 
     config = {k: v for k, v in model.config.to_dict().items() if k not in ("name_or_path", "_name_or_path")}
@@ -56,15 +56,19 @@ def artifacts_path(model: Any) -> Path:
         flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
     except (OSError, StopIteration):
         flags = platform.processor()
-    key = {
+    return {
         "format": _FORMAT, "torch": torch.__version__, "python": sys.version.split()[0],
         "machine": platform.machine(), "cpu": torch.backends.cpu.get_cpu_capability(), "cpu_flags": flags,
         "threads": torch.get_num_threads(), "config": config,
         "dtypes": sorted({str(p.dtype) for p in model.parameters()}),
         "modules": sorted({type(m).__qualname__ for m in model.modules()}), "device": str(model.device),
     }
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24]
-    return compile_dir() / f"decode-step-{digest}.bin"
+
+
+def artifacts_path(model: Any) -> Path:
+    """Where the compiled decode step of `model` is kept."""
+    text = json.dumps(artifacts_key(model), sort_keys=True, default=str)
+    return compile_dir() / f"decode-step-{hashlib.sha256(text.encode()).hexdigest()[:24]}.bin"
 
 
 class BackgroundCompile:
@@ -148,7 +152,8 @@ class BackgroundCompile:
 
         log = path.with_suffix(".log")
         log.parent.mkdir(parents=True, exist_ok=True)
-        spec = json.dumps({**self.options, "threads": torch.get_num_threads()})
+        key = json.loads(json.dumps(artifacts_key(self.model), default=str))
+        spec = json.dumps({**self.options, "threads": torch.get_num_threads(), "key": key})
         with open(log, "w", encoding="utf-8") as output:
             if self._closed:
                 return False
@@ -179,11 +184,24 @@ def compile_in_child(argv: list[str]) -> int:
     spec, path = json.loads(argv[0]), Path(argv[1])
     torch.set_num_threads(spec.pop("threads"))  # inductor's kernels are built for a thread count
     keep_inductor_cache()
+    wanted = spec.pop("key")
     model = load_weights(argparse.Namespace(**spec))
-    if artifacts_path(model) != path:
-        raise ValueError(f"the model loaded from {spec} is not the one {path} is for")
+    have = json.loads(json.dumps(artifacts_key(model), default=str))
+    for name, here, there in _differences(have, wanted):  # the chat's guards may then refuse the step
+        logger.warning("This process's model differs from the chat's in %s: %s here, %s there", name, here, there)
     precompiled.save(model, path)
     return 0
+
+
+def _differences(a: dict, b: dict, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    out = []
+    for name in sorted(set(a) | set(b)):
+        x, y = a.get(name), b.get(name)
+        if isinstance(x, dict) and isinstance(y, dict):
+            out += _differences(x, y, f"{prefix}{name}.")
+        elif x != y:
+            out.append((prefix + name, x, y))
+    return out
 
 
 def _die_with_parent() -> None:
