@@ -89,12 +89,14 @@ def _decode_step_arguments(model: nn.Module) -> tuple:
 def save(model: nn.Module, path: Path) -> float:
     """Compile `model`'s single-row decode step and write it to `path`; the seconds compiling took."""
     started = time.perf_counter()
+    threads = torch.get_num_threads()  # the guards record the thread count: a step compiled for another is refused
     if next(model.parameters()).device.type == "cpu":
         from qwen2.quantization import Int8WeightOnlyLinear, kernels
 
         if any(isinstance(m, Int8WeightOnlyLinear) for m in model.modules()):
             kernels.load()  # before tracing, as generate() does: the layers pick their kernel while traced
     args = _decode_step_arguments(model)
+    torch.set_num_threads(threads)  # the warm-up can change it (seen on the GGUF default model: 1 afterwards)
     fast._mark_cache_length_dynamic(args[3], args[4])  # one graph for every context length
     # A code object of its own, as fast.CompiledDecodeStep's, so dynamo's per-code limits stay apart.
     step = types.FunctionType(fast._with_decode_linears.__code__.replace(), fast._with_decode_linears.__globals__)
