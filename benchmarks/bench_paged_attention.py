@@ -3,8 +3,10 @@ batch (16 rows, contexts 200-1,100 tokens, Qwen2.5-0.5B's heads: 14 query / 2 KV
 
     python benchmarks/bench_paged_attention.py [--threads 1] [--dtype bfloat16]
 
-- gather + per-row SDPA (the engine's): one index_select of every row's blocks, then SDPA per row on a view
-  of exactly its length (no mask: SDPA's fused kernel);
+- our C++ kernel (the engine's, `qwen2.serving.paged_kernel`): one pass per (row, KV head) over the blocks
+  where they lie;
+- gather + per-row SDPA (the engine's fallback): one index_select of every row's blocks, then SDPA per row on
+  a view of exactly its length (no mask: SDPA's fused kernel);
 - gather + one masked SDPA over the padded batch;
 - blockwise online softmax in torch ops: one table column at a time, no gathered context;
 - FlexAttention (torch.compile) over the whole pool with a mask built from the block tables.
@@ -18,7 +20,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from qwen2.serving.attention import decode_attention
+from qwen2.serving import paged_kernel
+from qwen2.serving.attention import gathered_decode_attention
 
 B, KV_HEADS, GROUP, DIM, BLOCK = 16, 2, 7, 64, 16
 
@@ -56,6 +59,8 @@ def main() -> None:
     q = torch.randn(B, KV_HEADS * GROUP, DIM, dtype=dtype)
     scale = DIM ** -0.5
     lengths_t = torch.tensor(lengths)
+    if not paged_kernel.load():
+        raise SystemExit("the paged decode attention kernel could not be built (see the warning above)")
 
     def masked_sdpa():
         k = keys.index_select(0, table.flatten()).view(B, -1, KV_HEADS, DIM).transpose(1, 2)
@@ -84,7 +89,10 @@ def main() -> None:
         return (acc / total[..., None]).to(dtype)
 
     rows = {
-        "gather + per-row SDPA (engine)": lambda: decode_attention(q, keys, values, table, lengths, scale),
+        "C++ kernel over the blocks in place (engine)": lambda: paged_kernel.paged_decode(q, keys, values, table,
+                                                                                          lengths_t, scale),
+        "gather + per-row SDPA (engine's fallback)": lambda: gathered_decode_attention(q, keys, values, table,
+                                                                                       lengths, scale),
         "gather + one masked SDPA": masked_sdpa,
         "blockwise online softmax (torch ops)": blockwise,
     }

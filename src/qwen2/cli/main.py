@@ -62,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     # Say so before a long first compile or build.
-    for name in ("qwen2.generation.fast", "qwen2.quantization.kernels", "qwen2.cli.warmup"):
+    for name in ("qwen2.generation.fast", "qwen2.quantization.kernels"):
         logging.getLogger(name).setLevel(logging.INFO)
     try:
         return args.run(args)

@@ -183,12 +183,24 @@ def clamp_threads(wanted: int) -> int:
     return wanted
 
 
+MODEL_OPTIONS = ("model", "gguf_file", "dtype", "quantization", "group_size")  # what `load_weights` reads
+
+
+def load_weights(args: argparse.Namespace) -> Any:
+    """The model the model options in `args` name (no tokenizer)."""
+    from qwen2 import AutoModelForCausalLM
+
+    source, gguf_file = model_source(args)
+    return AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_file, dtype=args.dtype,
+                                                quantization=args.quantization, group_size=args.group_size)
+
+
 def load_model(args: argparse.Namespace) -> tuple[Any, Any, float]:
     """(model, tokenizer, seconds it took) for the model options in `args`."""
     started = time.perf_counter()
     import torch
 
-    from qwen2 import AutoModelForCausalLM, AutoTokenizer
+    from qwen2 import AutoTokenizer
 
     if args.threads is not None:
         torch.set_num_threads(clamp_threads(args.threads))
@@ -196,6 +208,5 @@ def load_model(args: argparse.Namespace) -> tuple[Any, Any, float]:
         raise ValueError("--group-size applies only with --quantization int4")
     source, gguf_file = model_source(args)
     tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
-    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_file, dtype=args.dtype,
-                                                 quantization=args.quantization, group_size=args.group_size)
+    model = load_weights(args)
     return model, tokenizer, time.perf_counter() - started

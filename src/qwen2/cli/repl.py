@@ -17,9 +17,16 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from qwen2.cli.answer import EchoStreamer, compile_up_front, respond
-from qwen2.cli.options import SAMPLING_PARAMETERS, Sampling, add_model_options, add_sampling_options, load_model
-from qwen2.cli.warmup import BackgroundCompile
+from qwen2.cli.answer import EchoStreamer, respond
+from qwen2.cli.options import (
+    MODEL_OPTIONS,
+    SAMPLING_PARAMETERS,
+    Sampling,
+    add_model_options,
+    add_sampling_options,
+    load_model,
+)
+from qwen2.cli.warmup import BackgroundCompile, keep_inductor_cache
 
 COMMANDS = (
     ("/help", "list these commands (also /?)"),
@@ -50,26 +57,37 @@ def register(commands: Any, common: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     sampling = Sampling.from_args(args)
+    if args.compile is not False:
+        keep_inductor_cache()
     model, tokenizer, load_seconds = load_model(args)
+    if args.quantization in ("int8", "w8a8"):
+        from qwen2.quantization import kernels
+
+        kernels.load()  # built once per machine (it says so): here, not inside the first answer
     compiling = None
-    if args.compile:
-        compile_up_front(model)
-    elif args.compile is None:
-        if not args.verbose:  # its progress lines would land in the middle of the conversation
+    if args.compile is not False:
+        if not args.verbose:  # progress lines would land in the middle of the conversation
             logging.getLogger("qwen2.generation.fast").setLevel(logging.WARNING)
-        compiling = BackgroundCompile(model).start()
-    chat = Chat(model, tokenizer, sampling, args.system, args.verbose, load_seconds, compiling or bool(args.compile))
+        compiling = BackgroundCompile(model, {name: getattr(args, name) for name in MODEL_OPTIONS}).start()
+        if args.compile:
+            compiling.wait()
+            print(f"Decode step {compiling.status}.", file=sys.stderr, flush=True)
+    chat = Chat(model, tokenizer, sampling, args.system, args.verbose, load_seconds, compiling)
     print("Chat with the model. /help lists the commands, /exit (or Ctrl-D) quits, "
           "Ctrl-C stops the current answer.", flush=True)
-    with line_editing(history_path()):
-        while (message := read_message(input)) is not None:
-            if message.startswith("/"):
-                if not chat.command(message):
-                    return 0
-            elif message.strip():
-                chat.answer(message)
-    print()
-    return 0
+    try:
+        with line_editing(history_path()):
+            while (message := read_message(input)) is not None:
+                if message.startswith("/"):
+                    if not chat.command(message):
+                        return 0
+                elif message.strip():
+                    chat.answer(message)
+        print()
+        return 0
+    finally:
+        if compiling is not None:
+            compiling.close()
 
 
 def history_path() -> Path:
@@ -123,7 +141,7 @@ class Chat:
     """The conversation and the settings a chat session changes as it goes."""
 
     def __init__(self, model: Any, tokenizer: Any, sampling: Sampling, system: str | None, verbose: bool,
-                 load_seconds: float, compiled: BackgroundCompile | bool) -> None:
+                 load_seconds: float, compiled: BackgroundCompile | None) -> None:
         self.model, self.tokenizer, self.sampling = model, tokenizer, sampling
         self.verbose, self.load_seconds, self.compiled = verbose, load_seconds, compiled
         self.messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
@@ -132,10 +150,11 @@ class Chat:
         self.messages.append({"role": "user", "content": text})
         prompt = self.tokenizer.apply_chat_template(self.messages, tokenize=False, add_generation_prompt=True)
         echo = EchoStreamer(self.tokenizer)
-        compiled = self.compiled.ready.is_set() if isinstance(self.compiled, BackgroundCompile) else self.compiled
-        gen_kwargs = {**self.sampling.generate_kwargs(), "disable_compile": not compiled}
+        # With a background compile, generate() decodes eagerly until the compiled step is ready, then with it.
+        gen_kwargs = {**self.sampling.generate_kwargs(), "disable_compile": self.compiled is None}
         try:
-            respond(self.model, self.tokenizer, prompt, gen_kwargs, echo)
+            with self.compiled.paused() if self.compiled is not None else contextlib.nullcontext():
+                respond(self.model, self.tokenizer, prompt, gen_kwargs, echo)
         except KeyboardInterrupt:
             # The partial answer stays in the conversation: the user saw it and may refer to it.
             print("\n(stopped)", flush=True)
@@ -185,9 +204,10 @@ class Chat:
         print(f"sampling: {self.sampling.describe()}")
         print(f"system prompt: {system!r}" if system else "system prompt: the chat template's default")
         print(f"messages: {len(self.messages)}")
-        compiled = self.compiled
-        print("decode step: " + (compiled.status if isinstance(compiled, BackgroundCompile)
-                                 else "compiled" if compiled else "eager (--no-compile)"))
+        if self.compiled is None:
+            print("decode step: eager (--no-compile)")
+        else:
+            print(f"decode step: {self.compiled.status}; {self.compiled.step.compiled_calls} token(s) decoded with it")
 
     def _system(self, rest: str) -> None:
         if not rest:

@@ -4,11 +4,13 @@ Keys and values of every layer live in (num_blocks, block_size, kv_heads, head_d
 block table lists the blocks holding its positions in order. New keys/values are written to their slots
 (block * block_size + offset) before attention, so a chunk attends to itself and its whole context.
 
-Decode rows share one gather of their blocks into a (rows, blocks * block_size) key tensor; each row then
-attends to a view of exactly its length, each query group folded onto the length axis as the model's own
-decode path does (no repeated keys). A prefill chunk attends to its sequence's blocks with a causal
-offset mask. Why gather rather than read blocks in place (a blockwise online softmax in torch ops, or
-FlexAttention over the whole pool): both measured slower on the CPU; see benchmarks/README.md.
+Decode rows read their blocks where they lie with a C++ kernel of ours (`paged_kernel`, CPU, float32 or
+bfloat16). Elsewhere, or if it cannot be built, they share one gather of their blocks into a (rows,
+blocks * block_size) key tensor and each row attends to a view of exactly its length, each query group
+folded onto the length axis as the model's own decode path does (no repeated keys); reading blocks in place
+with torch operations (a blockwise online softmax, or FlexAttention over the whole pool) measured slower
+still on the CPU (benchmarks/README.md). A prefill chunk attends to its sequence's blocks with a causal
+offset mask.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from qwen2.serving import paged_kernel
 
 
 class KVCache:
@@ -51,12 +55,20 @@ def _gather(blocks: Tensor, tables: Tensor) -> Tensor:
     return gathered.view(*tables.shape[:-1], -1, *blocks.shape[2:])
 
 
-def decode_attention(q: Tensor, keys: Tensor, values: Tensor, tables: Tensor, lengths: list[int],
+def decode_attention(q: Tensor, keys: Tensor, values: Tensor, tables: Tensor, lengths: Tensor,
                      scale: float) -> Tensor:
-    """One query per row: q (B, H, D), tables (B, max_blocks), lengths (B,) -> (B, H, D). The blocks are
-    gathered in one call; SDPA then runs per row on a view of exactly its length: without a mask it takes
-    its fused kernel and skips the padding (as fast or faster than one masked call over the padded batch on
-    the CPU; benchmarks/bench_paged_attention.py)."""
+    """One query per row: q (B, H, D), tables (B, max_blocks), lengths (B,) int64 on the CPU -> (B, H, D)."""
+    if (q.device.type == "cpu" and q.dtype == keys.dtype == values.dtype
+            and q.dtype in (torch.float32, torch.bfloat16) and paged_kernel.load()):
+        return paged_kernel.paged_decode(q, keys, values, tables, lengths, scale)
+    return gathered_decode_attention(q, keys, values, tables, lengths.tolist(), scale)
+
+
+def gathered_decode_attention(q: Tensor, keys: Tensor, values: Tensor, tables: Tensor, lengths: list[int],
+                              scale: float) -> Tensor:
+    """`decode_attention` in torch operations: the blocks are gathered in one call; SDPA then runs per row
+    on a view of exactly its length: without a mask it takes its fused kernel and skips the padding (as fast
+    or faster than one masked call over the padded batch on the CPU; benchmarks/bench_paged_attention.py)."""
     rows, heads, dim = q.shape
     k = _gather(keys, tables).transpose(1, 2)  # (B, Hkv, S, D)
     v = _gather(values, tables).transpose(1, 2)

@@ -142,7 +142,7 @@ class _Group:
     decode: bool
     rows: slice  # token rows of the flat batch
     tables: Tensor  # decode: (B, max_blocks) block ids; prefill: (num_blocks,)
-    lengths: list[int] | None = None  # decode: context lengths
+    lengths: Tensor | None = None  # decode: context lengths (B,), int64 on the CPU
     start: int = 0  # prefill: position of the chunk's first token
 
     def to(self, device: torch.device) -> _Group:
@@ -175,7 +175,7 @@ def _attention_groups(batch: ScheduledBatch, block_size: int) -> list[_Group]:
         width = max(len(s.block_table) for s in seqs)
         tables = torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs],
                               dtype=torch.long)
-        lengths = [s.num_computed_tokens + 1 for s in seqs]
+        lengths = torch.tensor([s.num_computed_tokens + 1 for s in seqs], dtype=torch.long)
         groups.append(_Group(True, slice(0, len(decode)), tables, lengths))
     offset = len(decode)
     for seq, count in zip(batch.seqs[len(decode):], batch.num_tokens[len(decode):]):

@@ -32,10 +32,11 @@ def sample(logits: Tensor, seqs: list[Sequence], stop_ids: list[set[int]]) -> Sa
     device = logits.device
     params = [s.params for s in seqs]
     raw_logprobs = torch.log_softmax(logits, dim=-1) if any(p.logprobs is not None for p in params) else None
-    logits = logits.clone()
-    _ban_stops(logits, seqs, stop_ids)
-    _add_bias(logits, params)
-    _penalise(logits, seqs)
+    if any(_changes_logits(seq, ids) for seq, ids in zip(seqs, stop_ids)):
+        logits = logits.clone()  # the caller's logits stay raw; the clone (B x V float32) only when written
+        _ban_stops(logits, seqs, stop_ids)
+        _add_bias(logits, params)
+        _penalise(logits, seqs)
     greedy = torch.tensor([p.greedy for p in params], device=device)
     tokens = logits.argmax(dim=-1)
     if not bool(greedy.all()):
@@ -46,6 +47,13 @@ def sample(logits: Tensor, seqs: list[Sequence], stop_ids: list[set[int]]) -> Sa
     if raw_logprobs is not None:
         logprobs = _logprob_entries(raw_logprobs, tokens, [p.logprobs for p in params])
     return SampleResult(token_list, logprobs)
+
+
+def _changes_logits(seq: Sequence, stop_ids: set[int]) -> bool:
+    """Whether `_ban_stops`, `_add_bias` or `_penalise` write this row."""
+    p = seq.params
+    return bool((stop_ids and seq.num_output_tokens < p.min_tokens) or p.logit_bias or p.repetition_penalty != 1.0
+                or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0)
 
 
 def _ban_stops(logits: Tensor, seqs: list[Sequence], stop_ids: list[set[int]]) -> None:
