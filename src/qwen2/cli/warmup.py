@@ -33,7 +33,7 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-_FORMAT = "precompiled-decode-step-1"  # bump when what the file holds changes
+_FORMAT = "precompiled-decode-step-2"  # bump when what the file holds changes (2: 1-thread steps of GGUF loads)
 
 
 def compile_dir() -> Path:
