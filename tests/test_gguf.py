@@ -97,6 +97,31 @@ def test_dequantize_handles_more_blocks_than_one_chunk(monkeypatch):
     assert torch.equal(ours, torch.from_numpy(gguf.quants.dequantize(blocks, T.Q6_K)))
 
 
+_THREADS_AFTER_DEQUANTISING = """
+import threading, torch
+from qwen2.loading.dequant import dequantize
+from gguf import GGMLQuantizationType as T
+torch.set_num_threads(2)
+dequantize(torch.zeros(4, 34, dtype=torch.uint8), T.Q8_0, (128,))
+later = []
+thread = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+thread.start(); thread.join()
+print(torch.get_num_threads(), later[0])
+"""
+
+
+def test_dequantizing_leaves_the_thread_count_of_threads_started_later():
+    # The workers run single-threaded; a thread started afterwards (the chat's background compile) got 1 too,
+    # so the decode step compiled for it was refused by its guards in the 2-thread chat. A fresh process: the
+    # worker pool is made once per process.
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _THREADS_AFTER_DEQUANTISING], capture_output=True, text=True,
+                         timeout=120, check=True).stdout.split()
+    assert out == ["2", "2"]
+
+
 def test_dequantize_refuses_unsupported_type_by_name():
     with pytest.raises(NotImplementedError, match="IQ2_XXS"):
         dequantize(torch.zeros(1, 66, dtype=torch.uint8), T.IQ2_XXS, (256,))

@@ -33,7 +33,7 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-_FORMAT = "precompiled-decode-step-1"  # bump when what the file holds changes
+_FORMAT = "precompiled-decode-step-2"  # bump when what the file holds changes (2: 1-thread steps of GGUF loads)
 
 
 def compile_dir() -> Path:
@@ -82,6 +82,9 @@ class BackgroundCompile:
 
         self.model, self.options = model, options
         self.step = precompiled.install(model)  # eager until the compiled function is set
+        # Here, in the thread that decodes: torch's thread count is per thread, and the compiled step's guards
+        # refuse calls at another count than the child compiled for.
+        self._key = json.loads(json.dumps(artifacts_key(model), default=str))
         self.path = artifacts_path(model)
         self.ready = threading.Event()
         self.status = ("loading the saved compiled step" if self.path.is_file() else
@@ -148,12 +151,9 @@ class BackgroundCompile:
 
     def _compile(self, path: Path) -> bool:
         """Compile in a niced child process that writes `path`; whether it did."""
-        import torch
-
         log = path.with_suffix(".log")
         log.parent.mkdir(parents=True, exist_ok=True)
-        key = json.loads(json.dumps(artifacts_key(self.model), default=str))
-        spec = json.dumps({**self.options, "threads": torch.get_num_threads(), "key": key})
+        spec = json.dumps({**self.options, "threads": self._key["threads"], "key": self._key})
         with open(log, "w", encoding="utf-8") as output:
             if self._closed:
                 return False

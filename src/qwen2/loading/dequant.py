@@ -346,19 +346,25 @@ def _workers() -> ThreadPoolExecutor:
 
     torch's intra-op parallelism splits every small op across threads and meets at a barrier after
     each; on a busy machine that made dequantisation 10x slower in wall time, while whole chunks per
-    thread scale cleanly. OpenMP keeps its thread count per thread, so the caller's stays as it was.
+    thread scale cleanly. OpenMP keeps its thread count per thread, but `torch.set_num_threads` also sets
+    the count every thread started later begins with: the caller sets its own again afterwards, or every
+    later thread ran at 1 (the chat's background compile then built a decode step for 1 thread that the
+    chat's 2-thread calls were refused by its guards).
     """
     global _pool
     with _pool_lock:
         if _pool is None:
             threads = torch.get_num_threads()
-            _pool = ThreadPoolExecutor(threads, thread_name_prefix="qwen2-dequant",
-                                       initializer=torch.set_num_threads, initargs=(1,))
+            _pool = ThreadPoolExecutor(threads, thread_name_prefix="qwen2-dequant", initializer=_single_threaded)
             barrier = threading.Barrier(threads)
             list(_pool.map(lambda _: barrier.wait(timeout=10), range(threads)))  # start every worker now
-            if torch.get_num_threads() != threads:  # a torch build whose thread count is process-wide
-                torch.set_num_threads(threads)
+            torch.set_num_threads(threads)  # the default of threads started from now on, and this one's
         return _pool
+
+
+def _single_threaded() -> None:
+    torch.set_num_threads(1)
+    torch.get_num_threads()  # fixes this thread's count now, before the caller restores the default
 
 
 def dequantize(blocks: Tensor, ggml_type: GGMLQuantizationType, shape: tuple[int, ...],
