@@ -6,6 +6,7 @@ ends in an error the client can retry; nothing hangs and the cluster is shut dow
 from __future__ import annotations
 
 import concurrent.futures
+import signal
 
 import pytest
 
@@ -21,6 +22,7 @@ def cluster(tiny_dir):
     from qwen2.distributed.launch import free_port
     from qwen2.serving.ray import build_app
 
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         port = free_port()
@@ -32,6 +34,8 @@ def cluster(tiny_dir):
     finally:
         serve.shutdown()
         ray.shutdown()
+        for sig, handler in handlers.items():  # ray.init installs its own; later tests need the process' own
+            signal.signal(sig, handler)
     assert not ray.is_initialized()
 
 

@@ -101,10 +101,11 @@ def test_stopped_by_sigterm_then_resumed_equals_uninterrupted(tok, tmp_path):
 
     stopped = _sft_trainer(tok, tmp_path / "split", **config)
     stopped.callbacks.append(stop_at_three)
+    handler_before = signal.getsignal(signal.SIGTERM)
     result = stopped.train()
     assert result.stopped and result.step == 3 and result.checkpoint.name == "checkpoint-3"
     assert sorted(p.name for p in (tmp_path / "split/out/checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-3"]
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is put back
+    assert signal.getsignal(signal.SIGTERM) is handler_before  # the handler is put back
 
     resumed = _sft_trainer(tok, tmp_path / "split", **config)  # a new process: fresh model, same command
     history = resumed.train(resume_from=tmp_path / "split" / "out").history
