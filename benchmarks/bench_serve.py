@@ -89,7 +89,7 @@ class Server:
                 self.process.wait()
 
 
-def make_server(name: str, gguf: Path, threads: int, max_len: int) -> Server | None:
+def make_server(name: str, gguf: Path, threads: int, max_len: int, budget: int | None) -> Server | None:
     port = free_port()
     if name.startswith("ours"):
         variant = name.split("-", 1)[1]
@@ -97,6 +97,7 @@ def make_server(name: str, gguf: Path, threads: int, max_len: int) -> Server | N
                    "--served-model-name", MODEL_NAME, "--threads", str(threads), "--max-num-seqs", "32",
                    "--max-model-len", str(max_len), "--max-waiting", "1024"]
         command += ["--dtype", "bfloat16"] + (["--quantization", variant] if variant != "bf16" else [])
+        command += ["--max-num-batched-tokens", str(budget)] if budget else []
         return Server(name, command, port, {"ignore_eos": True})
     if importlib.util.find_spec("llama_cpp") is None:
         print(f"[skip] {name}: llama-cpp-python is not installed (pip install 'llama-cpp-python[server]')")
@@ -182,7 +183,7 @@ async def run_level(server: Server, prompts: list[str], concurrency: int, output
     results = await asyncio.gather(*(limited(p) for p in prompts))
     wall = time.perf_counter() - start
     await client.close()
-    return summarise(results, wall, concurrency)
+    return {**summarise(results, wall, concurrency), "load": os.getloadavg()[0]}
 
 
 def _percentiles(values: list[float]) -> dict[str, float]:
@@ -212,13 +213,26 @@ def summarise(results: list[Result], wall: float, concurrency: int) -> dict:
 
 def table(rows: list[tuple[str, dict]]) -> str:
     lines = ["| server | conc | reqs | failed | out tok/s | TTFT p50 / p90 / p99 ms | TPOT p50 / p99 ms "
-             "| ITL p50 / p99 ms |", "|---|---|---|---|---|---|---|---|"]
+             "| ITL p50 / p99 ms | load |", "|---|---|---|---|---|---|---|---|---|"]
     for name, m in rows:
         t, p, i = m["ttft_ms"], m["tpot_ms"], m["itl_ms"]
         lines.append(f"| {name} | {m['concurrency']} | {m['requests']} | {m['failed']} | {m['output_tok_s']:.1f} "
                      f"| {t['p50']:.0f} / {t['p90']:.0f} / {t['p99']:.0f} | {p['p50']:.1f} / {p['p99']:.1f} "
-                     f"| {i['p50']:.1f} / {i['p99']:.1f} |")
+                     f"| {i['p50']:.1f} / {i['p99']:.1f} | {m['load']:.1f} |")
     return "\n".join(lines)
+
+
+def ratios(rows: list[tuple[str, dict]], peer: str = "llamacpp") -> str:
+    """Each of our servers against the peer at each concurrency both ran: output tok/s (x the peer's; the goal
+    at 16 is >= 3x) and p50 TTFT (x the peer's; the goal at 1 is <= 1x)."""
+    theirs = {m["concurrency"]: m for n, m in rows if n == peer}
+    lines = [f"| server | conc | out tok/s vs {peer} | p50 TTFT vs {peer} |", "|---|---|---|---|"]
+    for name, m in rows:
+        other = theirs.get(m["concurrency"])
+        if name != peer and other is not None and other["output_tok_s"] > 0:
+            lines.append(f"| {name} | {m['concurrency']} | {m['output_tok_s'] / other['output_tok_s']:.2f}x "
+                         f"| {m['ttft_ms']['p50'] / other['ttft_ms']['p50']:.2f}x |")
+    return "\n".join(lines) if len(lines) > 2 else ""
 
 
 def main() -> None:
@@ -233,6 +247,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--start-timeout", type=float, default=600)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=None,
+                        help="our servers' step budget (default: the engine's)")
     parser.add_argument("--json", type=Path, default=None, help="also write the measurements here")
     args = parser.parse_args()
 
@@ -244,7 +260,7 @@ def main() -> None:
     max_len = args.input_len[1] + args.output_len + 64
     rows: list[tuple[str, dict]] = []
     for name in args.servers:
-        server = make_server(name, gguf, args.threads, max_len)
+        server = make_server(name, gguf, args.threads, max_len, args.max_num_batched_tokens)
         if server is None:
             continue
         print(f"[{name}] starting: {' '.join(server.command)}", flush=True)
@@ -270,6 +286,8 @@ def main() -> None:
     print(f"workload: input {args.input_len[0]}-{args.input_len[1]} tokens, output {args.output_len} tokens, "
           f"seed {args.seed}, {args.threads} threads")
     print(table(rows))
+    print()
+    print(ratios(rows))
     if args.json is not None:
         args.json.write_text(json.dumps([{"server": n, **m} for n, m in rows], indent=2))
 
