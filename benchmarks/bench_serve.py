@@ -10,7 +10,11 @@ Metrics follow vLLM's benchmark_serving definitions:
 - TPOT: (E2E - TTFT) / (output tokens - 1) per request; ITL: gaps between successive streamed chunks;
 - output tok/s: all output tokens / wall time of the level; failed: requests that raised or returned non-200.
 
-    python benchmarks/bench_serve.py                                   # ours bf16 + int8 (+ llama.cpp if present)
+llama.cpp's server runs with `--interrupt_requests False` (else a new request ends the streaming one early) and
+`--logits_all False` (else it computes the logits of every prompt position); it has no `ignore_eos`, so its
+requests ban the special tokens by `logit_bias` instead. Its requests queue and run one at a time.
+
+    python benchmarks/bench_serve.py                                   # every server, concurrency 1/4/16/32
     python benchmarks/bench_serve.py --servers ours-int8 --concurrency 1 4 --num-prompts 8 --output-len 32
 """
 
@@ -130,6 +134,13 @@ def workload(gguf: Path, count: int, input_len: tuple[int, int], seed: int) -> l
     ordinary = min(tokenizer.added_tokens_decoder)  # ids below the first added token are plain BPE tokens
     return [tokenizer.decode([rng.randrange(1000, ordinary) for _ in range(rng.randint(*input_len))])
             for _ in range(count)]
+
+
+def longest_prompt(gguf: Path, prompts: list[str]) -> int:
+    from qwen2 import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf))
+    return max(len(tokenizer.encode(p)) for p in prompts)
 
 
 @dataclass
@@ -257,7 +268,16 @@ def main() -> None:
         from qwen2.loading.default_model import default_model_path
 
         gguf = default_model_path()
-    max_len = args.input_len[1] + args.output_len + 64
+    levels = {}  # concurrency -> (warm-up prompt, measured prompts), the same for every server
+    for concurrency in args.concurrency:
+        count = max(args.num_prompts, concurrency) if args.num_prompts else max(8, 2 * concurrency)
+        # warm-up (one-off costs) on a prompt of its own: a measured prompt seen before would be served from a
+        # prefix cache (ours) or the previous prompt's KV (llama.cpp)
+        levels[concurrency] = (workload(gguf, 1, tuple(args.input_len), args.seed - concurrency),
+                               workload(gguf, count, tuple(args.input_len), args.seed + concurrency))
+    # random ids decoded to text encode back to a few more tokens at times: the context fits the longest
+    max_len = longest_prompt(gguf, [p for warm, prompts in levels.values() for p in warm + prompts])
+    max_len += args.output_len + 16
     rows: list[tuple[str, dict]] = []
     for name in args.servers:
         server = make_server(name, gguf, args.threads, max_len, args.max_num_batched_tokens)
@@ -268,12 +288,7 @@ def main() -> None:
         try:
             server.start(args.start_timeout)
             print(f"[{name}] ready in {time.perf_counter() - started:.1f} s", flush=True)
-            for concurrency in args.concurrency:
-                count = max(args.num_prompts, concurrency) if args.num_prompts else max(8, 2 * concurrency)
-                prompts = workload(gguf, count, tuple(args.input_len), args.seed + concurrency)
-                # warm-up (one-off costs) on a prompt of its own: a measured prompt seen before would be served
-                # from a prefix cache (ours) or the previous prompt's KV (llama.cpp)
-                warm = workload(gguf, 1, tuple(args.input_len), args.seed - concurrency)
+            for concurrency, (warm, prompts) in levels.items():
                 asyncio.run(run_level(server, warm, 1, 4))
                 metrics = asyncio.run(run_level(server, prompts, concurrency, args.output_len))
                 rows.append((name, metrics))
