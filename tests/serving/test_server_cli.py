@@ -108,3 +108,21 @@ def test_serve_without_the_extra_names_the_pip_command(monkeypatch, capsys, miss
     assert main(["serve", "--port", "0"]) == 1
     error = capsys.readouterr().err
     assert 'pip install "qwen2[serve]"' in error and missing in error
+
+
+def test_serve_step_budget_reaches_the_engine(tiny_dir):
+    import asyncio
+
+    from qwen2.cli.main import build_parser
+    from qwen2.serving.cli import _engine_factory
+
+    common = ["serve", "--model", str(tiny_dir), "--dtype", "float32", "--kv-cache-memory", "8MiB",
+              "--max-num-seqs", "4"]
+    engine = _engine_factory(build_parser().parse_args([*common, "--max-num-batched-tokens", "48"]))()
+    try:
+        scheduler = engine.engine.scheduler
+        assert (scheduler.max_num_seqs, scheduler.max_num_batched_tokens) == (4, 48)
+    finally:
+        asyncio.run(engine.shutdown(0))
+    with pytest.raises(ValueError, match="max_num_batched_tokens >= max_num_seqs"):  # a step must fit every row
+        _engine_factory(build_parser().parse_args([*common, "--max-num-batched-tokens", "2"]))()

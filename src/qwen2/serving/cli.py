@@ -59,6 +59,9 @@ def register(commands: Any, common: argparse.ArgumentParser) -> None:
                        help="the model name clients send (default: the --model argument, or the default model's id)")
     serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 and tokenize routes")
     serve.add_argument("--max-num-seqs", type=_positive, default=None, help="requests decoded together at most")
+    serve.add_argument("--max-num-batched-tokens", type=_positive, default=None,
+                       help="tokens one step computes at most (decode rows + prefill chunks; default 512): larger "
+                            "chunks prefill long prompts in fewer steps, smaller ones keep decoding rows moving")
     serve.add_argument("--max-model-len", type=_positive, default=None, help="prompt + answer tokens at most")
     serve.add_argument("--max-waiting", type=_positive, default=None,
                        help="queued requests at most; more get 429 with Retry-After")
@@ -92,8 +95,8 @@ def _engine_factory(args: argparse.Namespace) -> Any:
 
             torch.set_num_threads(clamp_threads(args.threads))
         options = {"max_num_seqs": args.max_num_seqs, "max_model_len": args.max_model_len,
-                   "max_waiting": args.max_waiting, "kv_cache_memory": args.kv_cache_memory,
-                   "speculative_ngram_tokens": args.speculative_ngram}
+                   "max_num_batched_tokens": args.max_num_batched_tokens, "max_waiting": args.max_waiting,
+                   "kv_cache_memory": args.kv_cache_memory, "speculative_ngram_tokens": args.speculative_ngram}
         options = {key: value for key, value in options.items() if value is not None}
         if args.tensor_parallel_size > 1:
             from qwen2.distributed.serving import LockstepAsyncEngine, lockstep_engine
@@ -160,7 +163,7 @@ def _serve_replicas(args: argparse.Namespace) -> int:
     if args.tensor_parallel_size > 1:
         raise ValueError("--replicas and --tensor-parallel-size cannot be combined yet")
     options = {"max_num_seqs": args.max_num_seqs, "max_model_len": args.max_model_len,
-               "kv_cache_memory": args.kv_cache_memory,
+               "max_num_batched_tokens": args.max_num_batched_tokens, "kv_cache_memory": args.kv_cache_memory,
                "max_waiting": args.max_waiting, "threads": args.threads, "api_key": args.api_key,
                "quantization": args.quantization}
     run_replicas(_model_path(args), served_model_name=args.served_model_name or args.model or DEFAULT_MODEL_NAME,
