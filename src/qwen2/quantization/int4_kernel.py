@@ -30,15 +30,11 @@ False and int4 keeps torch's packed kernel.
 from __future__ import annotations
 
 import functools
-import logging
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from qwen2.quantization.kernels import _cpu_has_vnni, _describe
-
-logger = logging.getLogger(__name__)
+from qwen2.quantization.kernels import _cpu_has_vnni, build_extension
 
 BLOCK = 32  # columns per activation scale
 ROWS = 16  # output rows per layout block (one zmm of int32 lanes)
@@ -266,27 +262,11 @@ def load() -> bool:
     global _loaded, _build_error
     if not _cpu_has_vnni():
         return False
-    threads = torch.get_num_threads()
-    try:
-        from torch.utils.cpp_extension import _get_build_directory, load_inline
-
-        if not any(Path(_get_build_directory("qwen2_int4", verbose=False)).glob("qwen2_int4*.so")):
-            logger.info("Building the AVX-512 int4 kernel with the C++ compiler: about a minute on 2 cores, "
-                        "once per machine.")
-        load_inline("qwen2_int4", cpp_sources=_SOURCE, is_python_module=False,
-                    extra_cflags=["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"],
-                    extra_ldflags=["-fopenmp"])
-        # The first parallel region initialises the extension's OpenMP; inside a compiled graph that reset
-        # torch's thread count to 1 (kernels.py measured it), so it runs here once and the count is restored.
-        linear(torch.zeros(1, 32, dtype=DTYPE), torch.zeros(64, 16, dtype=torch.uint8),
-               torch.zeros(1, 64, 2, dtype=DTYPE), 32)
-    except Exception as err:  # noqa: BLE001 - no compiler, no ninja, a failed build: keep torch's kernel
-        _build_error = _describe(err)
-        logger.warning("The AVX-512 int4 kernel could not be built (%s); int4 keeps torch's packed kernel, slower.",
-                       _build_error)
+    _build_error = build_extension("qwen2_int4", _SOURCE, lambda: linear(
+        torch.zeros(1, 32, dtype=DTYPE), torch.zeros(64, 16, dtype=torch.uint8), torch.zeros(1, 64, 2, dtype=DTYPE), 32),
+        "int4 (torch's packed kernel)")
+    if _build_error:
         return False
-    finally:
-        torch.set_num_threads(threads)
 
     @torch.library.register_fake("qwen2_int4::linear")
     def _(x: Tensor, codes: Tensor, scales_and_zeros: Tensor, group: int, bias: Tensor | None) -> Tensor:
