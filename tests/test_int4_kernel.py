@@ -146,7 +146,7 @@ def test_module_prompt_rows_dequantise_the_kernel_layout_exactly(kernel):
     q = _module()
     dense = dequantize_int4(unpack_nibbles(q.plain_weight()), q.scales_and_zeros, 64, BF16)
     assert torch.equal(q.dequantize(BF16), dense)
-    x = torch.randn(128, 256).to(BF16)
+    x = torch.randn(257, 256).to(BF16)  # from 257 rows
     assert torch.equal(q(x), F.linear(x, dense) + q.bias)
 
 

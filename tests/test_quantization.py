@@ -59,7 +59,7 @@ def _reference(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """x @ dequantised(W).T (+ bias), in float64: what the fused kernel must compute. For int4's VNNI kernel x is
     the rows as it quantises them (int8 codes times a float32 scale per block of 32 columns)."""
     x = x.reshape(-1, x.shape[-1])
-    if getattr(module, "_layout", None) == "vnni" and x.shape[0] < int4_mod._DEQUANTIZE_FROM_ROWS:
+    if getattr(module, "_layout", None) == "vnni" and x.shape[0] < int4_mod._VNNI_DEQUANTIZE_FROM_ROWS:
         codes, scales = int4_kernel.quantize_activations(x)
         x = (codes.double().view(x.shape[0], -1, int4_kernel.BLOCK) * scales.double()[..., None]).view(x.shape)
     out = x.double() @ module.dequantize(torch.float64).t()

@@ -16,7 +16,8 @@ is taken, and packs again when its device or dtype no longer fits the layout (ea
 Off the CPU the module dequantises and calls `F.linear`: slower, but the same arithmetic everywhere. On the
 CPU, prompts of at least `_DEQUANTIZE_FROM_ROWS` rows do the same (dequantised straight from the packed
 layout): torch's kernel dequantises the weight again for every 4 rows, so from ~128 rows one dequantisation and
-the dense bf16 GEMM are faster (1.8x at 512 rows on the default model's shapes, measured).
+the dense bf16 GEMM are faster (1.8x at 512 rows on the default model's shapes, measured). The VNNI kernel stays
+faster than the bf16 GEMM itself to at least 256 rows, so with its layout only longer prompts dequantise.
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ _CPU_BLOCK_ROWS = 64
 _ROW_CHUNK = 4096  # a multiple of _CPU_BLOCK_ROWS: bounds the float32/int32 temporaries for the 151936-row lm_head
 _KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _DEQUANTIZE_FROM_ROWS = 128
+# The VNNI kernel's integer products outrun the bf16 GEMM itself (1.3-1.7x at 8-256 rows on the default
+# model's shapes, 2.6-37x dequantise + GEMM; measured), so its layout keeps it up to 256 rows.
+_VNNI_DEQUANTIZE_FROM_ROWS = 257
 # Range shrink factors tried per group; 1.0 (plain min/max) first, so the search can only lower the error.
 CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
 _SEARCH_ELEMENTS = 1 << 18  # weights per chunk of the clip search: its float32 temporaries stay in L2
@@ -305,10 +309,11 @@ class Int4WeightOnlyLinear(nn.Module):
         dtype = self.scales_and_zeros.dtype
         x2 = x.reshape(-1, self.in_features).to(dtype)
         on_cpu = x2.device.type == "cpu" and self.weight.device.type == "cpu"
-        if on_cpu and x2.shape[0] < _DEQUANTIZE_FROM_ROWS and self._layout == "vnni" and dtype == int4_kernel.DTYPE:
+        rows = x2.shape[0]
+        if on_cpu and rows < _VNNI_DEQUANTIZE_FROM_ROWS and self._layout == "vnni" and dtype == int4_kernel.DTYPE:
             out = int4_kernel.linear(x2, self.weight, self.scales_and_zeros, self.group_size, self.bias)
             return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
-        if on_cpu and x2.shape[0] < _DEQUANTIZE_FROM_ROWS and self._layout == "cpu" and dtype in _KERNEL_DTYPES:
+        if on_cpu and rows < _DEQUANTIZE_FROM_ROWS and self._layout == "cpu" and dtype in _KERNEL_DTYPES:
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), self.weight, self.group_size,
                                                             self.scales_and_zeros)
         else:
