@@ -1,4 +1,5 @@
-"""Weight-only matmul kernels on the default model's shapes: bf16 F.linear vs PyTorch's packed int8/int4 CPU kernels.
+"""Weight-only matmul kernels on the default model's shapes: bf16 F.linear vs PyTorch's packed int8/int4 CPU kernels,
+and our AVX512-VNNI int4 kernel (qwen2.quantization.int4_kernel, where it builds).
 
 Decode is memory-bound, so the figure that matters is effective bandwidth: weight bytes read per call / time.
 Each kernel cycles over enough copies of its weight to overflow the last-level cache, as a decode step over
@@ -13,6 +14,9 @@ import time
 
 import torch
 import torch.nn.functional as F
+
+from qwen2.quantization import int4_kernel
+from qwen2.quantization.int4 import pack_nibbles, to_vnni_layout
 
 # (out_features, in_features) of Qwen2.5-0.5B: q/o, k/v, gate/up, down, lm_head.
 SHAPES = [(896, 896), (128, 896), (4864, 896), (896, 4864), (151936, 896)]
@@ -67,9 +71,16 @@ def bench_shape(n: int, k: int, batch: int, group_size: int) -> dict[str, tuple[
         sz = (torch.rand(k // group_size, n, 2) * 1e-3).to(torch.bfloat16)
         return lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group_size, sz)
 
+    def int4_vnni():
+        codes = to_vnni_layout(pack_nibbles(torch.randint(0, 16, (n, k), dtype=torch.uint8)))
+        sz = (torch.rand(k // group_size, n, 2) * 1e-3).to(torch.bfloat16)
+        return lambda: int4_kernel.linear(x, codes, sz, group_size)
+
     record("bf16", bf16, n * k * 2)
     record("int8", int8, n * k + n * 2)
     record(f"int4/g{group_size}", int4, n * k // 2 + (k // group_size) * n * 4)
+    if int4_kernel.load():
+        record(f"ours int4/g{group_size}", int4_vnni, n * k // 2 + (k // group_size) * n * 4)
     return results
 
 
@@ -81,7 +92,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}, {args.threads} threads")
-    print(f"{'shape (N x K)':>16} {'batch':>5}  " + "  ".join(f"{name:>22}" for name in ("bf16", "int8", f"int4/g{args.group_size}")))
+    names = ["bf16", "int8", f"int4/g{args.group_size}"] + ([f"ours int4/g{args.group_size}"] if int4_kernel.load() else [])
+    print(f"{'shape (N x K)':>16} {'batch':>5}  " + "  ".join(f"{name:>22}" for name in names))
     for batch in args.batch:
         for n, k in SHAPES:
             res = bench_shape(n, k, batch, args.group_size)

@@ -37,6 +37,19 @@ def require_int8_kernels() -> None:
                     f"{kernels.build_error()}")
 
 
+def int4_kernel_expected() -> bool:
+    """Whether bf16 int4 layers must run the AVX-512 int4 kernel here: AVX512-VNNI and a C++ compiler. Where
+    they are, a failed build fails the caller, naming the compiler's error."""
+    from qwen2.quantization import int4_kernel
+
+    if not {"avx512_vnni", "avx512bw"} <= cpu_flags() or shutil.which(os.environ.get("CXX", "c++")) is None:
+        return False
+    if not int4_kernel.load():
+        pytest.fail(f"the AVX-512 int4 kernel failed to build on a CPU with AVX512-VNNI and a compiler: "
+                    f"{int4_kernel.build_error()}")
+    return True
+
+
 @pytest.fixture(autouse=True)
 def _seeded():
     torch.manual_seed(0)

@@ -3,7 +3,7 @@ the next token) when it is ready.
 
 The compiled step is a file in qwen2's cache (`cache_dir()/compile/`, qwen2.generation.precompiled), keyed
 by the torch and Python versions, the CPU and its flags, the thread count and the model's config, dtypes,
-quantisation and module types (not its weights: the compiled graph takes them as inputs). A start that finds
+quantisation, module types and int4 layouts (not its weights: the compiled graph takes them as inputs). A start that finds
 it loads it in a background thread (seconds, no tracing). A start that does not compiles it in a child
 process, stopped while an answer streams (`paused`) and niced: compiling in a thread of the chat's own
 process took the cores and the interpreter lock from the answers (the first answer decoded at a fraction of
@@ -62,6 +62,8 @@ def artifacts_key(model: Any) -> dict[str, Any]:
         "threads": torch.get_num_threads(), "config": config,
         "dtypes": sorted({str(p.dtype) for p in model.parameters()}),
         "modules": sorted({type(m).__qualname__ for m in model.modules()}), "device": str(model.device),
+        # int4's packed layout says which kernel the graph calls (torch's, or ours where it built)
+        "layouts": sorted({m._layout for m in model.modules() if isinstance(getattr(m, "_layout", None), str)}),
     }
 
 

@@ -3,16 +3,21 @@
 Modelled on gpt-fast's `WeightOnlyInt4Linear` (tinygemm semantics): a code q in 0..15 stands for
 `(q - 8) * scale + zero`, with `scales_and_zeros` laid out (in_features // group_size, out_features, 2).
 
-Two layouts of the same 4-bit codes:
+Three layouts of the same 4-bit codes:
 - plain: uint8 (out, in // 2), column 2j in the low nibble and 2j+1 in the high one. This is what state dicts
   and checkpoints hold, because it is the same on every machine.
-- cpu: what `torch._convert_weight_to_int4pack_for_cpu` produces for `torch._weight_int4pack_mm_for_cpu`.
-  It depends on the CPU's vector width (AVX-512 and AVX2 interleave differently), so it is never saved: a
-  module on CPU packs on load and unpacks when its state dict is taken or when it is moved off the CPU.
+- vnni: the layout of the AVX512-VNNI kernel (`int4_kernel`: the rows quantised to int8, integer dot
+  products), for bf16 modules on a CPU where that kernel builds.
+- cpu: what `torch._convert_weight_to_int4pack_for_cpu` produces for `torch._weight_int4pack_mm_for_cpu`,
+  for the other dtypes or CPUs. It depends on the CPU's vector width (AVX-512 and AVX2 interleave
+  differently).
+The two CPU layouts are private and never saved: a module on the CPU packs on load, unpacks when its state dict
+is taken, and packs again when its device or dtype no longer fits the layout (eagerly, at the next call).
 Off the CPU the module dequantises and calls `F.linear`: slower, but the same arithmetic everywhere. On the
 CPU, prompts of at least `_DEQUANTIZE_FROM_ROWS` rows do the same (dequantised straight from the packed
-layout): the kernel dequantises the weight again for every 4 rows, so from ~128 rows one dequantisation and
-the dense bf16 GEMM are faster (1.8x at 512 rows on the default model's shapes, measured).
+layout): torch's kernel dequantises the weight again for every 4 rows, so from ~128 rows one dequantisation and
+the dense bf16 GEMM are faster (1.8x at 512 rows on the default model's shapes, measured). The VNNI kernel stays
+faster than the bf16 GEMM itself to at least 256 rows, so with its layout only longer prompts dequantise.
 """
 
 from __future__ import annotations
@@ -23,12 +28,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from qwen2.quantization import int4_kernel
+
 GROUP_SIZES = (32, 64, 128, 256)
 # The CPU packing works on independent blocks of 16, 32 or 64 rows (by vector width); 64 is a multiple of each.
 _CPU_BLOCK_ROWS = 64
 _ROW_CHUNK = 4096  # a multiple of _CPU_BLOCK_ROWS: bounds the float32/int32 temporaries for the 151936-row lm_head
 _KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _DEQUANTIZE_FROM_ROWS = 128
+# The VNNI kernel's integer products outrun the bf16 GEMM itself (1.3-1.7x at 8-256 rows on the default
+# model's shapes, 2.6-37x dequantise + GEMM; measured), so its layout keeps it up to 256 rows.
+_VNNI_DEQUANTIZE_FROM_ROWS = 257
 # Range shrink factors tried per group; 1.0 (plain min/max) first, so the search can only lower the error.
 CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
 _SEARCH_ELEMENTS = 1 << 18  # weights per chunk of the clip search: its float32 temporaries stay in L2
@@ -197,6 +207,37 @@ def _cpu_layout_codes(packed: Tensor, dtype: torch.dtype) -> Tensor:
     return codes
 
 
+def to_vnni_layout(plain: Tensor) -> Tensor:
+    """Plain (out, in // 2) -> the layout of `int4_kernel` (same shape and bytes): per block of 16 rows, per 8
+    columns, 64 bytes, byte 4 * i + j holding row i's column j in its low nibble and column j + 4 in its high."""
+    n, half = plain.shape
+    rows = int4_kernel.ROWS
+    out = torch.empty_like(plain)
+    for lo in range(0, n, _ROW_CHUNK):  # bounds the unpacked temporaries for the 151936-row lm_head
+        hi = min(lo + _ROW_CHUNK, n)
+        codes = unpack_nibbles(plain[lo:hi]).view((hi - lo) // rows, rows, half // 4, 2, 4)
+        codes = codes.permute(0, 2, 1, 4, 3)  # block, 8 columns, row, j, nibble
+        out[lo:hi] = (codes[..., 0] | (codes[..., 1] << 4)).reshape(hi - lo, half)
+    return out
+
+
+def from_vnni_layout(packed: Tensor) -> Tensor:
+    """Inverse of `to_vnni_layout`."""
+    return pack_nibbles(_vnni_layout_codes(packed, torch.uint8))
+
+
+def _vnni_layout_codes(packed: Tensor, dtype: torch.dtype) -> Tensor:
+    """Codes (out, in) of a weight in `int4_kernel`'s layout, as `dtype`."""
+    n, half = packed.shape
+    rows = int4_kernel.ROWS
+    blocks = packed.view(n // rows, half // 4, rows, 4).transpose(1, 2)  # block, row, 8 columns, j
+    codes = torch.empty(n, 2 * half, dtype=dtype, device=packed.device)
+    view = codes.view(n // rows, rows, half // 4, 2, 4)
+    view[:, :, :, 0] = blocks & 15
+    view[:, :, :, 1] = blocks >> 4
+    return codes
+
+
 class Int4WeightOnlyLinear(nn.Module):
     """Drop-in for `nn.Linear` holding 4-bit `weight` codes and per-group `scales_and_zeros`."""
 
@@ -231,33 +272,50 @@ class Int4WeightOnlyLinear(nn.Module):
 
     def plain_weight(self) -> Tensor:
         """The codes in the portable layout, whatever layout the module runs with."""
-        return from_cpu_layout(self.weight) if self._layout == "cpu" else self.weight
+        if self._layout == "cpu":
+            return from_cpu_layout(self.weight)
+        return from_vnni_layout(self.weight) if self._layout == "vnni" else self.weight
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """The float weight, read straight from whichever layout the module holds (no plain round trip)."""
         if self._layout == "cpu":
             codes = _cpu_layout_codes(self.weight, torch.float32)
+        elif self._layout == "vnni":
+            codes = _vnni_layout_codes(self.weight, torch.float32)
         else:
             codes = unpack_nibbles(self.weight).to(torch.float32)
         return _scale_codes(codes, self.scales_and_zeros, self.group_size).to(dtype)
 
+    def _fitting_layout(self) -> str:
+        """The layout for where the module is now: plain off the CPU; on it, the VNNI kernel's for bf16 where
+        that kernel builds, else torch's (its first call builds the kernel: about a minute, once per machine)."""
+        if self.weight.device.type != "cpu":
+            return "plain"
+        if int4_kernel.takes(self.in_features, self.out_features, self.group_size, self.scales_and_zeros.dtype):
+            return "vnni"
+        return "cpu"
+
     def _pack_for_cpu(self) -> None:
-        if self._layout == "plain" and self.weight.device.type == "cpu":
-            self.weight = to_cpu_layout(self.weight)
-            self._layout = "cpu"
+        """Repack the codes into the layout that fits (a no-op when they are in it)."""
+        layout = self._fitting_layout()
+        if layout != self._layout:
+            plain = self.plain_weight()
+            self.weight = {"cpu": to_cpu_layout, "vnni": to_vnni_layout}.get(layout, lambda w: w)(plain)
+            self._layout = layout
 
     def forward(self, x: Tensor) -> Tensor:
-        if self._layout == "cpu" and self.weight.device.type != "cpu":  # moved off the CPU since it was packed
-            self.weight = from_cpu_layout(self.weight)
-            self._layout = "plain"
+        if not torch.compiler.is_compiling():  # moved to another device or dtype since it was packed
+            self._pack_for_cpu()
         dtype = self.scales_and_zeros.dtype
         x2 = x.reshape(-1, self.in_features).to(dtype)
-        if self._layout == "cpu" and x2.device.type == "cpu" and dtype in _KERNEL_DTYPES:
-            if x2.shape[0] >= _DEQUANTIZE_FROM_ROWS:
-                out = F.linear(x2, self.dequantize(dtype))
-            else:
-                out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), self.weight, self.group_size,
-                                                                self.scales_and_zeros)
+        on_cpu = x2.device.type == "cpu" and self.weight.device.type == "cpu"
+        rows = x2.shape[0]
+        if on_cpu and rows < _VNNI_DEQUANTIZE_FROM_ROWS and self._layout == "vnni" and dtype == int4_kernel.DTYPE:
+            out = int4_kernel.linear(x2, self.weight, self.scales_and_zeros, self.group_size, self.bias)
+            return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        if on_cpu and rows < _DEQUANTIZE_FROM_ROWS and self._layout == "cpu" and dtype in _KERNEL_DTYPES:
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), self.weight, self.group_size,
+                                                            self.scales_and_zeros)
         else:
             out = F.linear(x2, self.dequantize(dtype))
         if self.bias is not None:
@@ -270,7 +328,7 @@ class Int4WeightOnlyLinear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        if prefix + "weight" in state_dict:  # checkpoints always hold the plain layout
+        if prefix + "weight" in state_dict:  # checkpoints always hold the plain layout: pack it afresh
             self._layout = "plain"
             self._pack_for_cpu()
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -236,6 +237,33 @@ def _cpu_has_vnni() -> bool:
     return " avx512_vnni" in flags and " avx512bw" in flags
 
 
+def build_extension(name: str, source: str, first_call: Callable[[], object], what: str) -> str | None:
+    """Build (once per machine: torch caches it) and load the C++ extension `name` with AVX512-VNNI flags, then
+    run `first_call`; None if that worked, else the error described (logged as a warning saying `what` keeps
+    torch's operations). The first call runs the extension's first parallel region, which initialises its
+    OpenMP: done inside a compiled graph that reset torch's thread count to 1 (measured), so it runs here,
+    once, and the count is restored."""
+    threads = torch.get_num_threads()
+    try:
+        from torch.utils.cpp_extension import _get_build_directory, load_inline
+
+        if not any(Path(_get_build_directory(name, verbose=False)).glob(f"{name}*.so")):
+            logger.info("Building the AVX-512 kernels %s with the C++ compiler: about a minute on 2 cores, "
+                        "once per machine.", name)
+        load_inline(name, cpp_sources=source, is_python_module=False,
+                    extra_cflags=["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"],
+                    extra_ldflags=["-fopenmp"])
+        first_call()
+    except Exception as err:  # noqa: BLE001 - no compiler, no ninja, a failed build: keep torch's operations
+        error = _describe(err)
+        logger.warning("The AVX-512 kernels %s could not be built (%s); %s keeps torch's operations, slower.",
+                       name, error, what)
+        return error
+    finally:
+        torch.set_num_threads(threads)
+    return None
+
+
 @functools.cache
 def load() -> bool:
     """Build (once per machine) and register the kernels; whether they can be used. Call it before
@@ -243,27 +271,12 @@ def load() -> bool:
     global _loaded, _build_error
     if not _cpu_has_vnni():
         return False
-    threads = torch.get_num_threads()
-    try:
-        from torch.utils.cpp_extension import _get_build_directory, load_inline
-
-        if not any(Path(_get_build_directory("qwen2_int8", verbose=False)).glob("qwen2_int8*.so")):
-            logger.info("Building the AVX-512 int8 kernels with the C++ compiler: about a minute on 2 cores, "
-                        "once per machine.")
-        load_inline("qwen2_int8", cpp_sources=_SOURCE, is_python_module=False,
-                    extra_cflags=["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"],
-                    extra_ldflags=["-fopenmp"])
-        # The kernel's first parallel region initialises OpenMP in the extension; done inside a compiled
-        # graph it reset torch's thread count to 1 (measured), so it runs here, once, and the count is restored.
-        torch.ops.qwen2_int8.rowdot(torch.zeros(1, K_MULTIPLE, dtype=torch.int16),
-                                    torch.zeros(64, K_MULTIPLE, dtype=torch.int8))
-    except Exception as err:  # noqa: BLE001 - no compiler, no ninja, a failed build: keep the float path
-        _build_error = _describe(err)
-        logger.warning("The AVX-512 int8 kernels could not be built (%s); int8 and w8a8 keep torch's operations, "
-                       "slower.", _build_error)
+    _build_error = build_extension(
+        "qwen2_int8", _SOURCE, lambda: torch.ops.qwen2_int8.rowdot(torch.zeros(1, K_MULTIPLE, dtype=torch.int16),
+                                                                   torch.zeros(64, K_MULTIPLE, dtype=torch.int8)),
+        "int8 (and w8a8)")
+    if _build_error:
         return False
-    finally:
-        torch.set_num_threads(threads)
 
     @torch.library.register_fake("qwen2_int8::rowdot")
     def _(x: Tensor, weight: Tensor) -> Tensor:
