@@ -4,7 +4,9 @@ the logits processor, and the serving engine with `structured_outputs` (batch 1 
 The constraint's cost per step is the masks (llguidance, all rows in one parallel call; the engine computes
 them beside the forward), the history lookup (generate()) and the masking of the (rows, vocabulary) logits.
 The schema asks for a long array so every row decodes many tokens; rates are rows x steps / decode time
-(prefill subtracted), as in bench_decode.py. Check `uptime`: on busy cores the numbers move a lot.
+(prefill subtracted), as in bench_decode.py. The unconstrained and constrained runs alternate for `--rounds` rounds
+and each rate is the median of its rounds, so a change of load between them hits both alike. Check `uptime`: on
+busy cores the numbers move a lot.
 
     flock /tmp/qwen2-heavy.lock python benchmarks/bench_constrained.py --batch 1 16
 """
@@ -14,7 +16,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import statistics
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -37,6 +41,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--only", choices=("generate", "engine"), help="measure one of the two (default both)")
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3, help="alternating runs of each; the median is reported")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
@@ -65,23 +70,22 @@ def main() -> None:
     for batch in args.batch:
         ids = prompt.repeat(batch, 1)
         if args.only != "engine":
-            rates = {}
+            measures = {}
             for label, processors in (("unconstrained", []), ("json_schema", [constraint])):
                 run(ids, 2, processors)  # warm up
                 prefill = min(run(ids, 1, processors)[0] for _ in range(2))
-                total, steps = run(ids, args.new_tokens, processors)
-                rates[label] = batch * (steps - 1) / (total - prefill)
-                _report("generate()", batch, label, rates[label], f"over {steps} steps")
-            _cost("generate()", batch, rates)
+                measures[label] = lambda processors=processors, prefill=prefill: _decode_rate(
+                    run(ids, args.new_tokens, processors), prefill, batch)
+            _cost("generate()", batch, _alternate(measures, args.rounds))
         if args.only != "generate":
-            rates = {}
+            measures = {}
             for label, constrained in (("unconstrained", None), ("json_schema", structured)):
                 params = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=constrained is None,
                                         structured_outputs=constrained)
                 engine_rate(engine, prompt[0].tolist(), batch, 4, params)  # warm up
-                rates[label] = engine_rate(engine, prompt[0].tolist(), batch, args.new_tokens, params)
-                _report("engine", batch, label, rates[label], "")
-            _cost("engine", batch, rates)
+                measures[label] = lambda params=params: engine_rate(engine, prompt[0].tolist(), batch,
+                                                                    args.new_tokens, params)
+            _cost("engine", batch, _alternate(measures, args.rounds))
 
 
 def engine_rate(engine: LLMEngine, ids: list[int], batch: int, new_tokens: int, params: SamplingParams) -> float:
@@ -99,14 +103,27 @@ def engine_rate(engine: LLMEngine, ids: list[int], batch: int, new_tokens: int, 
     return (sum(generated.values()) - at_start) / (time.perf_counter() - start)
 
 
-def _report(path: str, batch: int, label: str, rate: float, detail: str) -> None:
-    print(f"{path} batch {batch}: {label:13s} decode {rate:.1f} tok/s {detail}, load average "
-          f"{os.getloadavg()[0]:.1f}")
+def _decode_rate(run: tuple[float, int], prefill: float, batch: int) -> float:
+    total, steps = run
+    return batch * (steps - 1) / (total - prefill)
 
 
-def _cost(path: str, batch: int, rates: dict[str, float]) -> None:
-    print(f"{path} batch {batch}: the constraint costs {100 * (1 - rates['json_schema'] / rates['unconstrained']):.1f}% "
-          "of decode throughput")
+def _alternate(measures: dict[str, Callable[[], float]], rounds: int) -> dict[str, list[float]]:
+    """Each label's rates over `rounds` rounds that run the labels in turn."""
+    rates: dict[str, list[float]] = {label: [] for label in measures}
+    for _ in range(rounds):
+        for label, measure in measures.items():
+            rates[label].append(measure())
+    return rates
+
+
+def _cost(path: str, batch: int, rates: dict[str, list[float]]) -> None:
+    median = {label: statistics.median(values) for label, values in rates.items()}
+    for label, values in rates.items():
+        print(f"{path} batch {batch}: {label:13s} decode {median[label]:.1f} tok/s (median of "
+              f"{', '.join(f'{v:.1f}' for v in values)}), load average {os.getloadavg()[0]:.1f}")
+    print(f"{path} batch {batch}: the constraint costs "
+          f"{100 * (1 - median['json_schema'] / median['unconstrained']):.1f}% of decode throughput")
 
 
 if __name__ == "__main__":

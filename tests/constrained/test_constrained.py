@@ -201,3 +201,23 @@ def test_both_tokenizers_spell_multibyte_text_for_the_grammar(default_gguf, use_
     invalid = compile_constraint(tok, json_schema=schema)
     assert not all(invalid.advance(t) for t in tok.encode('{"t": 1}', add_special_tokens=False))
     assert invalid.failed
+
+
+@pytest.mark.parametrize("vocab", [70, 96, 150], ids=["narrower", "exact", "padded"])
+def test_masking_equals_llguidance_own_kernel(vocab):
+    """Our byte-table masking sets the same logits to -inf as llguidance's reference numpy kernel, for scores
+    narrower than the bitmask's 96 tokens, as wide, and wider (a model's padded vocabulary rows)."""
+    from llguidance.numpy import apply_token_bitmask_inplace
+
+    from qwen2.constrained import apply_bitmask, apply_bitmask_
+
+    generator = torch.Generator().manual_seed(0)
+    bitmask = torch.randint(-2**31, 2**31 - 1, (5, 3), dtype=torch.int32, generator=generator)
+    bitmask[0], bitmask[1], bitmask[2, 1] = 0, -1, -2**31  # nothing, everything, only the last bit
+    scores = torch.randn(5, vocab, generator=generator)
+    expected = scores.numpy().copy()
+    apply_token_bitmask_inplace(expected, bitmask.numpy())
+    assert torch.equal(apply_bitmask(scores, bitmask), torch.from_numpy(expected))
+    in_place = scores.clone()
+    apply_bitmask_(in_place, bitmask)
+    assert torch.equal(in_place, torch.from_numpy(expected))

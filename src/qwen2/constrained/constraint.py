@@ -17,8 +17,10 @@ import torch
 from qwen2.constrained.engine import executor, ll_tokenizer
 from qwen2.constrained.grammar import DEFAULT_COMPILE_TIMEOUT, compile_grammar
 
-# bit -> what masking adds to a logit: forbidden -inf, allowed 0.
-_PENALTY = np.array([-np.inf, 0.0], dtype=np.float32)
+# mask byte -> what masking adds to its 8 logits (llguidance's bit order: least significant bit first): a
+# forbidden token's bit is 0 and adds -inf, an allowed one's adds 0.
+_PENALTY = np.array([-np.inf, 0.0], dtype=np.float32).take(
+    np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1, bitorder="little"))
 
 
 class Constraint:
@@ -104,11 +106,13 @@ def apply_bitmask_(scores: torch.Tensor, bitmask: torch.Tensor) -> None:
 
 
 def _mask(scores: np.ndarray, bitmask: torch.Tensor) -> None:
-    """In numpy, single-threaded: unpack the bits (llguidance's order: little-endian int32 words, least
-    significant bit first) and add 0 or -inf to every logit. torch's element-wise kernels spread a 152k-vocabulary
-    row over its thread pool, whose hand-offs cost more than the work (tens of ms per step when the model's
-    threads share the cores); this is ~0.2 ms a row."""
-    bits = np.unpackbits(bitmask.numpy().view(np.uint8), axis=-1, bitorder="little")  # (N, 32 W)
-    width = min(bits.shape[1], scores.shape[1])
-    scores[:, :width] += _PENALTY.take(bits[:, :width])
-    scores[:, width:] = -np.inf
+    """In numpy, single-threaded, a row at a time: each mask byte picks its 8 logits' penalties from a table (one
+    gather per byte rather than one per token) and the row adds them (~0.06 ms a row on a 152k vocabulary, 3x
+    less than unpacking the bits and gathering per token). torch's element-wise kernels would spread a row over
+    its thread pool, whose hand-offs cost more than the work (tens of ms per step when the model's threads share
+    the cores)."""
+    mask_bytes = bitmask.numpy().view(np.uint8)
+    width = min(mask_bytes.shape[1] * 8, scores.shape[1])
+    for row, mask in zip(scores, mask_bytes):
+        row[:width] += _PENALTY.take(mask, axis=0).reshape(-1)[:width]
+        row[width:] = -np.inf
