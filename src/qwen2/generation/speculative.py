@@ -29,9 +29,10 @@ from typing import Any
 import torch
 
 from qwen2.generation.draft import AssistantDrafter, PromptLookupDrafter
-from qwen2.generation.fast import CompiledDecodeStep, DecodeLinears
+from qwen2.generation.fast import _with_decode_linears
 from qwen2.generation.logits import apply_processors
 from qwen2.generation.prompt import extend_user_cache, seed_cache
+from qwen2.generation.speculative_verify import Verifier
 from qwen2.generation.stopping import any_done
 
 logger = logging.getLogger(__name__)
@@ -162,18 +163,21 @@ def _check_assistant(model: Any, assistant: Any, config: Any) -> None:
                          f"{model_device}; move them to the same device.")
 
 
-def _drafter_and_control(plan: Any, assistant: Any, compiled: bool) -> tuple[Any, SpeculationControl]:
+def _drafter_and_control(plan: Any, assistant: Any, max_draft: int | None) -> tuple[Any, SpeculationControl]:
+    """max_draft: the compiled verification's longest draft (its rows are padded: a shorter draft costs the
+    same, so the length stays at its maximum), None when verifying eagerly."""
     config = plan.config
+    compiled = max_draft is not None
     if assistant is None:
         drafter = PromptLookupDrafter(config.max_matching_ngram_size or _DEFAULT_MAX_NGRAM, plan.eos_token_id)
-        return drafter, SpeculationControl(config.prompt_lookup_num_tokens, compiled_plain_step=compiled)
-    threshold = config.assistant_confidence_threshold
-    drafter = AssistantDrafter(assistant, config.max_length, plan.processors, bool(config.do_sample),
-                               plan.generator, _DEFAULT_CONFIDENCE if threshold is None else threshold)
-    schedule = config.num_assistant_tokens_schedule or "constant"
-    control = SpeculationControl(config.num_assistant_tokens or _DEFAULT_NUM_ASSISTANT_TOKENS,
-                                 adaptive=schedule != "constant", compiled_plain_step=compiled)
-    return drafter, control
+        length, adaptive = config.prompt_lookup_num_tokens, not compiled
+    else:
+        threshold = config.assistant_confidence_threshold
+        drafter = AssistantDrafter(assistant, config.max_length, plan.processors, bool(config.do_sample),
+                                   plan.generator, _DEFAULT_CONFIDENCE if threshold is None else threshold)
+        length = config.num_assistant_tokens or _DEFAULT_NUM_ASSISTANT_TOKENS
+        adaptive = (config.num_assistant_tokens_schedule or "constant") != "constant"
+    return drafter, SpeculationControl(min(length, max_draft or length), adaptive, compiled)
 
 
 def speculative_steps(model: Any, plan: Any, assistant: Any = None) -> Iterator[Any]:
@@ -187,8 +191,9 @@ def speculative_steps(model: Any, plan: Any, assistant: Any = None) -> Iterator[
     decode_step = model._decode_step_fn(config, 1)
     if plan.user_cache is not None:
         seed_cache(cache, plan.user_cache, plan.cached_length)
-    compiled = isinstance(getattr(decode_step, "func", None), CompiledDecodeStep)
-    drafter, control = _drafter_and_control(plan, assistant, compiled)
+    compiled = getattr(decode_step, "func", None) is not _with_decode_linears
+    verify = Verifier(model, compiled)
+    drafter, control = _drafter_and_control(plan, assistant, verify.max_draft)
     global _last_stats
     _last_stats = control.stats
     if plan.inputs_embeds is not None and isinstance(drafter, AssistantDrafter):
@@ -222,13 +227,7 @@ def speculative_steps(model: Any, plan: Any, assistant: Any = None) -> Iterator[
             control.plain_step()
             yield step
             continue
-        tokens = torch.cat([ids[-1:], draft])  # (D + 1,)
-        cache_position = torch.arange(position, position + tokens.shape[0], device=ids.device)
-        with DecodeLinears():
-            output = model(input_ids=tokens[None], position_ids=(cache_position + position_shift)[None],
-                           attention_mask=mask, past_key_values=cache, use_cache=True, cache_position=cache_position,
-                           logits_to_keep=tokens.shape[0])
-        all_logits = output.logits[0].float()  # (D + 1, V)
+        all_logits = verify(torch.cat([ids[-1:], draft]), position, position_shift, mask, cache)  # (D + 1, V)
         accepted, steps = _accept(plan, config, ids, draft, q, all_logits)
         for token, scores, raw in steps:
             step, done = emit(token, scores, raw)
