@@ -115,10 +115,12 @@ def main() -> None:
     ours_name = f"ours {args.scheme}"
     model = qwen2.Qwen2ForCausalLM.from_pretrained(str(gguf), dtype=torch.bfloat16,
                                                    quantization=None if args.scheme == "bf16" else args.scheme).eval()
-    # Warm-up, untimed: the compiled decode step and the compiled verification step, on a real prompt's cache size.
-    warm = encoded["code editing"][0]
-    for options in ({}, {"prompt_lookup_num_tokens": args.lookup}):
-        torch_run(model, warm, 16, eos, disable_compile=False, **options)
+    # Warm-up, untimed: the compiled decode step and the compiled verification step, each at two cache sizes
+    # (dynamo compiles a second time, with the cache length dynamic, when it first sees another size).
+    for ids in [rows[0] for rows in encoded.values() if rows]:
+        for options in ({}, {"prompt_lookup_num_tokens": args.lookup}):
+            torch_run(model, ids, args.new_tokens, eos, disable_compile=False, **options)
+    print(f"warmed up; load average {os.getloadavg()[0]:.1f}", flush=True)
     for workload, rows in encoded.items():
         for index, ids in enumerate(rows):
             plain, rate = torch_run(model, ids, args.new_tokens, eos, disable_compile=False)
@@ -168,6 +170,7 @@ def main() -> None:
             except Exception as err:  # noqa: BLE001 - a peer's failure must not lose the figures measured
                 print(f"llama.cpp column incomplete: {type(err).__name__}: {err}")
 
+    print(f"load average at the end {os.getloadavg()[0]:.1f}")
     for workload in workloads:
         summary = summarise(rates[workload], tokens[workload])
         base = summary[f"{ours_name} plain"]

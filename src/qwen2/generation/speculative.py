@@ -5,18 +5,22 @@ and the draft (positions n-1 .. n-1+D of its static cache), so one pass over the
 tokens. Each position's logits go through the same processors as plain decoding, with the prefix that position
 would have. Acceptance (Leviathan et al. 2023, Chen et al. 2023):
 - greedy: a draft token is kept while it equals the argmax; the first mismatch is replaced by the argmax, so the
-  tokens are exactly plain greedy's (up to the floating-point difference of a several-row forward).
+  tokens are plain greedy's. Compiled, each verification row is computed as the compiled one-row step computes
+  it (qwen2.generation.speculative_verify), so the logits are the same bits; eager, a several-row forward may
+  round differently from the one-row step and flip a near-tie.
 - sampling: draft token x drawn from q is kept with probability min(1, p(x)/q(x)); on rejection the token is drawn
   from norm(max(0, p - q)); after a fully accepted draft one more token comes from p. Prompt lookup's q is
   one-hot, where this is "draw from p, keep the draft while the draw equals it". The output distribution is p's.
 Past the first rejection the cache is cropped back (its later slots are masked, then overwritten), so afterwards it
 holds what a plain run's holds. Stopping criteria are checked token by token, as the plain loop does.
 
-When it pays (`SpeculationControl`): the draft length adapts to the acceptance (grows by 2 after a fully accepted
-draft, shrinks by 1 otherwise; `num_assistant_tokens_schedule="constant"` keeps an assistant's fixed), and where
-the acceptance does not pay for the verification's extra cost, speculation pauses for a number of plain steps
-that doubles each time. Batches of more than one row decode
-plainly (their rows would accept different lengths; on a CPU the batch already fills the weight pass).
+When it pays (`SpeculationControl`): where the lookup finds nothing, the token comes from the plain decode step
+(no verification). Eager, the draft length adapts to the acceptance (grows by 2 after a fully accepted draft,
+shrinks by 1 otherwise; `num_assistant_tokens_schedule="constant"` keeps an assistant's fixed); compiled, the
+verification's rows are padded to a fixed 8, so a shorter draft would cost the same and the draft stays at up to
+7 tokens. Where the acceptance does not pay for the verification's extra cost, speculation pauses for a number of
+plain steps that doubles while it keeps not paying. Batches of more than one row decode plainly (their rows
+would accept different lengths; on a CPU the batch already fills the weight pass).
 """
 
 from __future__ import annotations
@@ -215,10 +219,11 @@ def speculative_steps(model: Any, plan: Any, assistant: Any = None) -> Iterator[
     step, done = emit(_pick(config, scores, plan.generator), scores, logits)
     yield step
     while not done:
-        room = config.max_length - ids.shape[0] - 1  # the verification adds one token beyond the draft
+        position = offset + ids.shape[0] - 1  # of the last token, not yet in the cache
+        room = min(config.max_length - ids.shape[0] - 1,  # the verification adds one token beyond the draft
+                   verify.room(position, cache))
         want = min(control.draft_length(), room)
         draft, q = drafter.propose(ids, want) if want > 0 else (ids[:0], None)
-        position = offset + ids.shape[0] - 1  # of the last token, not yet in the cache
         if draft.numel() == 0:
             logits = decode_step(ids[-1:][None], torch.tensor([[position + position_shift]], device=ids.device),
                                  torch.tensor([position], device=ids.device), mask, cache)[0]

@@ -92,8 +92,8 @@ _compiled: weakref.WeakKeyDictionary[nn.Module, CompiledDecodeStep] = weakref.We
 
 
 class Verifier:
-    """Runs verifications for one generate() call: compiled and padded to `VERIFY_ROWS` when `compiled` and the
-    cache has room for the padding, else eager on the rows as they are."""
+    """Runs verifications for one generate() call: compiled and padded to `VERIFY_ROWS` when `compiled`, else
+    eager on the rows as they are."""
 
     def __init__(self, model: nn.Module, compiled: bool) -> None:
         self.model = model
@@ -108,11 +108,19 @@ class Verifier:
         """The longest draft one compiled verification takes (None: any)."""
         return None if self.step is None else VERIFY_ROWS - 1
 
+    def room(self, position: int, cache: Any) -> int:
+        """The longest draft verifiable from cache position `position`: compiled, none where the padded rows
+        would not fit in the cache (those last tokens decode plainly, as the compiled step computes them)."""
+        if self.step is None:
+            return cache.get_max_cache_shape() - position - 1
+        return VERIFY_ROWS - 1 if position + VERIFY_ROWS <= cache.get_max_cache_shape() else 0
+
     def __call__(self, tokens: Tensor, position: int, position_shift: int, mask: Tensor | None,
                  cache: Any) -> Tensor:
-        """(rows, V) float32 logits of `tokens` (rows,) placed from cache position `position` on."""
+        """(rows, V) float32 logits of `tokens` (rows,) placed from cache position `position` on: compiled and
+        padded when compiling (`room` leaves the padding space), else eager."""
         rows = tokens.shape[0]
-        if self.step is not None and rows <= VERIFY_ROWS and position + VERIFY_ROWS <= cache.get_max_cache_shape():
+        if self.step is not None:
             padded = torch.cat([tokens, tokens[-1:].expand(VERIFY_ROWS - rows)])
             cache_position = torch.arange(position, position + VERIFY_ROWS, device=tokens.device)
             logits = self.step(self.model, padded[None], (cache_position + position_shift)[None], cache_position,
