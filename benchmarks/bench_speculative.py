@@ -105,7 +105,7 @@ def main() -> None:
     rates: dict[str, dict[str, list[float]]] = {w: {} for w in workloads}
     tokens: dict[str, dict[str, list[int]]] = {w: {} for w in workloads}
     acceptance: dict[str, list[int]] = {w: [0, 0] for w in workloads}
-    mismatches = 0
+    mismatches: list[str] = []
 
     def record(workload: str, engine: str, count: int, rate: float) -> None:
         rates[workload].setdefault(engine, []).append(rate)
@@ -115,9 +115,14 @@ def main() -> None:
     ours_name = f"ours {args.scheme}"
     model = qwen2.Qwen2ForCausalLM.from_pretrained(str(gguf), dtype=torch.bfloat16,
                                                    quantization=None if args.scheme == "bf16" else args.scheme).eval()
-    model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=2, do_sample=False, disable_compile=False)  # compile
+    # Warm-up, untimed: the compiled decode step and the compiled verification step, each at two cache sizes
+    # (dynamo compiles a second time, with the cache length dynamic, when it first sees another size).
+    for ids in [rows[0] for rows in encoded.values() if rows]:
+        for options in ({}, {"prompt_lookup_num_tokens": args.lookup}):
+            torch_run(model, ids, args.new_tokens, eos, disable_compile=False, **options)
+    print(f"warmed up; load average {os.getloadavg()[0]:.1f}", flush=True)
     for workload, rows in encoded.items():
-        for ids in rows:
+        for index, ids in enumerate(rows):
             plain, rate = torch_run(model, ids, args.new_tokens, eos, disable_compile=False)
             record(workload, f"{ours_name} plain", len(plain), rate)
             spec, rate = torch_run(model, ids, args.new_tokens, eos, disable_compile=False,
@@ -126,7 +131,9 @@ def main() -> None:
             stats = last_speculation_stats()
             acceptance[workload][0] += stats.accepted
             acceptance[workload][1] += stats.drafted
-            mismatches += plain != spec
+            if plain != spec:
+                first = next((i for i, (a, b) in enumerate(zip(plain, spec)) if a != b), min(len(plain), len(spec)))
+                mismatches.append(f"{workload} prompt {index} (token {first})")
     del model
     gc.collect()
 
@@ -163,6 +170,7 @@ def main() -> None:
             except Exception as err:  # noqa: BLE001 - a peer's failure must not lose the figures measured
                 print(f"llama.cpp column incomplete: {type(err).__name__}: {err}")
 
+    print(f"load average at the end {os.getloadavg()[0]:.1f}")
     for workload in workloads:
         summary = summarise(rates[workload], tokens[workload])
         base = summary[f"{ours_name} plain"]
@@ -171,7 +179,8 @@ def main() -> None:
               f"{accepted / max(drafted, 1):.0%}")
         for engine, value in summary.items():
             print(f"  {engine:28s} {value:7.1f} tok/s  {value / base:5.2f}x ours plain")
-    print(f"\nours' greedy answers with and without speculation differ on {mismatches} prompt(s)")
+    print(f"\nours' greedy answers with and without speculation differ on {len(mismatches)} prompt(s)"
+          + (f": {', '.join(mismatches)}" if mismatches else ""))
 
 
 if __name__ == "__main__":

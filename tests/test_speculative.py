@@ -192,3 +192,32 @@ def test_a_batch_decodes_plainly(tiny_pair):
     ids = torch.cat(_repetitive_prompts(1) * 2)
     assert torch.equal(ours.generate(ids, max_new_tokens=10, prompt_lookup_num_tokens=3),
                        ours.generate(ids, max_new_tokens=10))
+
+
+def test_compiled_verification_rows_equal_the_compiled_steps_bit_for_bit():
+    """The compiled verification (rows padded to VERIFY_ROWS) computes each row as the compiled one-row step
+    does: int8 linears on the VNNI kernel, the tied bf16 head as `rows_matvec`, attention row by row. Oracle: plain
+    compiled greedy's raw logits, bit for bit, and its tokens. The answers run to the end of the static cache
+    (max_length 256), where the padded rows no longer fit and the last tokens decode plainly."""
+    from conftest import require_int8_kernels
+    from qwen2.generation import speculative_verify
+    from qwen2.quantization import quantize_model
+
+    require_int8_kernels()
+    torch.manual_seed(5)
+    config = qwen2.Qwen2Config(**{**TINY, "vocab_size": 256, "num_hidden_layers": 1, "max_position_embeddings": 512,
+                                  "tie_word_embeddings": True})
+    model = qwen2.Qwen2ForCausalLM(config).to(torch.bfloat16).eval()
+    quantize_model(model, "int8")
+    options = dict(max_length=256, do_sample=False, disable_compile=False, return_dict_in_generate=True,
+                   output_logits=True, eos_token_id=None, pad_token_id=0)
+    ids = _repetitive_prompts(2)[1]
+    plain = model.generate(ids, **options)
+    speculative = model.generate(ids, prompt_lookup_num_tokens=7, **options)
+    stats = last_speculation_stats()
+    assert stats.accepted > 0 and stats.verify_steps > 0 and stats.plain_steps > 0
+    assert torch.equal(speculative.sequences, plain.sequences)
+    for step, (got, expected) in enumerate(zip(speculative.logits, plain.logits, strict=True)):
+        assert torch.equal(got, expected), f"token {step}: the verification's logits differ from the step's"
+    step = speculative_verify._compiled[model]
+    assert step.compiled_once and not step.failed

@@ -35,3 +35,18 @@ def row_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)
+
+
+def rows_matvec(x: Tensor, weight: Tensor) -> Tensor:
+    """`row_matvec` for a few rows x (M, K) at once, for torch.compile on the CPU: each output element is the
+    same multiply-sum as `row_matvec`'s (the same chunks, the same reduction over one weight row), with the
+    weight row outermost, so the weight streams from memory once and each of its rows is reused from the L1
+    cache by the M rows. Speculative decoding's verification uses it so that each row rounds as the one-row
+    decode step does."""
+    x = x.float()
+    x = x.as_strided(x.shape, x.stride())
+    rows, k = x.shape
+    out_features = weight.shape[0]
+    chunks = next(c for c in range(1, k + 1) if k % c == 0 and k // c <= _MAX_ROW_CHUNK)
+    products = x.reshape(1, rows, chunks, k // chunks) * weight.float().reshape(out_features, 1, chunks, k // chunks)
+    return products.sum(-1).sum(-1).t()  # (out, M) -> (M, out)

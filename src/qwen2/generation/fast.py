@@ -28,6 +28,7 @@ import logging
 import time
 import types
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,11 +100,15 @@ class CompiledDecodeStep:
     """`torch.compile` of a model's decode step with an eager fallback when compilation fails. Holds no
     reference to the model (it is called with it), so the registry below lets the model go."""
 
-    def __init__(self) -> None:
+    def __init__(self, step: Callable[..., Tensor] | None = None, what: str = "decode step") -> None:
         # A code object of its own: dynamo keeps compiled graphs, and its limit of recompilations (8), per code
         # object, so one model's step neither uses up another's budget (which silently decodes eagerly) nor
-        # outlives its model in dynamo's cache.
-        own = types.FunctionType(_with_decode_linears.__code__.replace(), _with_decode_linears.__globals__)
+        # outlives its model in dynamo's cache. `step` (the decode step's signature): another step compiled
+        # the same way (speculative decoding's verification).
+        step = step or _with_decode_linears
+        self.step = step
+        self.what = what
+        own = types.FunctionType(step.__code__.replace(), step.__globals__)
         self.compiled = torch.compile(own, dynamic=False, options={"emulate_precision_casts": True})
         self.failed = False
         self.compiled_once = False
@@ -120,17 +125,17 @@ class CompiledDecodeStep:
                 return self._first_call(model, args)
             except Exception as err:  # noqa: BLE001 - any compiler failure must degrade to eager, not crash
                 self.failed = True
-                logger.warning("torch.compile of the decode step failed (%s: %s); decoding eagerly instead.",
+                logger.warning("torch.compile of the %s failed (%s: %s); decoding eagerly instead.", self.what,
                                type(err).__name__, str(err).splitlines()[0] if str(err) else "")
-        return _with_decode_linears(model, *args)
+        return self.step(model, *args)
 
     def _first_call(self, model: nn.Module, args: tuple) -> Tensor:
-        logger.info("Compiling the decode step with torch.compile: ~40 s on 2 cores the first time on a machine, "
-                    "~10 s once inductor's on-disk cache has it (generate(disable_compile=True) skips it).")
+        logger.info("Compiling the %s with torch.compile: ~40 s on 2 cores the first time on a machine, "
+                    "~10 s once inductor's on-disk cache has it (generate(disable_compile=True) skips it).", self.what)
         start = time.perf_counter()
         logits = self.compiled(model, *args)
         self.compiled_once = True
-        logger.info("Decode step compiled in %.1f s.", time.perf_counter() - start)
+        logger.info("%s compiled in %.1f s.", self.what.capitalize(), time.perf_counter() - start)
         return logits
 
 

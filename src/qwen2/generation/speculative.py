@@ -5,18 +5,22 @@ and the draft (positions n-1 .. n-1+D of its static cache), so one pass over the
 tokens. Each position's logits go through the same processors as plain decoding, with the prefix that position
 would have. Acceptance (Leviathan et al. 2023, Chen et al. 2023):
 - greedy: a draft token is kept while it equals the argmax; the first mismatch is replaced by the argmax, so the
-  tokens are exactly plain greedy's (up to the floating-point difference of a several-row forward).
+  tokens are plain greedy's. Compiled, each verification row is computed as the compiled one-row step computes
+  it (qwen2.generation.speculative_verify), so the logits are the same bits; eager, a several-row forward may
+  round differently from the one-row step and flip a near-tie.
 - sampling: draft token x drawn from q is kept with probability min(1, p(x)/q(x)); on rejection the token is drawn
   from norm(max(0, p - q)); after a fully accepted draft one more token comes from p. Prompt lookup's q is
   one-hot, where this is "draw from p, keep the draft while the draw equals it". The output distribution is p's.
 Past the first rejection the cache is cropped back (its later slots are masked, then overwritten), so afterwards it
 holds what a plain run's holds. Stopping criteria are checked token by token, as the plain loop does.
 
-When it pays (`SpeculationControl`): the draft length adapts to the acceptance (grows by 2 after a fully accepted
-draft, shrinks by 1 otherwise; `num_assistant_tokens_schedule="constant"` keeps an assistant's fixed), and where
-the acceptance does not pay for the verification's extra cost, speculation pauses for a number of plain steps
-that doubles each time. Batches of more than one row decode
-plainly (their rows would accept different lengths; on a CPU the batch already fills the weight pass).
+When it pays (`SpeculationControl`): where the lookup finds nothing, the token comes from the plain decode step
+(no verification). Eager, the draft length adapts to the acceptance (grows by 2 after a fully accepted draft,
+shrinks by 1 otherwise; `num_assistant_tokens_schedule="constant"` keeps an assistant's fixed); compiled, the
+verification's rows are padded to a fixed 8, so a shorter draft would cost the same and the draft stays at up to
+7 tokens. Where the acceptance does not pay for the verification's extra cost, speculation pauses for a number of
+plain steps that doubles while it keeps not paying. Batches of more than one row decode plainly (their rows
+would accept different lengths; on a CPU the batch already fills the weight pass).
 """
 
 from __future__ import annotations
@@ -29,9 +33,10 @@ from typing import Any
 import torch
 
 from qwen2.generation.draft import AssistantDrafter, PromptLookupDrafter
-from qwen2.generation.fast import CompiledDecodeStep, DecodeLinears
+from qwen2.generation.fast import _with_decode_linears
 from qwen2.generation.logits import apply_processors
 from qwen2.generation.prompt import extend_user_cache, seed_cache
+from qwen2.generation.speculative_verify import Verifier
 from qwen2.generation.stopping import any_done
 
 logger = logging.getLogger(__name__)
@@ -42,10 +47,10 @@ _DEFAULT_MAX_NGRAM = 2
 _SCHEDULES = ("constant", "heuristic", "heuristic_transient")
 _MAX_PAUSE = 64
 # What a verification of D draft tokens costs beyond a plain decode step, in plain steps: (fixed, per draft
-# token), by whether the plain step is the compiled one (the verification forward is always eager). Measured
-# on the default model, int8, 2 cores: eager forwards of 1 / 8 / 16 tokens took 51 / 82 / 120 ms, and the
-# compiled single-token step is ~1.7x faster than the eager one.
-VERIFY_COST = {False: (0.0, 0.085), True: (0.8, 0.15)}
+# token), by whether the steps are compiled. Eager, measured on the default model, int8, 2 cores: forwards of
+# 1 / 8 / 16 tokens took 51 / 82 / 120 ms. Compiled, the rows are padded to 8 (the cost does not depend on D):
+# a verification took 48.6 ms against the compiled step's 22.2 ms (medians, same run).
+VERIFY_COST = {False: (0.0, 0.085), True: (1.2, 0.0)}
 
 
 @dataclass
@@ -162,18 +167,21 @@ def _check_assistant(model: Any, assistant: Any, config: Any) -> None:
                          f"{model_device}; move them to the same device.")
 
 
-def _drafter_and_control(plan: Any, assistant: Any, compiled: bool) -> tuple[Any, SpeculationControl]:
+def _drafter_and_control(plan: Any, assistant: Any, max_draft: int | None) -> tuple[Any, SpeculationControl]:
+    """max_draft: the compiled verification's longest draft (its rows are padded: a shorter draft costs the
+    same, so the length stays at its maximum), None when verifying eagerly."""
     config = plan.config
+    compiled = max_draft is not None
     if assistant is None:
         drafter = PromptLookupDrafter(config.max_matching_ngram_size or _DEFAULT_MAX_NGRAM, plan.eos_token_id)
-        return drafter, SpeculationControl(config.prompt_lookup_num_tokens, compiled_plain_step=compiled)
-    threshold = config.assistant_confidence_threshold
-    drafter = AssistantDrafter(assistant, config.max_length, plan.processors, bool(config.do_sample),
-                               plan.generator, _DEFAULT_CONFIDENCE if threshold is None else threshold)
-    schedule = config.num_assistant_tokens_schedule or "constant"
-    control = SpeculationControl(config.num_assistant_tokens or _DEFAULT_NUM_ASSISTANT_TOKENS,
-                                 adaptive=schedule != "constant", compiled_plain_step=compiled)
-    return drafter, control
+        length, adaptive = config.prompt_lookup_num_tokens, not compiled
+    else:
+        threshold = config.assistant_confidence_threshold
+        drafter = AssistantDrafter(assistant, config.max_length, plan.processors, bool(config.do_sample),
+                                   plan.generator, _DEFAULT_CONFIDENCE if threshold is None else threshold)
+        length = config.num_assistant_tokens or _DEFAULT_NUM_ASSISTANT_TOKENS
+        adaptive = (config.num_assistant_tokens_schedule or "constant") != "constant"
+    return drafter, SpeculationControl(min(length, max_draft or length), adaptive, compiled)
 
 
 def speculative_steps(model: Any, plan: Any, assistant: Any = None) -> Iterator[Any]:
@@ -187,8 +195,9 @@ def speculative_steps(model: Any, plan: Any, assistant: Any = None) -> Iterator[
     decode_step = model._decode_step_fn(config, 1)
     if plan.user_cache is not None:
         seed_cache(cache, plan.user_cache, plan.cached_length)
-    compiled = isinstance(getattr(decode_step, "func", None), CompiledDecodeStep)
-    drafter, control = _drafter_and_control(plan, assistant, compiled)
+    compiled = getattr(decode_step, "func", None) is not _with_decode_linears
+    verify = Verifier(model, compiled)
+    drafter, control = _drafter_and_control(plan, assistant, verify.max_draft)
     global _last_stats
     _last_stats = control.stats
     if plan.inputs_embeds is not None and isinstance(drafter, AssistantDrafter):
@@ -210,10 +219,11 @@ def speculative_steps(model: Any, plan: Any, assistant: Any = None) -> Iterator[
     step, done = emit(_pick(config, scores, plan.generator), scores, logits)
     yield step
     while not done:
-        room = config.max_length - ids.shape[0] - 1  # the verification adds one token beyond the draft
+        position = offset + ids.shape[0] - 1  # of the last token, not yet in the cache
+        room = min(config.max_length - ids.shape[0] - 1,  # the verification adds one token beyond the draft
+                   verify.room(position, cache))
         want = min(control.draft_length(), room)
         draft, q = drafter.propose(ids, want) if want > 0 else (ids[:0], None)
-        position = offset + ids.shape[0] - 1  # of the last token, not yet in the cache
         if draft.numel() == 0:
             logits = decode_step(ids[-1:][None], torch.tensor([[position + position_shift]], device=ids.device),
                                  torch.tensor([position], device=ids.device), mask, cache)[0]
@@ -222,13 +232,7 @@ def speculative_steps(model: Any, plan: Any, assistant: Any = None) -> Iterator[
             control.plain_step()
             yield step
             continue
-        tokens = torch.cat([ids[-1:], draft])  # (D + 1,)
-        cache_position = torch.arange(position, position + tokens.shape[0], device=ids.device)
-        with DecodeLinears():
-            output = model(input_ids=tokens[None], position_ids=(cache_position + position_shift)[None],
-                           attention_mask=mask, past_key_values=cache, use_cache=True, cache_position=cache_position,
-                           logits_to_keep=tokens.shape[0])
-        all_logits = output.logits[0].float()  # (D + 1, V)
+        all_logits = verify(torch.cat([ids[-1:], draft]), position, position_shift, mask, cache)  # (D + 1, V)
         accepted, steps = _accept(plan, config, ids, draft, q, all_logits)
         for token, scores, raw in steps:
             step, done = emit(token, scores, raw)

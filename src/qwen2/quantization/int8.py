@@ -33,6 +33,7 @@ _K_MULTIPLE = 16
 _KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _ROW_CHUNK = 8192
 _DEQUANTIZE_FROM_ROWS = 32
+_COMPILED_ROWDOT_ROWS = 8  # one pass of the VNNI kernel over the weight
 _INT_MM_FROM_ROWS = 8  # w8a8: from 8 rows torch._int_mm matches the VNNI row kernel (0.26 vs 0.2-0.39 ms)
 
 
@@ -107,11 +108,12 @@ class Int8WeightOnlyLinear(nn.Module):
                 and self.scales.dtype in _KERNEL_DTYPES and self.in_features % _K_MULTIPLE == 0)
 
     def _decoding_rows_use_rowdot(self, x2: Tensor) -> bool:
-        """Whether these rows go to the VNNI kernel: a compiled single row (several compiled rows are left to
-        inductor), or eager rows, the kernels then built on first use."""
+        """Whether these rows go to the VNNI kernel: up to 8 compiled rows (a decode step's one row, speculative
+        decoding's verification rows: the kernel's per-row arithmetic does not depend on the row count), or
+        eager rows, the kernels then built on first use."""
         if x2.device.type != "cpu":
             return False
-        ready = x2.shape[0] == 1 if torch.compiler.is_compiling() else kernels.eager_usable(x2)
+        ready = x2.shape[0] <= _COMPILED_ROWDOT_ROWS if torch.compiler.is_compiling() else kernels.eager_usable(x2)
         return ready and kernels.usable(self.weight)
 
     def _scaled_rowdot(self, codes: Tensor, row_scales: Tensor, dtype: torch.dtype) -> Tensor:
