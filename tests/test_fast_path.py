@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+from unittest import mock
 
 import pytest
 import torch
@@ -42,7 +43,7 @@ def tiny_model(dtype: torch.dtype) -> qwen2.Qwen2ForCausalLM:
 @pytest.fixture
 def plain_settings(monkeypatch):
     """Neither oneDNN linears nor compiling unless a test asks for it."""
-    monkeypatch.setattr(fast, "settings", fast.FastPathSettings(onednn_linears=False, compile=False))
+    monkeypatch.setattr(fast, "settings", fast.FastPathSettings(row_kernels=False, onednn_linears=False, compile=False))
     return fast.settings
 
 
@@ -67,8 +68,9 @@ class _Recorder(fast.DecodeLinears):
 
 
 def _onednn_equals_f_linear(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """The decode path's bf16 linear: through oneDNN (once), with F.linear's bits."""
-    with torch.no_grad():
+    """The decode path's bf16 linear: through oneDNN (once), with F.linear's bits (the row kernels, which take
+    up to 16 rows first, have tests of their own in test_row_kernels)."""
+    with torch.no_grad(), mock.patch.object(fast.settings, "row_kernels", False):
         expected = F.linear(x, linear.weight, linear.bias)
         with _Recorder() as mode:
             got = linear(x)
@@ -308,6 +310,37 @@ def test_row_paths_on_real_weights(real_bf16):
                                 None if linear.bias is None else linear.bias.double())
         _assert_int8_compiled_row_matches_dequantized(linear, inputs)
         torch.testing.assert_close(_compiled_single_row(linear, inputs).double(), expected, rtol=8e-3, atol=2e-3)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif("avx512_bf16" not in cpu_flags(), reason="no AVX512-BF16 on this CPU")
+def test_row_kernels_on_real_weights_and_greedy_batch(real_bf16, default_gguf):
+    """bf16_rows on the real lm_head (its first rows) and a down_proj (K = 4864) at 8 and 16 rows: within float32
+    rounding of the float64 product; int8_rows on the quantised down_proj: its integer reference's bits; and 8
+    prompts decoded eagerly give oneDNN's greedy tokens (the row kernels round the sums differently)."""
+    from test_row_kernels import _int8_reference, assert_bf16_rows_close
+
+    from qwen2.quantization import kernels
+    from qwen2.quantization.int8 import quantize_int8
+
+    require_int8_kernels()
+    head, down = real_bf16.lm_head.weight[:4099].detach(), real_bf16.model.layers[11].mlp.down_proj.weight.detach()
+    for rows in (8, 16):
+        for w in (head, down):
+            x = torch.randn(rows, w.shape[1]).to(torch.bfloat16)
+            assert_bf16_rows_close(kernels.bf16_rows(x, w, None), x, w, None)
+        codes, scales = quantize_int8(down, torch.bfloat16)
+        assert torch.equal(kernels.int8_rows(x, codes, scales, None, 32767), _int8_reference(x, codes, scales, None, 32767))
+
+    tokenizer = qwen2.AutoTokenizer.from_pretrained(str(default_gguf))
+    tokenizer.padding_side = "left"
+    prompts = ["def fib(n):", "Write a haiku about rust.", "SELECT * FROM", "# quicksort in C\n", "1, 1, 2, 3, 5,",
+               "The capital of France is", "import numpy as np\n", "class Stack:"]
+    inputs = tokenizer(prompts, return_tensors="pt", padding=True)
+    kwargs = dict(max_new_tokens=10, do_sample=False, disable_compile=True)
+    with mock.patch.object(fast.settings, "row_kernels", False):
+        onednn = real_bf16.generate(**inputs, **kwargs)
+    assert real_bf16.generate(**inputs, **kwargs).tolist() == onednn.tolist()
 
 
 def _seed_prompt(default_gguf) -> torch.Tensor:
