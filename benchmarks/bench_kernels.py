@@ -1,10 +1,12 @@
-"""Weight-only matmul kernels on the default model's shapes: bf16 F.linear vs PyTorch's packed int8/int4 CPU kernels,
-and our AVX512-VNNI int4 kernel (qwen2.quantization.int4_kernel, where it builds).
+"""Weight-only matmul kernels on the default model's shapes: bf16 F.linear vs PyTorch's packed int8/int4 CPU kernels;
+for bf16 also oneDNN's inner product on the plain weight and on a packed copy (what generate() used to keep) and
+our row kernel (`kernels.bf16_rows`), for int8 our `kernels.int8_rows`, up to 16 rows, and for int4 our
+AVX512-VNNI kernel (`int4_kernel`, where it builds).
 
 Decode is memory-bound, so the figure that matters is effective bandwidth: weight bytes read per call / time.
 Each kernel cycles over enough copies of its weight to overflow the last-level cache, as a decode step over
 24 layers does; timing one small matrix in a loop would measure cache bandwidth instead.
-Usage: python benchmarks/bench_kernels.py [--threads 2] [--batch 1 8] [--group-size 32]
+Usage: python benchmarks/bench_kernels.py [--threads 2] [--batch 1 8 16] [--group-size 32]
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from qwen2.quantization import int4_kernel
+from qwen2.quantization import int4_kernel, kernels
 from qwen2.quantization.int4 import pack_nibbles, to_vnni_layout
 
 # (out_features, in_features) of Qwen2.5-0.5B: q/o, k/v, gate/up, down, lm_head.
@@ -76,8 +78,31 @@ def bench_shape(n: int, k: int, batch: int, group_size: int) -> dict[str, tuple[
         sz = (torch.rand(k // group_size, n, 2) * 1e-3).to(torch.bfloat16)
         return lambda: int4_kernel.linear(x, codes, sz, group_size)
 
+    def onednn(pack: bool):
+        def make():
+            w = torch.randn(n, k, dtype=torch.bfloat16)
+            w = torch.ops.mkldnn._reorder_linear_weight(w, batch) if pack else w
+            return lambda: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+        return make
+
+    def bf16_rows():
+        w = torch.randn(n, k, dtype=torch.bfloat16)
+        return lambda: kernels.bf16_rows(x, w, None)
+
+    def int8_rows():
+        w8 = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+        s8 = torch.rand(n, dtype=torch.bfloat16) * 1e-3
+        return lambda: kernels.int8_rows(x, w8, s8, None, 32767)
+
     record("bf16", bf16, n * k * 2)
+    record("onednn", onednn(False), n * k * 2)
+    record("onednn packed", onednn(True), n * k * 2)
+    rows = kernels.bf16_rows_usable(x, torch.empty(n, k, dtype=torch.bfloat16))
+    if rows:
+        record("ours bf16_rows", bf16_rows, n * k * 2)
     record("int8", int8, n * k + n * 2)
+    if rows:
+        record("ours int8_rows", int8_rows, n * k + n * 2)
     record(f"int4/g{group_size}", int4, n * k // 2 + (k // group_size) * n * 4)
     if int4_kernel.load():
         record(f"ours int4/g{group_size}", int4_vnni, n * k // 2 + (k // group_size) * n * 4)
@@ -92,11 +117,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}, {args.threads} threads")
-    names = ["bf16", "int8", f"int4/g{args.group_size}"] + ([f"ours int4/g{args.group_size}"] if int4_kernel.load() else [])
-    print(f"{'shape (N x K)':>16} {'batch':>5}  " + "  ".join(f"{name:>22}" for name in names))
     for batch in args.batch:
-        for n, k in SHAPES:
+        for i, (n, k) in enumerate(SHAPES):
             res = bench_shape(n, k, batch, args.group_size)
+            if i == 0:
+                print(f"{'shape (N x K)':>16} {'batch':>5}  " + "  ".join(f"{name:>22}" for name in res))
             cells = "  ".join(f"{us:9.1f} us {gbs:6.1f} GB/s" for us, gbs in res.values())
             print(f"{n:>7} x {k:<6} {batch:>5}  {cells}")
 

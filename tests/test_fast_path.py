@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+from unittest import mock
 
 import pytest
 import torch
@@ -42,7 +43,7 @@ def tiny_model(dtype: torch.dtype) -> qwen2.Qwen2ForCausalLM:
 @pytest.fixture
 def plain_settings(monkeypatch):
     """Neither oneDNN linears nor compiling unless a test asks for it."""
-    monkeypatch.setattr(fast, "settings", fast.FastPathSettings(onednn_linears=False, compile=False))
+    monkeypatch.setattr(fast, "settings", fast.FastPathSettings(row_kernels=False, onednn_linears=False, compile=False))
     return fast.settings
 
 
@@ -67,8 +68,9 @@ class _Recorder(fast.DecodeLinears):
 
 
 def _onednn_equals_f_linear(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """The decode path's bf16 linear: through oneDNN (once), with F.linear's bits."""
-    with torch.no_grad():
+    """The decode path's bf16 linear: through oneDNN (once), with F.linear's bits (the row kernels, which take
+    up to 16 rows first, have tests of their own in test_row_kernels)."""
+    with torch.no_grad(), mock.patch.object(fast.settings, "row_kernels", False):
         expected = F.linear(x, linear.weight, linear.bias)
         with _Recorder() as mode:
             got = linear(x)
@@ -308,6 +310,53 @@ def test_row_paths_on_real_weights(real_bf16):
                                 None if linear.bias is None else linear.bias.double())
         _assert_int8_compiled_row_matches_dequantized(linear, inputs)
         torch.testing.assert_close(_compiled_single_row(linear, inputs).double(), expected, rtol=8e-3, atol=2e-3)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif("avx512_bf16" not in cpu_flags(), reason="no AVX512-BF16 on this CPU")
+def test_row_kernels_on_real_weights_and_greedy_batch(real_bf16, default_gguf):
+    """bf16_rows on the real lm_head (its first rows) and a down_proj (K = 4864) at 8 and 16 rows: within float32
+    rounding of the float64 product; int8_rows on the quantised down_proj: its integer reference's bits; and 8
+    prompts decoded eagerly follow oneDNN's greedy tokens but at near-ties (the sums are rounded differently)."""
+    from test_row_kernels import _int8_reference, assert_bf16_rows_close
+
+    from qwen2.quantization import kernels
+    from qwen2.quantization.int8 import quantize_int8
+
+    require_int8_kernels()
+    head, down = real_bf16.lm_head.weight[:4099].detach(), real_bf16.model.layers[11].mlp.down_proj.weight.detach()
+    for rows in (8, 16):
+        for w in (head, down):
+            x = torch.randn(rows, w.shape[1]).to(torch.bfloat16)
+            assert_bf16_rows_close(kernels.bf16_rows(x, w, None), x, w, None)
+        codes, scales = quantize_int8(down, torch.bfloat16)
+        assert torch.equal(kernels.int8_rows(x, codes, scales, None, 32767), _int8_reference(x, codes, scales, None, 32767))
+
+    tokenizer = qwen2.AutoTokenizer.from_pretrained(str(default_gguf))
+    tokenizer.padding_side = "left"
+    prompts = ["def fib(n):", "Write a haiku about rust.", "SELECT * FROM", "# quicksort in C\n", "1, 1, 2, 3, 5,",
+               "The capital of France is", "import numpy as np\n", "class Stack:"]
+    inputs = tokenizer(prompts, return_tensors="pt", padding=True)
+    kwargs = dict(max_new_tokens=10, do_sample=False, disable_compile=True, return_dict_in_generate=True,
+                  output_logits=True)
+    with mock.patch.object(fast.settings, "row_kernels", False):
+        onednn = real_bf16.generate(**inputs, **kwargs)
+    rows = real_bf16.generate(**inputs, **kwargs)
+    # The first step's hidden states are the same (the prompt's 8 x L rows go to oneDNN); only the 8-row lm_head
+    # differs: by at most one bf16 step of each logit.
+    first, reference = rows.logits[0].float(), onednn.logits[0].float()
+    assert ((first - reference).abs() <= 2.0 ** -7 * reference.abs() + 1e-6).all()
+    # Greedy decoding follows oneDNN's tokens until a near-tie in bf16 logits (steps of 0.125 at 16-32), where
+    # the other rounding may pick the other token: there oneDNN's logits of the two are at most 4 steps apart.
+    start = inputs["input_ids"].shape[1]
+    for b in range(len(prompts)):
+        ours, theirs = rows.sequences[b, start:], onednn.sequences[b, start:]
+        parted = (ours != theirs).nonzero()
+        if len(parted):
+            step = parted[0].item()
+            logits = onednn.logits[step][b].float()
+            print(f"prompt {b} parts at step {step}: gap {logits[theirs[step]] - logits[ours[step]]:.3f}")
+            assert logits[theirs[step]] - logits[ours[step]] <= 0.5
 
 
 def _seed_prompt(default_gguf) -> torch.Tensor:

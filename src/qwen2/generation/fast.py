@@ -10,9 +10,11 @@ nothing here copies a weight. The only state kept is the compiled step, in a reg
   `F.linear` as `row_linear.row_matvec`, a reduction inductor streams the weight through at ~2x oneDNN's
   bf16 gemv. The cache length is a dynamic dimension, so one graph serves every prompt and context length.
   If compilation fails the step logs a warning and stays eager.
-- eager: on the CPU `DecodeLinears` sends bfloat16 `F.linear` calls to oneDNN's inner product on the
-  weight as it is (the same bits, faster than `F.linear`'s bf16 matmul at one row; at several rows about
-  half as fast as the blocked copies generate() used to keep, which doubled the weights' memory: README).
+- eager: on the CPU `DecodeLinears` sends bfloat16 `F.linear` calls of up to 16 rows to `kernels.bf16_rows`
+  where the CPU has AVX512-BF16 (each weight row read once per 8 rows: at 8 rows about as fast as oneDNN on
+  the blocked copies generate() used to keep, which doubled the weights' memory, and ~2x oneDNN on the weight
+  as it is; README), the others to oneDNN's inner product on the weight as it is (F.linear's bits, faster
+  than `F.linear`'s bf16 matmul at one row).
 
 When to compile (`_wants_compile`): `generate(disable_compile=...)` decides if given, else `settings.compile`,
 else auto. On the CPU auto compiles only single-row decoding of at least `compile_min_new_tokens` tokens:
@@ -47,7 +49,8 @@ _CACHE_BUCKET = 256
 
 @dataclass
 class FastPathSettings:
-    onednn_linears: bool = True  # eager decoding on the CPU: bfloat16 linears through oneDNN's inner product
+    row_kernels: bool = True  # eager decoding of up to 16 rows on AVX512-BF16: bfloat16 linears by kernels.bf16_rows
+    onednn_linears: bool = True  # other eager bfloat16 linears on the CPU: oneDNN's inner product
     compile: bool | None = None  # None: auto (see the module docstring)
     compile_min_new_tokens: int = 512
 
@@ -75,9 +78,11 @@ class DecodeLinears(TorchFunctionMode):
                 if torch.compiler.is_compiling():
                     if x.numel() == x.shape[-1]:
                         return row_linear(x, weight, bias)
-                elif (x.dtype == torch.bfloat16 and settings.onednn_linears and not torch.is_grad_enabled()
-                      and _onednn_bf16()):
-                    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+                elif x.dtype == torch.bfloat16 and not torch.is_grad_enabled():
+                    if settings.row_kernels and kernels.bf16_rows_usable(x, weight):
+                        return kernels.bf16_rows(x, weight, bias)
+                    if settings.onednn_linears and _onednn_bf16():
+                        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
         return func(*args, **kwargs)
 
 

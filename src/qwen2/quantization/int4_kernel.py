@@ -262,7 +262,7 @@ def load() -> bool:
     global _loaded, _build_error
     if not _cpu_has_vnni():
         return False
-    _build_error = build_extension("qwen2_int4", _SOURCE, lambda: linear(
+    _build_error = build_extension("qwen2_int4", [_SOURCE], lambda: linear(
         torch.zeros(1, 32, dtype=DTYPE), torch.zeros(64, 16, dtype=torch.uint8), torch.zeros(1, 64, 2, dtype=DTYPE), 32),
         "int4 (torch's packed kernel)")
     if _build_error:

@@ -122,10 +122,25 @@ class Int8WeightOnlyLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x2 = x.reshape(-1, self.in_features).to(self.scales.dtype)
-        out = self._matmul(x2)
-        if self.bias is not None:
-            out = out + self.bias
+        if self._rows_kernel_takes(x2):
+            out = kernels.int8_rows(x2, self.weight, self.scales, self.bias, self._ROW_CODES_MAX)
+        else:
+            out = self._matmul(x2)
+            if self.bias is not None:
+                out = out + self.bias
         return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    _ROW_CODES_MAX = 32767  # decoding rows are quantised to int16 codes for the VNNI kernels
+
+    def _rows_kernel_takes(self, x2: Tensor) -> bool:
+        """Whether these eager rows go to `kernels.int8_rows` (quantised, multiplied, scaled and biased in one
+        call: as the torch operations of `_matmul`'s row kernel path, ~40% of a 16-row step, measured). Not
+        float32 rows: their int16 rounding is below a 16-bit float's, not float32's."""
+        return (x2.dtype == torch.bfloat16 and x2.shape[0] < _DEQUANTIZE_FROM_ROWS and self._eager_rows_kernel(x2))
+
+    def _eager_rows_kernel(self, x2: Tensor) -> bool:
+        return (not torch.compiler.is_compiling() and x2.dtype == self.scales.dtype
+                and (self.bias is None or self.bias.dtype == x2.dtype) and self._decoding_rows_use_rowdot(x2))
 
     def _matmul(self, x2: Tensor) -> Tensor:
         """x2 (rows, in) in the scales' dtype times the dequantised weight, without the bias."""
@@ -169,6 +184,11 @@ class Int8DynamicActivationLinear(Int8WeightOnlyLinear):
     are int16 codes), or without it compiled single rows take int8's fused float reduction (38 vs 32 tok/s
     for `_int_mm` in the graph). Off the CPU: the weight-only path on the codes, which a float input holds
     exactly."""
+
+    _ROW_CODES_MAX = QMAX  # int8 codes, which the int16 kernels take as they are
+
+    def _rows_kernel_takes(self, x2: Tensor) -> bool:
+        return x2.shape[0] < _INT_MM_FROM_ROWS and self._eager_rows_kernel(x2)
 
     def _matmul(self, x2: Tensor) -> Tensor:
         codes, row_scales = quantize_rows(x2)

@@ -10,6 +10,11 @@ quantisation and rescaling around W8A8's integer GEMMs.
   its error, at most max|x| / 65534 per element, is below bf16's own rounding for all but the row's smallest
   elements (the products come out within ~3e-5 relative on random data). At 8 rows it is 2-3x faster than
   `torch._weight_int8pack_mm` on the default model's shapes (3.5x on the head; measured).
+- `int8_rows` and `bf16_rows`: eager decoding of up to 16 rows (generate()'s batches, the serving engine's
+  steps) in one call per linear, each weight row read once per 8 rows (C++ and measurements in
+  `rows_source`). `int8_rows` quantises the rows to int16, multiplies, scales and adds the bias, which as
+  torch operations around `rowdot` took ~40% of a 16-row int8 step; `bf16_rows` (AVX512-BF16) is F.linear on
+  the weight as it is, about as fast as oneDNN on a packed copy of it (which would double the weights' memory).
 - `quantize_rows` and `scale_products`: the two memory-bound passes either side of `torch._int_mm` in W8A8
   prefill, each one read and one write. As chains of eager torch operations they took 10-13 passes and ~15%
   of a 512-token prefill (measured). Both give the same bits as those operations (`int8.quantize_rows` and
@@ -32,10 +37,13 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from qwen2.quantization.rows_source import ROWS_SOURCE
+
 logger = logging.getLogger(__name__)
 
 K_MULTIPLE = 32  # rowdot reads 32 int8 weights per step
 ROW_DTYPES = (torch.float32, torch.bfloat16)  # what quantize_rows reads and scale_products writes
+MAX_ROWS = 16  # bf16_rows' rows; beyond, GEMM kernels (oneDNN) do better
 
 _SOURCE = r"""
 #include <torch/library.h>
@@ -229,15 +237,23 @@ def build_error() -> str | None:
     return _build_error
 
 
-def _cpu_has_vnni() -> bool:
+@functools.cache
+def _cpu_flags() -> str:
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        return Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
-    return " avx512_vnni" in flags and " avx512bw" in flags
+        return ""
 
 
-def build_extension(name: str, source: str, first_call: Callable[[], object], what: str) -> str | None:
+def _cpu_has_vnni() -> bool:
+    return " avx512_vnni" in _cpu_flags() and " avx512bw" in _cpu_flags()
+
+
+def _cpu_has_bf16() -> bool:
+    return " avx512_bf16" in _cpu_flags()
+
+
+def build_extension(name: str, sources: list[str], first_call: Callable[[], object], what: str) -> str | None:
     """Build (once per machine: torch caches it) and load the C++ extension `name` with AVX512-VNNI flags, then
     run `first_call`; None if that worked, else the error described (logged as a warning saying `what` keeps
     torch's operations). The first call runs the extension's first parallel region, which initialises its
@@ -250,8 +266,10 @@ def build_extension(name: str, source: str, first_call: Callable[[], object], wh
         if not any(Path(_get_build_directory(name, verbose=False)).glob(f"{name}*.so")):
             logger.info("Building the AVX-512 kernels %s with the C++ compiler: about a minute on 2 cores, "
                         "once per machine.", name)
-        load_inline(name, cpp_sources=source, is_python_module=False,
-                    extra_cflags=["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"],
+        load_inline(name, cpp_sources=sources, is_python_module=False,
+                    # no fused multiply-adds the source did not write: the row kernels' bits must not depend on it
+                    extra_cflags=["-O3", "-ffp-contract=off", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl",
+                                  "-mavx512vnni"],
                     extra_ldflags=["-fopenmp"])
         first_call()
     except Exception as err:  # noqa: BLE001 - no compiler, no ninja, a failed build: keep torch's operations
@@ -272,8 +290,9 @@ def load() -> bool:
     if not _cpu_has_vnni():
         return False
     _build_error = build_extension(
-        "qwen2_int8", _SOURCE, lambda: torch.ops.qwen2_int8.rowdot(torch.zeros(1, K_MULTIPLE, dtype=torch.int16),
-                                                                   torch.zeros(64, K_MULTIPLE, dtype=torch.int8)),
+        "qwen2_int8", [_SOURCE, ROWS_SOURCE],
+        lambda: torch.ops.qwen2_int8.rowdot(torch.zeros(1, K_MULTIPLE, dtype=torch.int16),
+                                            torch.zeros(64, K_MULTIPLE, dtype=torch.int8)),
         "int8 (and w8a8)")
     if _build_error:
         return False
@@ -316,3 +335,26 @@ def rowdot(x: Tensor, weight: Tensor) -> Tensor:
     256-product int32 partials; the weight is read once per 8 rows of x. A C++ operator: the compiled graph
     calls it without going through Python."""
     return torch.ops.qwen2_int8.rowdot(x, weight)
+
+
+def bf16_rows_usable(x: Tensor, weight: Tensor) -> bool:
+    """Whether `bf16_rows` takes this eager F.linear: bf16 on a CPU with AVX512-BF16, 1 to `MAX_ROWS` rows, a
+    contiguous weight; builds the kernels on the first call."""
+    return (x.dtype == weight.dtype == torch.bfloat16 and x.device.type == weight.device.type == "cpu"
+            and weight.dim() == 2 and weight.is_contiguous() and 0 < x.numel() <= MAX_ROWS * x.shape[-1]
+            and not torch.compiler.is_compiling() and _cpu_has_bf16() and load())
+
+
+def bf16_rows(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """F.linear(x, weight, bias) for bf16 x (..., K) of a few rows, weight (N, K), bias (N) or None: float32
+    sums of exact products (`rows_source`), rounded to bf16 once."""
+    out = torch.ops.qwen2_rows.bf16_rows(x.reshape(-1, x.shape[-1]), weight, bias)
+    return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def int8_rows(x: Tensor, weight: Tensor, scales: Tensor, bias: Tensor | None, qmax: int) -> Tensor:
+    """`((rowdot(codes, weight) * row_scales * scales.float()).to(x.dtype) + bias` in one call, for 2-D x of
+    decoding rows (float32 or bf16; scales and bias in its dtype, K % 32 == 0), where `codes, row_scales =
+    int8.quantize_rows(x, int16)` with the codes' range +-qmax (32767; W8A8's int8 codes: 127). The dot products
+    are exact."""
+    return torch.ops.qwen2_rows.int8_rows(x, weight, scales, bias, float(qmax))

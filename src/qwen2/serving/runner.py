@@ -4,8 +4,9 @@ sample.
 
 The model is never changed: the runner calls its modules (embeddings, norms, projections, rope, lm_head), so
 every format and scheme the model loads with (float, int8, int4, w8a8, GGUF) runs here unchanged, and the
-quantised linears take their own batched kernels; bfloat16 linears on the CPU go through oneDNN's inner
-product on the weight as it is (`qwen2.generation.fast.DecodeLinears`, as generate() decodes). Linears and
+quantised linears take their own batched kernels; bfloat16 linears on the CPU go through
+`qwen2.generation.fast.DecodeLinears`, as generate() decodes: steps of up to 16 tokens through the row kernel
+(`kernels.bf16_rows`), larger ones through oneDNN's inner product, both on the weight as it is. Linears and
 the MLP see all the step's tokens at once;
 attention is per sequence group: decode rows together over their gathered blocks, each prefill chunk on its
 own (see `attention.py`).
