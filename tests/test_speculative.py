@@ -194,6 +194,35 @@ def test_a_batch_decodes_plainly(tiny_pair):
                        ours.generate(ids, max_new_tokens=10))
 
 
+@pytest.mark.parametrize("scheme", [None, "int8"], ids=["bf16", "int8"])
+def test_eager_verification_rows_equal_the_eager_steps_bit_for_bit(scheme):
+    """Eager, each verification row is computed as the plain one-row step computes it: the row kernels' linears
+    do not depend on the row count, and attention runs row by row over the static cache's every slot. Oracle:
+    plain eager greedy's raw logits, bit for bit, on prompts whose drafts are accepted and rejected (before
+    attention was split, 11 of 30 such bf16 answers parted from plain greedy at a near-tie)."""
+    from conftest import cpu_flags, require_int8_kernels
+    from qwen2.quantization import quantize_model
+
+    require_int8_kernels()
+    if "avx512_bf16" not in cpu_flags():
+        pytest.skip("no AVX512-BF16 on this CPU: bf16 rows go through oneDNN, whose blocking follows the row count")
+    torch.manual_seed(5)
+    model = qwen2.Qwen2ForCausalLM(qwen2.Qwen2Config(**{**TINY, "vocab_size": 256})).to(torch.bfloat16).eval()
+    if scheme:
+        quantize_model(model, scheme)
+    options = dict(max_new_tokens=24, do_sample=False, disable_compile=True, return_dict_in_generate=True,
+                   output_logits=True, eos_token_id=None, pad_token_id=0)
+    drafts = accepted = 0
+    for ids in _repetitive_prompts(3):
+        plain = model.generate(ids, **options)
+        speculative = model.generate(ids, prompt_lookup_num_tokens=10, **options)
+        drafts, accepted = drafts + last_speculation_stats().verify_steps, accepted + last_speculation_stats().accepted
+        assert torch.equal(speculative.sequences, plain.sequences)
+        for step, (got, expected) in enumerate(zip(speculative.logits, plain.logits, strict=True)):
+            assert torch.equal(got, expected), f"token {step}: the verification's logits differ from the step's"
+    assert drafts > 0 and accepted > 0
+
+
 def test_compiled_verification_rows_equal_the_compiled_steps_bit_for_bit():
     """The compiled verification (rows padded to VERIFY_ROWS) computes each row as the compiled one-row step
     does: int8 linears on the VNNI kernel, the tied bf16 head as `rows_matvec`, attention row by row. Oracle: plain

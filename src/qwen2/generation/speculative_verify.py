@@ -11,8 +11,10 @@ computes the same sums in another order (a GEMM instead of the step's row reduct
 which can flip a near-tie. While compiling, `VerifyRows` makes each row's arithmetic the compiled one-row step's:
 bfloat16 linears as `row_linear.rows_matvec` (each output the same reduction as the step's `row_matvec`, the
 weight still read once), int8 linears through the VNNI row kernel (per-row arithmetic independent of the row
-count), and attention row by row as the step's `_single_query_attention`. The eager verification has no such
-guarantee (oneDNN and SDPA pick their blocking by the row count).
+count), and attention row by row as the step's `_single_query_attention`. Eager, the linears' row kernels (bf16,
+int8, int4) already compute each row as they would alone, so attention is split row by row, each as the eager
+one-row step calls SDPA. Where those kernels cannot run (no AVX-512 VNNI/BF16, float32 weights) a several-row
+product may still round a near-tie differently.
 """
 
 from __future__ import annotations
@@ -31,12 +33,13 @@ VERIFY_ROWS = 8
 
 
 class VerifyRows(DecodeLinears):
-    """`DecodeLinears`, and while compiling a verification: several-row linears and attention computed row for
-    row as the compiled one-row decode step computes them (see the module docstring)."""
+    """`DecodeLinears`, and for a verification: several-row linears (while compiling) and attention computed
+    row for row as the one-row decode step computes them (see the module docstring)."""
 
-    def __init__(self, groups: int) -> None:
+    def __init__(self, groups: int, cache_slots: int) -> None:
         super().__init__()
         self.groups = groups  # query heads per key/value head
+        self.cache_slots = cache_slots  # the static cache's length: the keys the one-row step attends over
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -51,27 +54,43 @@ class VerifyRows(DecodeLinears):
                     if bias is not None:
                         y = y + bias.float()
                     return y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
-            elif func is F.scaled_dot_product_attention:
-                return self._attention(func, args, kwargs)
+        if func is F.scaled_dot_product_attention:
+            return self._attention(func, args, kwargs)
         return super().__torch_function__(func, types, args, kwargs)
 
     def _attention(self, func, args, kwargs) -> Tensor:
-        """Each query row as the decode step's single-query attention over the same (whole) cache buffer."""
+        """Each query row as the decode step attends with one query: compiled, `_single_query_attention`;
+        eager, SDPA on the query group folded into the length axis over every slot of the static cache (the
+        slots not written yet masked), as `Qwen2Attention._sdpa` decodes one row: SDPA rounds differently for
+        another key count, even where the extra keys are masked."""
         from qwen2.model import _single_query_attention  # the model imports generation: not at import time
 
         q, k, v = args[:3]
         mask = args[3] if len(args) > 3 else kwargs.get("attn_mask")
         plain = (q.device.type != "cpu" or mask is None or mask.dtype != torch.bool or len(args) > 4
                  or kwargs.get("dropout_p", 0.0) != 0.0 or kwargs.get("is_causal", False)
-                 or kwargs.get("enable_gqa", False) or k.shape[1] != q.shape[1] or q.shape[2] > VERIFY_ROWS)
+                 or kwargs.get("enable_gqa", False) or k.shape[1] != q.shape[1]
+                 or (torch.compiler.is_compiling() and q.shape[2] > VERIFY_ROWS))
         if plain:
             return func(*args, **kwargs)
         batch, heads, rows, dim = q.shape
         scale = kwargs.get("scale")
         scale = dim ** -0.5 if scale is None else scale
         k, v = k[:, ::self.groups], v[:, ::self.groups]  # one of each key/value head's repeated copies
-        out = [_single_query_attention(q[:, :, t].reshape(batch, heads // self.groups, self.groups, dim), k, v,
-                                       mask[:, :, t:t + 1], scale).reshape(batch, heads, 1, dim)
+        if torch.compiler.is_compiling():
+            def one_row(packed: Tensor, row_mask: Tensor) -> Tensor:
+                return _single_query_attention(packed, k, v, row_mask, scale)
+        else:
+            written = k.shape[2]
+            if written < self.cache_slots:
+                k = torch.cat([k, k.new_zeros(*k.shape[:2], self.cache_slots - written, dim)], dim=2)
+                v = torch.cat([v, v.new_zeros(*v.shape[:2], self.cache_slots - written, dim)], dim=2)
+                mask = torch.cat([mask, mask.new_zeros(*mask.shape[:3], self.cache_slots - written)], dim=3)
+
+            def one_row(packed: Tensor, row_mask: Tensor) -> Tensor:
+                return func(packed, k, v, attn_mask=row_mask, scale=scale)
+        out = [one_row(q[:, :, t].reshape(batch, heads // self.groups, self.groups, dim),
+                       mask[:, :, t:t + 1]).reshape(batch, heads, 1, dim)
                for t in range(rows)]
         return torch.cat(out, dim=2)
 
@@ -80,7 +99,7 @@ def _verify_forward(model: nn.Module, tokens: Tensor, position_ids: Tensor, cach
                     attention_mask: Tensor | None, cache: Any) -> Tensor:
     """(rows, V) float32 logits of every row of `tokens` (1, rows), written into `cache` at `cache_position`."""
     config = model.config
-    with VerifyRows(config.num_attention_heads // config.num_key_value_heads):
+    with VerifyRows(config.num_attention_heads // config.num_key_value_heads, cache.get_max_cache_shape()):
         output = model(input_ids=tokens, position_ids=position_ids, attention_mask=attention_mask,
                        past_key_values=cache, use_cache=True, cache_position=cache_position,
                        logits_to_keep=tokens.shape[1])
