@@ -27,9 +27,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qwen2.generation.fast import CompiledDecodeStep, DecodeLinears
+from qwen2.quantization import kernels
 from qwen2.row_linear import rows_matvec
 
-VERIFY_ROWS = 8
+VERIFY_ROWS = kernels.ROWS_PER_WEIGHT_PASS  # and int8 layers compile their rows on the VNNI kernel up to it
 
 
 class VerifyRows(DecodeLinears):

@@ -42,6 +42,7 @@ from qwen2.quantization.rows_source import ROWS_SOURCE
 logger = logging.getLogger(__name__)
 
 K_MULTIPLE = 32  # rowdot reads 32 int8 weights per step
+ROWS_PER_WEIGHT_PASS = 8  # rowdot's rows of x per pass over the weight (its C++ `rowdot` below)
 ROW_DTYPES = (torch.float32, torch.bfloat16)  # what quantize_rows reads and scale_products writes
 MAX_ROWS = 16  # bf16_rows' rows; beyond, GEMM kernels (oneDNN) do better
 
