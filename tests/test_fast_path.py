@@ -152,6 +152,28 @@ def test_generate_compiles_once_and_matches_eager(plain_settings):
     assert not fast.compiled_step(model).failed
 
 
+def test_several_rows_compile_once_and_match_eager(plain_settings):
+    """Batches decode compiled too (the row kernel inside the graph where the CPU has it), with the batch a
+    dynamic dimension: one more graph serves every several-row batch, and greedy tokens equal eager ones."""
+    from torch._dynamo.utils import counters
+
+    plain_settings.row_kernels = True
+    model = tiny_model(torch.bfloat16)
+    torch.manual_seed(1)
+    graphs = None
+    for rows, length in ((3, 7), (5, 12)):
+        ids = torch.randint(3, 96, (rows, length))
+        mask = torch.ones_like(ids)
+        mask[0, :length // 2] = 0  # a left-padded row
+        kwargs = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+        expected = model.generate(ids, disable_compile=True, **kwargs)
+        assert torch.equal(model.generate(ids, disable_compile=False, **kwargs), expected)
+        if graphs is not None:
+            assert counters["stats"]["unique_graphs"] == graphs, f"recompiled for a batch of {rows}"
+        graphs = counters["stats"]["unique_graphs"]
+    assert not fast.compiled_step(model).failed
+
+
 def _compiled_single_row(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """module(x) compiled as the decode step compiles it (under DecodeLinears)."""
     torch._dynamo.reset()  # `run` is one code object for every call: without a reset its 8 recompilations run out
@@ -264,16 +286,15 @@ def test_compile_failure_falls_back_to_eager(plain_settings, monkeypatch, caplog
 def test_compile_policy(plain_settings):
     model = tiny_model(torch.float32)
     config = qwen2.GenerationConfig(max_new_tokens=8)
-    assert not is_compiled(fast.decode_step_fn(model, config, 1))  # settings.compile=False
+    assert not is_compiled(fast.decode_step_fn(model, config))  # settings.compile=False
     plain_settings.compile = None
-    assert not is_compiled(fast.decode_step_fn(model, config, 1))  # auto: too few tokens to pay off
+    assert not is_compiled(fast.decode_step_fn(model, config))  # auto: too few tokens to pay off
     config.max_new_tokens = plain_settings.compile_min_new_tokens
-    assert is_compiled(fast.decode_step_fn(model, config, 1))  # auto: one row on the CPU
-    assert not is_compiled(fast.decode_step_fn(model, config, 8))  # auto: several rows stay eager on the CPU
-    config.disable_compile = False
-    assert is_compiled(fast.decode_step_fn(model, config, 8))
+    assert is_compiled(fast.decode_step_fn(model, config))  # auto: enough tokens to pay off
+    config.max_new_tokens = 8
+    assert is_compiled(fast.decode_step_fn(model, config))  # auto: already compiled, reused
     config.disable_compile = True
-    assert not is_compiled(fast.decode_step_fn(model, config, 1))
+    assert not is_compiled(fast.decode_step_fn(model, config))
 
 
 # ------------------------------------------------------------------------------------------ real model

@@ -68,7 +68,7 @@ def beam_search(model: Any, plan: GenerationPlan) -> torch.Tensor | GenerateBeam
     raw_logits: list[torch.Tensor] = []
 
     cache = model._make_cache(flat_batch, max_length)
-    decode_step = model._decode_step_fn(config, flat_batch)
+    decode_step = model._decode_step_fn(config)
     logits = model._prefill(plan, cache)
     attention_mask = plan.attention_mask
     if attention_mask is not None:

@@ -8,8 +8,10 @@ nothing here copies a weight. The only state kept is the compiled step, in a reg
   updates (an optimizer step, `load_state_dict`, peft's merge) need nothing, and replaced tensors, dtypes or
   modules fail its guards and recompile it. While tracing, `DecodeLinears` writes each single-row
   `F.linear` as `row_linear.row_matvec`, a reduction inductor streams the weight through at ~2x oneDNN's
-  bf16 gemv. The cache length is a dynamic dimension, so one graph serves every prompt and context length.
-  If compilation fails the step logs a warning and stays eager.
+  bf16 gemv, and sends bfloat16 ones of 2 to 16 rows to `kernels.bf16_rows` (an operator the graph calls).
+  The cache length is a dynamic dimension, so one graph serves every prompt and context length, and so is
+  the batch from two rows on: one more graph serves every batch. If compilation fails the step logs a
+  warning and stays eager.
 - eager: on the CPU `DecodeLinears` sends bfloat16 `F.linear` calls of up to 16 rows to `kernels.bf16_rows`
   where the CPU has AVX512-BF16 (each weight row read once per 8 rows: at 8 rows about as fast as oneDNN on
   the blocked copies generate() used to keep, which doubled the weights' memory, and ~2x oneDNN on the weight
@@ -17,10 +19,10 @@ nothing here copies a weight. The only state kept is the compiled step, in a reg
   than `F.linear`'s bf16 matmul at one row).
 
 When to compile (`_wants_compile`): `generate(disable_compile=...)` decides if given, else `settings.compile`,
-else auto. On the CPU auto compiles only single-row decoding of at least `compile_min_new_tokens` tokens:
-there it is ~1.5x faster (bf16; int8 ~1.7x), while several rows are as fast eager (measured at 8 rows), and
-the first compile of the default model costs ~40 s on 2 cores (inductor's on-disk cache makes it ~10-15 s in
-later processes). On accelerators auto compiles any batch from `compile_min_new_tokens` on.
+else auto: a call of at least `compile_min_new_tokens` new tokens, or on a model whose step is already
+compiled. On the CPU the compiled step is ~1.5x faster at one row (bf16; int8 ~1.7x) and ~1.2-1.3x at 8
+(the eager step's Python and unfused element-wise work), while the first compile of the default model costs
+~40-90 s on 2 cores (inductor's on-disk cache makes it ~10-15 s in later processes).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from qwen2.quantization import Int8WeightOnlyLinear, kernels
+from qwen2.quantization import kernels
 from qwen2.row_linear import row_linear
 
 logger = logging.getLogger(__name__)
@@ -65,8 +67,9 @@ def _onednn_bf16() -> bool:
 
 class DecodeLinears(TorchFunctionMode):
     """Computes the `F.linear` calls of a decode step (the model's own `nn.Linear`s, or peft's around them)
-    the fast way for the CPU, reading the weight each call: single rows as `row_matvec` while compiling,
-    bfloat16 through oneDNN's inner product eagerly (no autograd there: only without grad)."""
+    the fast way for the CPU, reading the weight each call: bfloat16 rows through `kernels.bf16_rows` (but
+    single rows as `row_matvec` while compiling), other bfloat16 ones through oneDNN's inner product eagerly
+    (no autograd there: only without grad)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -75,12 +78,15 @@ class DecodeLinears(TorchFunctionMode):
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
             same_dtype = x.dtype == weight.dtype and (bias is None or bias.dtype == x.dtype)  # else F.linear raises
             if same_dtype and x.device.type == "cpu" and weight.device.type == "cpu":
-                if torch.compiler.is_compiling():
-                    if x.numel() == x.shape[-1]:
+                single_row = x.numel() == x.shape[-1]
+                compiling = torch.compiler.is_compiling()
+                if (settings.row_kernels and not torch.is_grad_enabled() and not (compiling and single_row)
+                        and kernels.bf16_rows_usable(x, weight)):
+                    return kernels.bf16_rows(x, weight, bias)
+                if compiling:
+                    if single_row:
                         return row_linear(x, weight, bias)
                 elif x.dtype == torch.bfloat16 and not torch.is_grad_enabled():
-                    if settings.row_kernels and kernels.bf16_rows_usable(x, weight):
-                        return kernels.bf16_rows(x, weight, bias)
                     if settings.onednn_linears and _onednn_bf16():
                         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
         return func(*args, **kwargs)
@@ -122,7 +128,7 @@ class CompiledDecodeStep:
     def __call__(self, model: nn.Module, *args: Any) -> Tensor:
         if not self.failed:
             if self._marked_cache() is not args[4]:
-                _mark_cache_length_dynamic(args[3], args[4])
+                _mark_dynamic(args[0], args[1], args[3], args[4])
                 self._marked_cache = weakref.ref(args[4])
             try:
                 if self.compiled_once:
@@ -153,39 +159,43 @@ def compiled_step(model: nn.Module) -> CompiledDecodeStep | None:
     return _compiled_steps.get(model)
 
 
-def _mark_cache_length_dynamic(attention_mask: Tensor | None, cache: Any) -> None:
+def _mark_dynamic(tokens: Tensor, position_ids: Tensor, attention_mask: Tensor | None, cache: Any) -> None:
+    """The cache length is a dynamic dimension, and so is the batch from two rows on: one graph serves every
+    context length and one more every several-row batch (a recompile per batch size would cost ~10-60 s)."""
+    several = tokens.shape[0] > 1
     for layer in cache.layers:
-        if layer.window is None:
-            torch._dynamo.maybe_mark_dynamic(layer.keys, 2)
-            torch._dynamo.maybe_mark_dynamic(layer.values, 2)
+        for buffer in (layer.keys, layer.values):
+            if layer.window is None:
+                torch._dynamo.maybe_mark_dynamic(buffer, 2)
+            if several:
+                torch._dynamo.maybe_mark_dynamic(buffer, 0)
     if attention_mask is not None:
         torch._dynamo.maybe_mark_dynamic(attention_mask, 1)
+    if several:
+        for tensor in (tokens, position_ids) + (() if attention_mask is None else (attention_mask,)):
+            torch._dynamo.maybe_mark_dynamic(tensor, 0)
 
 
-def _wants_compile(model: nn.Module, config: Any, rows: int) -> bool:
-    """Whether a generate() call decoding `rows` sequences uses the compiled step."""
+def _wants_compile(model: nn.Module, config: Any) -> bool:
+    """Whether a generate() call uses the compiled step."""
     disable = getattr(config, "disable_compile", None)
     if disable is not None:
         return not disable
     if settings.compile is not None:
         return settings.compile
     step = compiled_step(model)
-    on_cpu = next(model.parameters()).device.type == "cpu"
-    if on_cpu and rows > 1:
-        return False
     if step is not None:
         return not step.failed  # already compiled: reuse it
     new_tokens = config.max_new_tokens if config.max_new_tokens is not None else config.max_length
     return new_tokens >= settings.compile_min_new_tokens
 
 
-def decode_step_fn(model: nn.Module, config: Any, rows: int) -> Any:
+def decode_step_fn(model: nn.Module, config: Any) -> Any:
     """The callable generate() calls for every new token (the signature of `model._decode_step`)."""
-    if not _wants_compile(model, config, rows):
+    if not _wants_compile(model, config):
         return functools.partial(_with_decode_linears, model)
-    if next(model.parameters()).device.type == "cpu" and any(
-            isinstance(m, Int8WeightOnlyLinear) for m in model.modules()):
-        kernels.load()  # before tracing: the int8 layers pick their single-row kernel while being compiled
+    if next(model.parameters()).device.type == "cpu":
+        kernels.load()  # before tracing: linears pick their row kernel while being compiled
     step = _compiled_steps.get(model)
     if step is None:
         step = _compiled_steps[model] = CompiledDecodeStep()

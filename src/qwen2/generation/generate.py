@@ -221,11 +221,11 @@ class GenerationMixin(GenerationApiMixin):
         (N, max_length) over all cache slots. Shapes never change between steps. Returns (N, V) float32."""
         return self._forward_last_logits(tokens, attention_mask, position_ids, cache, cache_position)
 
-    def _decode_step_fn(self, config: GenerationConfig, rows: int) -> Any:
+    def _decode_step_fn(self, config: GenerationConfig) -> Any:
         """The callable the loops use for every new token (signature of `_decode_step`): the eager step or
         its `torch.compile`d wrapper (see qwen2.generation.fast; `disable_compile` opts out). Called before
         the prefill: it readies the weights for the path it picks."""
-        return decode_step_fn(self, config, rows)
+        return decode_step_fn(self, config)
 
     def _make_cache(self, batch_size: int, max_length: int) -> Any:
         from qwen2.cache import StaticCache
@@ -243,7 +243,7 @@ class GenerationMixin(GenerationApiMixin):
         batch_size, prompt_length = input_ids.shape[0], plan.prefill_length
         # Embeddings-only prompts: max_length counts new tokens, the cache holds the prompt's positions too.
         cache = self._make_cache(batch_size, config.max_length + prompt_length - input_ids.shape[1])
-        decode_step = self._decode_step_fn(config, batch_size)
+        decode_step = self._decode_step_fn(config)
         if plan.user_cache is not None:
             seed_cache(cache, plan.user_cache, plan.cached_length)
         logits = self._prefill(plan, cache)

@@ -192,7 +192,7 @@ def speculative_steps(model: Any, plan: Any, assistant: Any = None) -> Iterator[
     ids = plan.input_ids[0]  # (n,) every token so far
     prompt_length = plan.prefill_length
     cache = model._make_cache(1, config.max_length + prompt_length - plan.input_ids.shape[1])
-    decode_step = model._decode_step_fn(config, 1)
+    decode_step = model._decode_step_fn(config)
     if plan.user_cache is not None:
         seed_cache(cache, plan.user_cache, plan.cached_length)
     compiled = getattr(decode_step, "func", None) is not _with_decode_linears

@@ -221,6 +221,7 @@ TORCH_LIBRARY_IMPL(qwen2_int8, CPU, m) {
 """
 
 _loaded = False
+_bf16_loaded = False  # and the CPU has AVX512-BF16 (`bf16_rows`): plain flags, which a compiled graph's trace reads
 _build_error: str | None = None
 
 
@@ -287,7 +288,7 @@ def build_extension(name: str, sources: list[str], first_call: Callable[[], obje
 def load() -> bool:
     """Build (once per machine) and register the kernels; whether they can be used. Call it before
     `torch.compile` traces a model: layers choose their path while being traced."""
-    global _loaded, _build_error
+    global _loaded, _bf16_loaded, _build_error
     if not _cpu_has_vnni():
         return False
     _build_error = build_extension(
@@ -302,7 +303,12 @@ def load() -> bool:
     def _(x: Tensor, weight: Tensor) -> Tensor:
         return x.new_empty(x.shape[0], weight.shape[0], dtype=torch.float32)
 
+    @torch.library.register_fake("qwen2_rows::bf16_rows")
+    def _(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return x.new_empty(x.shape[0], weight.shape[0])
+
     _loaded = True
+    _bf16_loaded = _cpu_has_bf16()
     return True
 
 
@@ -339,11 +345,12 @@ def rowdot(x: Tensor, weight: Tensor) -> Tensor:
 
 
 def bf16_rows_usable(x: Tensor, weight: Tensor) -> bool:
-    """Whether `bf16_rows` takes this eager F.linear: bf16 on a CPU with AVX512-BF16, 1 to `MAX_ROWS` rows, a
-    contiguous weight; builds the kernels on the first call."""
+    """Whether `bf16_rows` takes this F.linear: bf16 on a CPU with AVX512-BF16, 1 to `MAX_ROWS` rows, a
+    contiguous weight. Eager calls build the kernels on the first call; while tracing (where a build must not
+    happen) only a `load()` made before counts."""
     return (x.dtype == weight.dtype == torch.bfloat16 and x.device.type == weight.device.type == "cpu"
             and weight.dim() == 2 and weight.is_contiguous() and 0 < x.numel() <= MAX_ROWS * x.shape[-1]
-            and not torch.compiler.is_compiling() and _cpu_has_bf16() and load())
+            and (_bf16_loaded if torch.compiler.is_compiling() else load() and _bf16_loaded))
 
 
 def bf16_rows(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
