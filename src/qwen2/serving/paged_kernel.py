@@ -32,7 +32,6 @@ _SOURCE = r"""
 #include <ATen/ops/empty_like.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
-#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -52,7 +51,7 @@ static inline float exp_nonpositive(float x) {
   p = p * f + 2.402264791363012e-1f;
   p = p * f + 6.931472028550421e-1f;
   p = p * f + 1.f;
-  return p * std::bit_cast<float>((std::bit_cast<int32_t>(shifted) - 0x4B400000 + 127) << 23);
+  return p * __builtin_bit_cast(float, (__builtin_bit_cast(int32_t, shifted) - 0x4B400000 + 127) << 23);
 }
 
 static inline void to_float(const float* src, float* dst, int64_t n) { std::memcpy(dst, src, n * sizeof(float)); }
@@ -61,7 +60,7 @@ static inline void to_float(const at::BFloat16* src, float* dst, int64_t n) {
   const uint16_t* raw = reinterpret_cast<const uint16_t*>(src);
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
-    dst[i] = std::bit_cast<float>(static_cast<uint32_t>(raw[i]) << 16);
+    dst[i] = __builtin_bit_cast(float, static_cast<uint32_t>(raw[i]) << 16);
   }
 }
 
