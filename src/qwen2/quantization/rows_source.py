@@ -43,6 +43,15 @@ static inline __m512 sum16(const __m512* v) {
 static constexpr int transposed(int s) { return 4 * (s % 4) + s / 4; }
 static constexpr int64_t PREFETCH_BYTES = 2048;
 static constexpr int MAX_ROWS_PER_PASS = 8;
+static constexpr int64_t X_BLOCK_BYTES = 16 << 10;  // half of L1d: the rest streams the weight
+
+// Columns per K block for MB rows of 2-byte x (a multiple of `multiple`): K itself while the rows fit in
+// X_BLOCK_BYTES, else as many columns as do (down_proj's 8 rows of 4864 are 78 KB: without blocks, each pass
+// over a weight row re-read them from L2).
+static int64_t k_block(int MB, int64_t K, int64_t multiple) {
+  const int64_t fit = std::max<int64_t>(multiple, X_BLOCK_BYTES / (2 * MB) / multiple * multiple);
+  return K <= fit ? K : fit;
+}
 
 // Runs block(rows, x rows, out rows, weight rows t0..t1) over N split across threads, in tiles of weight rows
 // that stay in L2 while each group of up to 8 rows reads them.
@@ -73,30 +82,41 @@ static void with_rows(int64_t rows, const F& f) {
 
 // ---- bf16 rows times a bf16 weight (AVX512-BF16; called only where the CPU has it)
 
-// out[j, n] = bf16(sum_k x[j, k] w[n, k] + bias[n]) for MB rows of x and weight rows n0..n1, NB at a time.
-// A last chunk of K shorter than 32 is read with masked loads.
-template <int MB, int NB>
+// out[j, n] = bf16(sum_k x[j, k] w[n, k] + bias[n]) for MB rows of x and weight rows n0..n1, NB at a time, over
+// columns k0..k1 (k0 % 32 == 0; Blocked unless they are all of K). The accumulators start from zero at k0 == 0,
+// else from `carry` (MB vectors per weight row from n0), and go back there unless k1 == K, where they are summed
+// and written: the same additions in the same order however K is blocked. A last chunk of K shorter than 32 is
+// read with masked loads.
+template <int MB, int NB, bool Blocked>
 QWEN2_BF16 static void bf16_rows_block(const at::BFloat16* x, const at::BFloat16* w, const at::BFloat16* bias,
-                                       at::BFloat16* out, int64_t N, int64_t K, int64_t n0, int64_t n1) {
+                                       at::BFloat16* out, int64_t N, int64_t K, int64_t n0, int64_t n1, int64_t k0,
+                                       int64_t k1, __m512* carry) {
   constexpr int G = (MB * NB + 15) / 16;
   const __mmask32 tail = (__mmask32)((1ull << (K % 32)) - 1);  // the last chunk's columns, if K % 32 != 0
   int64_t n = n0;
   for (; n + NB <= n1; n += NB) {
     const at::BFloat16* r = w + n * K;
-    const char* pf = reinterpret_cast<const char*>(r) + PREFETCH_BYTES;
+    // whole rows: 2 KB ahead along the NB rows (adjacent in memory); a block of columns: the next NB rows' block
+    const char* pf = reinterpret_cast<const char*>(r) + (Blocked ? 2 * NB * K : PREFETCH_BYTES);
+    const int64_t pf_k = Blocked ? 1 : NB, pf_i = Blocked ? K : 32;
+    __m512* kept = Blocked ? carry + (n - n0) * MB : nullptr;
     __m512 acc[G * 16];
-    for (int c = 0; c < G * 16; ++c) acc[c] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < K; k += 32) {
+    for (int c = 0; c < G * 16; ++c) acc[c] = !Blocked || k0 == 0 || c >= MB * NB ? _mm512_setzero_ps() : kept[c];
+    for (int64_t k = k0; k < k1; k += 32) {
       const __mmask32 mask = k + 32 <= K ? ~__mmask32(0) : tail;
       __m512bh wv[NB];
       for (int i = 0; i < NB; ++i) {
-        _mm_prefetch(pf + (k * NB + 32 * i) * 2, _MM_HINT_T0);
+        _mm_prefetch(pf + (k * pf_k + i * pf_i) * 2, _MM_HINT_T0);
         wv[i] = (__m512bh)_mm512_maskz_loadu_epi16(mask, r + i * K + k);
       }
       for (int j = 0; j < MB; ++j) {
         const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(mask, x + j * K + k);
         for (int i = 0; i < NB; ++i) acc[i * MB + j] = _mm512_dpbf16_ps(acc[i * MB + j], wv[i], xv);
       }
+    }
+    if (Blocked && k1 < K) {
+      for (int c = 0; c < MB * NB; ++c) kept[c] = acc[c];
+      continue;
     }
     alignas(64) float sums[G * 16];
     for (int g = 0; g < G; ++g) {
@@ -109,7 +129,8 @@ QWEN2_BF16 static void bf16_rows_block(const at::BFloat16* x, const at::BFloat16
       for (int j = 0; j < MB; ++j) out[j * N + n + i] = at::BFloat16(sums[i * MB + j] + b);
     }
   }
-  if (NB > 1 && n < n1) bf16_rows_block<MB, 1>(x, w, bias, out, N, K, n, n1);
+  if (NB > 1 && n < n1) bf16_rows_block<MB, 1, Blocked>(x, w, bias, out, N, K, n, n1, k0, k1,
+                                                          Blocked ? carry + (n - n0) * MB : nullptr);
 }
 
 // x (M, K) bf16 . w (N, K) bf16 (+ bias (N)) -> (M, N) bf16, as F.linear; 2 weight rows per pass at 5-8 rows
@@ -131,7 +152,13 @@ QWEN2_BF16 at::Tensor bf16_rows(const at::Tensor& x, const at::Tensor& w, const 
   if (K == 0) return bias ? bc.expand({M, N}).contiguous() : out.zero_();
   over_tiles(M, N, 2 * K, [&](int64_t rows, int64_t m, int64_t t0, int64_t t1) {
     with_rows(rows, [&]<int MB>() {
-      bf16_rows_block<MB, (MB <= 4 ? 4 : 2)>(xp + m * K, wp, bp, op + m * N, N, K, t0, t1);
+      constexpr int NB = MB <= 4 ? 4 : 2;
+      const int64_t kb = k_block(MB, K, 32);
+      if (kb == K) return bf16_rows_block<MB, NB, false>(xp + m * K, wp, bp, op + m * N, N, K, t0, t1, 0, K, nullptr);
+      std::vector<__m512> carry((t1 - t0) * MB);
+      for (int64_t k0 = 0; k0 < K; k0 += kb)
+        bf16_rows_block<MB, NB, true>(xp + m * K, wp, bp, op + m * N, N, K, t0, t1, k0, std::min(K, k0 + kb),
+                                      carry.data());
     });
   });
   return out;
@@ -158,23 +185,32 @@ static void quantize_rows_int16(const T* x, int16_t* codes, float* scales, int64
 }
 
 // out[j, n] = T(T(float(sum_k codes[j, k] w[n, k]) * row_scales[j] * scales[n]) + bias[n]) for MB rows and weight
-// rows n0..n1, NB at a time (K % 32 == 0). The int32 lanes are summed every 512 columns (a chunk's total is
-// below 512 * 128 * 32767 < 2^31) into exact int64 totals.
-template <int MB, int NB, typename T>
+// rows n0..n1, NB at a time (K % 32 == 0), over columns k0..k1 (k0 % 512 == 0; Blocked unless all of K), the
+// int64 totals carried in `carry` between blocks as bf16_rows_block carries its accumulators. The int32 lanes
+// are summed every 512 columns (a chunk's total is below 512 * 128 * 32767 < 2^31) into exact int64 totals.
+template <int MB, int NB, bool Blocked, typename T>
 static void int8_rows_block(const int16_t* x, const int8_t* w, const float* rs, const T* cs, const T* bias, T* out,
-                            int64_t N, int64_t K, int64_t n0, int64_t n1) {
+                            int64_t N, int64_t K, int64_t n0, int64_t n1, int64_t kb0, int64_t kb1,
+                            int64_t* carry) {
   constexpr int G = (MB * NB + 15) / 16;
   int64_t n = n0;
   for (; n + NB <= n1; n += NB) {
     const int8_t* r = w + n * K;
-    const char* pf = reinterpret_cast<const char*>(r) + PREFETCH_BYTES;
+    const char* pf = reinterpret_cast<const char*>(r) + (Blocked ? NB * K : PREFETCH_BYTES);  // as bf16_rows_block
+    const int64_t pf_k = Blocked ? 1 : NB;
+    int64_t* kept = Blocked ? carry + (n - n0) * MB : nullptr;
     alignas(64) int64_t totals[G * 16] = {};
-    for (int64_t k0 = 0; k0 < K; k0 += 512) {
-      const int64_t k1 = std::min<int64_t>(K, k0 + 512);
+    if (Blocked && kb0 > 0)
+      for (int c = 0; c < MB * NB; ++c) totals[c] = kept[c];
+    for (int64_t k0 = kb0; k0 < kb1; k0 += 512) {
+      const int64_t k1 = std::min<int64_t>(kb1, k0 + 512);
       __m512i acc[G * 16];
       for (int c = 0; c < G * 16; ++c) acc[c] = _mm512_setzero_si512();
       for (int64_t k = k0; k < k1; k += 32) {
-        _mm_prefetch(pf + k * NB, _MM_HINT_T0);
+        if (Blocked)
+          for (int i = 0; i < NB; ++i) _mm_prefetch(pf + i * K + k, _MM_HINT_T0);
+        else
+          _mm_prefetch(pf + k * pf_k, _MM_HINT_T0);
         __m512i wv[NB];
         for (int i = 0; i < NB; ++i) wv[i] = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(r + i * K + k)));
         for (int j = 0; j < MB; ++j) {
@@ -191,6 +227,10 @@ static void int8_rows_block(const int16_t* x, const int8_t* w, const float* rs, 
         tot[1] = _mm512_add_epi64(tot[1], _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(s32, 1)));
       }
     }
+    if (Blocked && kb1 < K) {
+      for (int c = 0; c < MB * NB; ++c) kept[c] = totals[c];
+      continue;
+    }
     for (int i = 0; i < NB; ++i) {
       const float c = static_cast<float>(cs[n + i]);
       for (int j = 0; j < MB; ++j) {
@@ -200,7 +240,9 @@ static void int8_rows_block(const int16_t* x, const int8_t* w, const float* rs, 
       }
     }
   }
-  if (NB > 1 && n < n1) int8_rows_block<MB, 1>(x, w, rs, cs, bias, out, N, K, n, n1);
+  if (NB > 1 && n < n1)
+    int8_rows_block<MB, 1, Blocked>(x, w, rs, cs, bias, out, N, K, n, n1, kb0, kb1,
+                                    Blocked ? carry + (n - n0) * MB : nullptr);
 }
 
 template <typename T>
@@ -219,7 +261,15 @@ static void int8_rows_impl(const at::Tensor& x, const at::Tensor& w, const at::T
   T* op = out.data_ptr<T>();
   over_tiles(M, N, K, [&](int64_t rows, int64_t m, int64_t t0, int64_t t1) {
     with_rows(rows, [&]<int MB>() {
-      int8_rows_block<MB, (MB <= 4 ? 4 : 2), T>(xp + m * K, wp, rp + m, cp, bp, op + m * N, N, K, t0, t1);
+      constexpr int NB = MB <= 4 ? 4 : 2;
+      const int64_t kb = k_block(MB, K, 512);
+      if (kb == K)
+        return int8_rows_block<MB, NB, false, T>(xp + m * K, wp, rp + m, cp, bp, op + m * N, N, K, t0, t1, 0, K,
+                                                 nullptr);
+      std::vector<int64_t> carry((t1 - t0) * MB);
+      for (int64_t k0 = 0; k0 < K; k0 += kb)
+        int8_rows_block<MB, NB, true, T>(xp + m * K, wp, rp + m, cp, bp, op + m * N, N, K, t0, t1, k0,
+                                         std::min(K, k0 + kb), carry.data());
     });
   });
 }
