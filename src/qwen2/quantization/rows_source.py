@@ -53,6 +53,49 @@ static int64_t k_block(int MB, int64_t K, int64_t multiple) {
   return K <= fit ? K : fit;
 }
 
+// A pass over NB weight rows for MB x rows ends with MB * NB (<= 16) outputs in the lanes of one vector: lane l is
+// weight row n + l / MB, x row l % MB. Built (by_weight_row, by_x_row), rounded to T and written lane-wise, so
+// that each output sees the scalar float32 operations it would alone.
+template <int MB, int NB>
+static inline __m512i lane_index(bool weight_row) {
+  static_assert(MB * NB <= 16, "one vector of outputs per pass");
+  alignas(64) int32_t index[16];
+  for (int l = 0; l < 16; ++l) index[l] = l < MB * NB ? (weight_row ? l / MB : l % MB) : 0;
+  return _mm512_load_si512(index);
+}
+
+template <int Count>
+static inline __m512 load_first(const float* p) { return _mm512_maskz_loadu_ps((__mmask16)((1u << Count) - 1), p); }
+template <int Count>
+static inline __m512 load_first(const at::BFloat16* p) {
+  const __m256i h = _mm256_maskz_loadu_epi16((__mmask16)((1u << Count) - 1), p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// lane l: float(v[n + l / MB]); zeros if v is null
+template <int MB, int NB, typename T>
+static inline __m512 by_weight_row(const T* v, int64_t n) {
+  return v ? _mm512_permutexvar_ps(lane_index<MB, NB>(true), load_first<NB>(v + n)) : _mm512_setzero_ps();
+}
+
+// lane l: v[l % MB]
+template <int MB, int NB>
+static inline __m512 by_x_row(const float* v) {
+  return _mm512_permutexvar_ps(lane_index<MB, NB>(false), load_first<MB>(v));
+}
+
+static inline __m512 round_to(__m512 v, const float*) { return v; }
+static inline __m512 round_to(__m512 v, const at::BFloat16*) {  // float(at::BFloat16(v)) in each lane
+  return _mm512_castsi512_ps(_mm512_slli_epi32(bf16_bits(v), 16));
+}
+
+template <int MB, int NB, typename T>
+static inline void write_lanes(T* out, int64_t N, int64_t n, __m512 v) {
+  alignas(64) T lanes[16];
+  store_floats(lanes, v);
+  for (int l = 0; l < MB * NB; ++l) out[(l % MB) * N + n + l / MB] = lanes[l];
+}
+
 // Runs block(rows, x rows, out rows, weight rows t0..t1) over N split across threads, in tiles of weight rows
 // that stay in L2 while each group of up to 8 rows reads them.
 template <typename Block>
@@ -91,7 +134,6 @@ template <int MB, int NB, bool Blocked>
 QWEN2_BF16 static void bf16_rows_block(const at::BFloat16* x, const at::BFloat16* w, const at::BFloat16* bias,
                                        at::BFloat16* out, int64_t N, int64_t K, int64_t n0, int64_t n1, int64_t k0,
                                        int64_t k1, __m512* carry) {
-  constexpr int G = (MB * NB + 15) / 16;
   const __mmask32 tail = (__mmask32)((1ull << (K % 32)) - 1);  // the last chunk's columns, if K % 32 != 0
   int64_t n = n0;
   for (; n + NB <= n1; n += NB) {
@@ -100,8 +142,8 @@ QWEN2_BF16 static void bf16_rows_block(const at::BFloat16* x, const at::BFloat16
     const char* pf = reinterpret_cast<const char*>(r) + (Blocked ? 2 * NB * K : PREFETCH_BYTES);
     const int64_t pf_k = Blocked ? 1 : NB, pf_i = Blocked ? K : 32;
     __m512* kept = Blocked ? carry + (n - n0) * MB : nullptr;
-    __m512 acc[G * 16];
-    for (int c = 0; c < G * 16; ++c) acc[c] = !Blocked || k0 == 0 || c >= MB * NB ? _mm512_setzero_ps() : kept[c];
+    __m512 acc[16];
+    for (int c = 0; c < 16; ++c) acc[c] = !Blocked || k0 == 0 || c >= MB * NB ? _mm512_setzero_ps() : kept[c];
     for (int64_t k = k0; k < k1; k += 32) {
       const __mmask32 mask = k + 32 <= K ? ~__mmask32(0) : tail;
       __m512bh wv[NB];
@@ -118,16 +160,9 @@ QWEN2_BF16 static void bf16_rows_block(const at::BFloat16* x, const at::BFloat16
       for (int c = 0; c < MB * NB; ++c) kept[c] = acc[c];
       continue;
     }
-    alignas(64) float sums[G * 16];
-    for (int g = 0; g < G; ++g) {
-      __m512 t[16];
-      for (int s = 0; s < 16; ++s) t[s] = acc[g * 16 + transposed(s)];
-      _mm512_store_ps(sums + 16 * g, sum16<add_ps>(t));
-    }
-    for (int i = 0; i < NB; ++i) {
-      const float b = bias ? static_cast<float>(bias[n + i]) : 0.0f;
-      for (int j = 0; j < MB; ++j) out[j * N + n + i] = at::BFloat16(sums[i * MB + j] + b);
-    }
+    __m512 t[16];
+    for (int s = 0; s < 16; ++s) t[s] = acc[transposed(s)];
+    write_lanes<MB, NB>(out, N, n, _mm512_add_ps(sum16<add_ps>(t), by_weight_row<MB, NB>(bias, n)));
   }
   if (NB > 1 && n < n1) bf16_rows_block<MB, 1, Blocked>(x, w, bias, out, N, K, n, n1, k0, k1,
                                                           Blocked ? carry + (n - n0) * MB : nullptr);
@@ -192,20 +227,20 @@ template <int MB, int NB, bool Blocked, typename T>
 static void int8_rows_block(const int16_t* x, const int8_t* w, const float* rs, const T* cs, const T* bias, T* out,
                             int64_t N, int64_t K, int64_t n0, int64_t n1, int64_t kb0, int64_t kb1,
                             int64_t* carry) {
-  constexpr int G = (MB * NB + 15) / 16;
+  const __m512 row_scales = by_x_row<MB, NB>(rs);
   int64_t n = n0;
   for (; n + NB <= n1; n += NB) {
     const int8_t* r = w + n * K;
     const char* pf = reinterpret_cast<const char*>(r) + (Blocked ? NB * K : PREFETCH_BYTES);  // as bf16_rows_block
     const int64_t pf_k = Blocked ? 1 : NB;
     int64_t* kept = Blocked ? carry + (n - n0) * MB : nullptr;
-    alignas(64) int64_t totals[G * 16] = {};
+    alignas(64) int64_t totals[16] = {};
     if (Blocked && kb0 > 0)
       for (int c = 0; c < MB * NB; ++c) totals[c] = kept[c];
     for (int64_t k0 = kb0; k0 < kb1; k0 += 512) {
       const int64_t k1 = std::min<int64_t>(kb1, k0 + 512);
-      __m512i acc[G * 16];
-      for (int c = 0; c < G * 16; ++c) acc[c] = _mm512_setzero_si512();
+      __m512i acc[16];
+      for (int c = 0; c < 16; ++c) acc[c] = _mm512_setzero_si512();
       for (int64_t k = k0; k < k1; k += 32) {
         if (Blocked)
           for (int i = 0; i < NB; ++i) _mm_prefetch(pf + i * K + k, _MM_HINT_T0);
@@ -218,27 +253,22 @@ static void int8_rows_block(const int16_t* x, const int8_t* w, const float* rs, 
           for (int i = 0; i < NB; ++i) acc[i * MB + j] = _mm512_dpwssd_epi32(acc[i * MB + j], wv[i], xv);
         }
       }
-      for (int g = 0; g < G; ++g) {
-        __m512 t[16];
-        for (int s = 0; s < 16; ++s) t[s] = _mm512_castsi512_ps(acc[g * 16 + transposed(s)]);
-        const __m512i s32 = _mm512_castps_si512(sum16<add_epi32>(t));
-        __m512i* tot = reinterpret_cast<__m512i*>(totals + 16 * g);
-        tot[0] = _mm512_add_epi64(tot[0], _mm512_cvtepi32_epi64(_mm512_castsi512_si256(s32)));
-        tot[1] = _mm512_add_epi64(tot[1], _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(s32, 1)));
-      }
+      __m512 t[16];
+      for (int s = 0; s < 16; ++s) t[s] = _mm512_castsi512_ps(acc[transposed(s)]);
+      const __m512i s32 = _mm512_castps_si512(sum16<add_epi32>(t));
+      __m512i* tot = reinterpret_cast<__m512i*>(totals);
+      tot[0] = _mm512_add_epi64(tot[0], _mm512_cvtepi32_epi64(_mm512_castsi512_si256(s32)));
+      tot[1] = _mm512_add_epi64(tot[1], _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(s32, 1)));
     }
     if (Blocked && kb1 < K) {
       for (int c = 0; c < MB * NB; ++c) kept[c] = totals[c];
       continue;
     }
-    for (int i = 0; i < NB; ++i) {
-      const float c = static_cast<float>(cs[n + i]);
-      for (int j = 0; j < MB; ++j) {
-        const T product = static_cast<T>(static_cast<float>(totals[i * MB + j]) * rs[j] * c);
-        out[j * N + n + i] = bias ? static_cast<T>(static_cast<float>(product) + static_cast<float>(bias[n + i]))
-                                  : product;
-      }
-    }
+    const __m512i* tot = reinterpret_cast<const __m512i*>(totals);  // int64 -> float32 as static_cast rounds
+    const __m512 exact = _mm512_insertf32x8(_mm512_castps256_ps512(_mm512_cvtepi64_ps(tot[0])),
+                                            _mm512_cvtepi64_ps(tot[1]), 1);
+    const __m512 product = round_to(_mm512_mul_ps(_mm512_mul_ps(exact, row_scales), by_weight_row<MB, NB>(cs, n)), out);
+    write_lanes<MB, NB>(out, N, n, bias ? _mm512_add_ps(product, by_weight_row<MB, NB>(bias, n)) : product);
   }
   if (NB > 1 && n < n1)
     int8_rows_block<MB, 1, Blocked>(x, w, rs, cs, bias, out, N, K, n, n1, kb0, kb1,
