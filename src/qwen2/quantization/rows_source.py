@@ -7,8 +7,13 @@ accumulators in registers: a 32-element chunk of a weight row is loaded once and
 end of a row (`sum16`: 16 vectors into one vector of their 16 sums by whole-vector shuffles and adds, about 3
 instructions per accumulator instead of a ~10-instruction horizontal sum each, on a dependent chain), and the
 weight is prefetched ~2 KB ahead, which the hardware prefetcher alone did not keep up with at several rows
-(measured: ~1.5-2x on the default model's shapes). Up to 16 rows: the rows beyond 8 re-read an L2-sized tile of
-weight rows. The N weight rows are split across torch's threads.
+(measured: ~1.5-2x on the default model's shapes). Where the rows do not fit half of L1 (down_proj's 8 rows of
+K = 4864 bf16 or int16 are 78 KB, re-read from L2 for every weight row pair: 18 GB/s against gate_proj's 31),
+K is taken in blocks that do, the accumulators (int8: the int64 totals) kept between blocks, so each lane adds
+the same products in the same order as without blocks: a row's bits depend neither on K's blocking nor on
+the other rows in the call (speculative verification and the serving engine rely on it). The NB x MB outputs
+of a pass are scaled, biased and rounded as one vector, then written lane by lane. Up to 16 rows: the rows
+beyond 8 re-read an L2-sized tile of weight rows. The N weight rows are split across torch's threads.
 
 bf16: products of bf16 pairs are exact in float32; vdpbf16ps adds them into float32 lanes (denormals flushed),
 so a sum differs from the exact one by float32 rounding over K / 16 additions per lane, then one bf16 rounding.
