@@ -21,7 +21,7 @@ quantisation and rescaling around W8A8's integer GEMMs.
   `int8.Int8DynamicActivationLinear`): the same float32 operations in the same order, round half to even.
 
 Built by `torch.utils.cpp_extension` (a C++ compiler and ninja; inductor needs the compiler too) and cached by
-torch per machine. Without AVX512-VNNI (read from /proc/cpuinfo: the instructions would kill the process, not
+torch per machine. Without AVX512-VNNI and -DQ (read from /proc/cpuinfo: the instructions would kill the process, not
 raise) or if the build fails, `load()` returns False and callers keep the torch operations; a failed build logs a
 warning naming the compiler's error (`build_error()`), and the tests fail on it where the CPU and a compiler
 could have built the kernels.
