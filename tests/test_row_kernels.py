@@ -35,7 +35,8 @@ def assert_bf16_rows_close(got: torch.Tensor, x: torch.Tensor, w: torch.Tensor, 
 
 @needs_bf16_rows
 @pytest.mark.parametrize("rows", [1, 2, 5, 8, 9, 16])  # 9, 16: a pass of 8 rows, then a second over the tile
-@pytest.mark.parametrize("n, k", [(1, 32), (37, 100), (300, 896), (19, 4864)])  # 100: a masked last chunk
+@pytest.mark.parametrize("n, k", [(1, 32), (37, 100), (300, 896), (19, 4864), (19, 2100)])  # 100: a masked last
+# chunk; 4864, 2100: blocks of K (from 2 rows), 2100 with a masked last chunk
 @pytest.mark.parametrize("bias", [True, False])
 def test_bf16_rows_is_the_product_within_float32_rounding(rows, n, k, bias):
     require_int8_kernels()
@@ -53,6 +54,25 @@ def test_bf16_rows_takes_non_contiguous_rows_and_leading_dims():
     got = kernels.bf16_rows(x, w, None)
     assert got.shape == (3, 2, 40)
     assert_bf16_rows_close(got.reshape(6, 40), x.reshape(6, 96), w, None)
+
+
+@needs_bf16_rows
+@pytest.mark.parametrize("k", [896, 2100, 4864])  # 2100, 4864: blocks of K from 2 rows on, 2100 a masked last chunk
+def test_row_kernels_give_a_row_the_same_bits_whatever_rows_share_the_call(k):
+    """What eager speculative verification and the serving engine's steps rely on: a row's output does not depend
+    on how many rows (1..16) the call has nor on the row's place among them. Oracle: the rows of one 16-row call."""
+    require_int8_kernels()
+    x = torch.randn(16, k).to(torch.bfloat16)
+    w, b = torch.randn(70, k).to(torch.bfloat16), torch.randn(70).to(torch.bfloat16)
+    k8 = k // 32 * 32
+    w8, s8 = torch.randint(-128, 128, (70, k8), dtype=torch.int8), (torch.rand(70) / 100).to(torch.bfloat16)
+    bf16_all = torch.ops.qwen2_rows.bf16_rows(x, w, b)
+    int8_all = kernels.int8_rows(x[:, :k8], w8, s8, b, 32767)
+    for rows in range(1, 17):
+        for start in {0, 16 - rows, (16 - rows) // 2}:
+            part = slice(start, start + rows)
+            assert torch.equal(torch.ops.qwen2_rows.bf16_rows(x[part], w, b), bf16_all[part]), (rows, start)
+            assert torch.equal(kernels.int8_rows(x[part, :k8], w8, s8, b, 32767), int8_all[part]), (rows, start)
 
 
 def _int8_reference(x, w, scales, bias, qmax):

@@ -21,7 +21,7 @@ quantisation and rescaling around W8A8's integer GEMMs.
   `int8.Int8DynamicActivationLinear`): the same float32 operations in the same order, round half to even.
 
 Built by `torch.utils.cpp_extension` (a C++ compiler and ninja; inductor needs the compiler too) and cached by
-torch per machine. Without AVX512-VNNI (read from /proc/cpuinfo: the instructions would kill the process, not
+torch per machine. Without AVX512-VNNI and -DQ (read from /proc/cpuinfo: the instructions would kill the process, not
 raise) or if the build fails, `load()` returns False and callers keep the torch operations; a failed build logs a
 warning naming the compiler's error (`build_error()`), and the tests fail on it where the CPU and a compiler
 could have built the kernels.
@@ -164,12 +164,16 @@ std::vector<at::Tensor> quantize_rows(const at::Tensor& x) {
   return {codes, scales};
 }
 
+// float32 -> the bits of bf16 in 32-bit lanes as at::BFloat16 rounds: half to even, a NaN to 0x7FC0
+static inline __m512i bf16_bits(__m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), odd)), 16);
+  return _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+}
 static inline void store_floats(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
-static inline void store_floats(at::BFloat16* p, __m512 v) {  // float32 -> bf16, round half to even
-  __m512i bits = _mm512_castps_si512(v);
-  __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  bits = _mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), odd));
-  _mm256_storeu_si256((__m256i*)p, _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
+static inline void store_floats(at::BFloat16* p, __m512 v) {
+  _mm256_storeu_si256((__m256i*)p, _mm512_cvtepi32_epi16(bf16_bits(v)));
 }
 
 // out (M, N) = float(products) * row_scales[m] * col_scales[n] in float32, then the output dtype.
@@ -248,7 +252,7 @@ def _cpu_flags() -> str:
 
 
 def _cpu_has_vnni() -> bool:
-    return " avx512_vnni" in _cpu_flags() and " avx512bw" in _cpu_flags()
+    return all(f" {flag}" in _cpu_flags() for flag in ("avx512_vnni", "avx512bw", "avx512dq"))
 
 
 def _cpu_has_bf16() -> bool:
@@ -271,7 +275,7 @@ def build_extension(name: str, sources: list[str], first_call: Callable[[], obje
         load_inline(name, cpp_sources=sources, is_python_module=False,
                     # no fused multiply-adds the source did not write: the row kernels' bits must not depend on it
                     extra_cflags=["-O3", "-ffp-contract=off", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl",
-                                  "-mavx512vnni"],
+                                  "-mavx512dq", "-mavx512vnni"],
                     extra_ldflags=["-fopenmp"])
         first_call()
     except Exception as err:  # noqa: BLE001 - no compiler, no ninja, a failed build: keep torch's operations
