@@ -97,7 +97,7 @@ def save(model: nn.Module, path: Path) -> float:
             kernels.load()  # before tracing, as generate() does: the layers pick their kernel while traced
     args = _decode_step_arguments(model)
     torch.set_num_threads(threads)  # as a precaution: an extension's OpenMP start-up in the warm-up may reset it
-    fast._mark_cache_length_dynamic(args[3], args[4])  # one graph for every context length
+    fast._mark_dynamic(args[0], args[1], args[3], args[4])  # one graph for every context length
     # A code object of its own, as fast.CompiledDecodeStep's, so dynamo's per-code limits stay apart.
     step = types.FunctionType(fast._with_decode_linears.__code__.replace(), fast._with_decode_linears.__globals__)
     with torch.no_grad():  # generate() decodes without grad: the guards check the grad mode

@@ -354,7 +354,7 @@ def bf16_rows_usable(x: Tensor, weight: Tensor) -> bool:
     happen) only a `load()` made before counts."""
     return (x.dtype == weight.dtype == torch.bfloat16 and x.device.type == weight.device.type == "cpu"
             and weight.dim() == 2 and weight.is_contiguous() and 0 < x.numel() <= MAX_ROWS * x.shape[-1]
-            and (_bf16_loaded if torch.compiler.is_compiling() else load() and _bf16_loaded))
+            and (_bf16_loaded if torch.compiler.is_compiling() else load() and _cpu_has_bf16()))
 
 
 def bf16_rows(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
