@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from qwen2.generation.fast import CompiledDecodeStep, DecodeLinears
 from qwen2.quantization import kernels
-from qwen2.row_linear import rows_matvec
+from qwen2.row_linear import rows_linear
 
 VERIFY_ROWS = kernels.ROWS_PER_WEIGHT_PASS  # and int8 layers compile their rows on the VNNI kernel up to it
 
@@ -51,10 +51,7 @@ class VerifyRows(DecodeLinears):
                 rows = x.numel() // x.shape[-1]
                 if (1 < rows <= VERIFY_ROWS and x.device.type == "cpu" and x.dtype == weight.dtype
                         and (bias is None or bias.dtype == x.dtype)):
-                    y = rows_matvec(x.reshape(rows, x.shape[-1]), weight)
-                    if bias is not None:
-                        y = y + bias.float()
-                    return y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
+                    return rows_linear(x, weight, bias)
         if func is F.scaled_dot_product_attention:
             return self._attention(func, args, kwargs)
         return super().__torch_function__(func, types, args, kwargs)
