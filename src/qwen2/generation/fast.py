@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from qwen2.quantization import kernels
+from qwen2.quantization import Int8WeightOnlyLinear, kernels
 from qwen2.row_linear import row_linear
 
 logger = logging.getLogger(__name__)
@@ -194,8 +194,10 @@ def decode_step_fn(model: nn.Module, config: Any) -> Any:
     """The callable generate() calls for every new token (the signature of `model._decode_step`)."""
     if not _wants_compile(model, config):
         return functools.partial(_with_decode_linears, model)
-    if next(model.parameters()).device.type == "cpu":
-        kernels.load()  # before tracing: linears pick their row kernel while being compiled
+    if next(model.parameters()).device.type == "cpu" and (
+            any(isinstance(m, Int8WeightOnlyLinear) for m in model.modules())
+            or any(p.dtype == torch.bfloat16 for p in model.parameters())):
+        kernels.load()  # before tracing: int8 and bf16 linears pick their row kernel while being compiled
     step = _compiled_steps.get(model)
     if step is None:
         step = _compiled_steps[model] = CompiledDecodeStep()
